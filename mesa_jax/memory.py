@@ -1,0 +1,70 @@
+"""What a training step keeps for its backward pass, and what it needs at its peak.
+
+Both are answered without running anything: ``saved_residuals`` traces, and
+``compiled_memory`` / ``peak_bytes`` compile and read XLA's memory analysis, so a
+DeiT-B step at batch 128 can be sized on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import numpy as np
+from jax._src import ad_checkpoint as _ad_checkpoint  # the engine of print_saved_residuals
+
+
+class Residual(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    nbytes: int
+    source: str  # "from the argument x" or "output of <primitive> from <file:line>"
+
+
+class CompiledMemory(NamedTuple):
+    """XLA's compile-time buffer assignment of one program, in bytes."""
+
+    temp: int
+    argument: int
+    output: int
+    alias: int  # outputs that reuse (donated) argument buffers
+
+    @property
+    def peak(self) -> int:
+        return self.temp + self.argument + self.output - self.alias
+
+
+def saved_residuals(fn: Callable, *args) -> list[Residual]:
+    """The arrays reverse-mode autodiff of ``fn(*args)`` keeps, with where each came from."""
+    found = _ad_checkpoint.saved_residuals(fn, *args)
+    return [
+        Residual(tuple(aval.shape), np.dtype(aval.dtype), _nbytes(aval), source)
+        for aval, source in found
+    ]
+
+
+def residual_bytes(fn: Callable, *args) -> int:
+    """Total bytes of ``saved_residuals(fn, *args)``."""
+    return sum(r.nbytes for r in saved_residuals(fn, *args))
+
+
+def compiled_memory(fn: Callable, *args) -> CompiledMemory:
+    """Compile ``jax.jit(fn)`` for ``args`` (arrays or ShapeDtypeStructs) and read its memory."""
+    analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+    if analysis is None:
+        raise RuntimeError(f"the {jax.default_backend()} backend gives no compile-time memory analysis")
+    return CompiledMemory(
+        temp=analysis.temp_size_in_bytes,
+        argument=analysis.argument_size_in_bytes,
+        output=analysis.output_size_in_bytes,
+        alias=analysis.alias_size_in_bytes,
+    )
+
+
+def peak_bytes(fn: Callable, *args) -> int:
+    """Compile-time peak bytes of ``jax.jit(fn)(*args)``: temporaries + arguments + outputs."""
+    return compiled_memory(fn, *args).peak
+
+
+def _nbytes(aval) -> int:
+    return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize

@@ -1,0 +1,282 @@
+"""Differentiable ops whose forward is exact and whose residuals are packed integers.
+
+Every op takes, besides its operands, the statistics to pack each kept activation
+with (a snapshot, so an op applied twice before the backward pass stays exact), a
+uint32 ``seed`` for stochastic rounding, and a static ``config``:
+``QuantConfig`` keeps int codes, ``None`` keeps the float activation and runs the
+*same* custom backward (the exact mode the numerical-gradient tests check).
+
+Each op reads top to bottom: primal, ``_fwd`` (what is kept), ``_bwd`` (the
+formula on the restored activation), ``defvjp``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+from mesa_jax import quant
+from mesa_jax.quant import Layout, Packed, QuantConfig, Stats
+
+RESIDUAL_NAME = "mesa_residual"  # checkpoint_name of every kept activation
+
+
+def keep(x, stats: Stats | None, seed, config: QuantConfig | None, layout: Layout = "channels"):
+    """What the backward pass keeps of x: packed codes, or x itself in exact mode."""
+    if config is None:
+        return x
+    return checkpoint_name(quant.pack(x, stats, config, seed, layout), RESIDUAL_NAME)
+
+
+def restore(res, g):
+    """The activation a residual stands for, unpacked only once the cotangent exists.
+
+    Without a dependency on ``g`` XLA is free to unpack (and transpose, for a
+    matmul) early in the forward pass, keeping float copies alive: exactly the
+    memory mesa exists to save. The optimization barrier expresses the
+    dependency on GPU; XLA:CPU drops barriers, so the restored tensor also
+    carries a data dependency on the cotangent (a NaN cotangent makes it NaN, a
+    gradient that is poisoned anyway).
+    """
+    if not isinstance(res, Packed):
+        return res, g
+    res, g = lax.optimization_barrier((res, g))
+    x = quant.unpack(res)
+    return jnp.where(jnp.isnan(g.reshape(-1)[0]), jnp.nan, x).astype(x.dtype), g
+
+
+def _materialize(y, *kept):
+    """Tie packed residuals to the forward output, so the codes are written in the forward."""
+    if not any(isinstance(k, Packed) for k in kept):
+        return y, kept
+    return lax.optimization_barrier((y, kept))
+
+
+def _f32(x):
+    """x in at least float32: bf16 math in float32, float64 stays float64."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _channels_last(v, ndim):
+    """A [C] parameter reshaped to broadcast over the last axis of an ndim tensor."""
+    return v.reshape((1,) * (ndim - 1) + (-1,))
+
+
+# ---------------------------------------------------------------------- dense
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def dense(x, kernel, bias, stats, seed, config):
+    """x @ kernel + bias over the last axis of x (any leading dims); bias may be None."""
+    return _dense(x, kernel, bias)
+
+
+def _dense(x, kernel, bias):
+    y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y if bias is None else y + _channels_last(bias, y.ndim)
+
+
+def _dense_fwd(x, kernel, bias, stats, seed, config):
+    y, res = _materialize(_dense(x, kernel, bias), keep(x, stats, seed, config))
+    return y, (res[0], kernel, bias)
+
+
+def _dense_bwd(config, residuals, g):
+    res, kernel, bias = residuals
+    x, g = restore(res, g)
+    batch = tuple(range(g.ndim - 1))
+    dx = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))  # [..., C_in]
+    dk = lax.dot_general(x, g, ((batch, batch), ((), ())))  # [C_in, C_out]
+    db = None if bias is None else jnp.sum(g, axis=batch).astype(bias.dtype)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype), db, None, None
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+# ----------------------------------------------------------------------- conv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def conv(x, kernel, bias, stats, seed, config, strides: Sequence[int], padding):
+    """N-D convolution, channels last (``x: [B, *spatial, C]``, ``kernel: [*window, C, F]``)."""
+    return _conv(x, kernel, bias, strides, padding)
+
+
+def _conv(x, kernel, bias, strides, padding):
+    spatial = x.ndim - 2
+    dims = lax.conv_dimension_numbers(x.shape, kernel.shape, _conv_layout(spatial))
+    y = lax.conv_general_dilated(x, kernel, tuple(strides), padding, dimension_numbers=dims)
+    return y if bias is None else y + _channels_last(bias, y.ndim)
+
+
+def _conv_layout(spatial: int):
+    letters = "HWDXYZ"[:spatial] if spatial <= 3 else "".join(chr(ord("a") + i) for i in range(spatial))
+    return ("N" + letters + "C", letters + "IO", "N" + letters + "C")
+
+
+def _conv_fwd(x, kernel, bias, stats, seed, config, strides, padding):
+    y, res = _materialize(_conv(x, kernel, bias, strides, padding), keep(x, stats, seed, config))
+    return y, (res[0], kernel, bias)
+
+
+def _conv_bwd(config, strides, padding, residuals, g):
+    res, kernel, bias = residuals
+    x, g = restore(res, g)
+    _, vjp = jax.vjp(lambda x, k, b: _conv(x, k, b, strides, padding), x, kernel, bias)
+    dx, dk, db = vjp(g.astype(x.dtype))
+    return dx, dk, db, None, None
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+# ----------------------------------------------------------------------- gelu
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def gelu(x, stats, seed, config, approximate: bool = False):
+    """GELU, exact (erf) or with the tanh approximation."""
+    return jax.nn.gelu(x, approximate=approximate)
+
+
+def _gelu_fwd(x, stats, seed, config, approximate):
+    return _materialize(jax.nn.gelu(x, approximate=approximate), keep(x, stats, seed, config))
+
+
+def _gelu_bwd(config, approximate, res, g):
+    (res,) = res
+    x, g = restore(res, g)
+    return (g * gelu_derivative(x, approximate)).astype(x.dtype), None, None
+
+
+def gelu_derivative(x, approximate: bool):
+    """d gelu / dx, computed in at least float32."""
+    x = _f32(x)
+    if approximate:
+        c = math.sqrt(2 / math.pi)
+        inner = c * (x + 0.044715 * x**3)
+        t = jnp.tanh(inner)
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+    cdf = 0.5 * (1 + lax.erf(x / math.sqrt(2)))
+    return cdf + x * jnp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+# ----------------------------------------------------------------- layer_norm
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def layer_norm(x, scale, bias, stats, seed, config, epsilon: float = 1e-6):
+    """LayerNorm over the last axis; scale/bias ([C]) may be None. Statistics in >= float32."""
+    return _layer_norm(x, scale, bias, epsilon)
+
+
+def _layer_norm(x, scale, bias, epsilon):
+    """flax.linen.LayerNorm's arithmetic, step for step, so the forward is bit-identical."""
+    mean, var = _moments(x)
+    mul = lax.rsqrt(var + epsilon)
+    if scale is not None:
+        mul = mul * _channels_last(scale, x.ndim)
+    y = (_f32(x) - mean) * mul
+    if bias is not None:
+        y = y + _channels_last(bias, x.ndim)
+    return y.astype(jnp.result_type(*(a for a in (x, scale, bias) if a is not None)))
+
+
+def _moments(x):
+    """Mean and (fast, clipped) variance over the last axis, in >= float32."""
+    xf = _f32(x)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    mean2 = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+    return mean, jnp.maximum(0.0, mean2 - jnp.square(mean))
+
+
+def _layer_norm_fwd(x, scale, bias, stats, seed, config, epsilon):
+    y, res = _materialize(_layer_norm(x, scale, bias, epsilon), keep(x, stats, seed, config))
+    return y, (res[0], scale, bias)
+
+
+def _layer_norm_bwd(config, epsilon, residuals, g):
+    """Mean and rstd are recomputed from the restored x, so the formula is self-consistent."""
+    res, scale, bias = residuals
+    x, g = restore(res, g)
+    mean, var = _moments(x)
+    rstd = lax.rsqrt(var + epsilon)
+    xn = (_f32(x) - mean) * rstd
+    gf = _f32(g)
+    batch = tuple(range(x.ndim - 1))
+    dscale = None if scale is None else jnp.sum(gf * xn, axis=batch).astype(scale.dtype)
+    dbias = None if bias is None else jnp.sum(gf, axis=batch).astype(bias.dtype)
+    gn = gf if scale is None else gf * _channels_last(scale, gf.ndim)
+    dx = rstd * (gn - jnp.mean(gn, -1, keepdims=True) - xn * jnp.mean(gn * xn, -1, keepdims=True))
+    return dx.astype(x.dtype), dscale, dbias, None, None
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+# -------------------------------------------------------------------- softmax
+
+
+def attention_layout(ndim: int) -> Layout:
+    """[B, H, N, M] tensors are grouped per head; anything else per channel group."""
+    return "heads" if ndim == 4 else "channels"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def softmax(x, stats, seed, config):
+    """Softmax over the last axis. Keeps only its output: the backward needs nothing else."""
+    return jax.nn.softmax(x, axis=-1)
+
+
+def _softmax_fwd(x, stats, seed, config):
+    y = jax.nn.softmax(x, axis=-1)
+    return _materialize(y, keep(y, stats, seed, config, attention_layout(y.ndim)))
+
+
+def _softmax_bwd(config, res, g):
+    (res,) = res
+    y, g = restore(res, g)
+    yf, gf = _f32(y), _f32(g)
+    dx = yf * (gf - jnp.sum(gf * yf, axis=-1, keepdims=True))
+    return dx.astype(y.dtype), None, None
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+# --------------------------------------------------------------------- matmul
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def matmul(a, b, stats_a, stats_b, seed_a, seed_b, config):
+    """Batched a @ b (``[..., N, K] @ [..., K, M]``); 4-D operands are grouped per head."""
+    return jnp.matmul(a, b)
+
+
+def _matmul_fwd(a, b, stats_a, stats_b, seed_a, seed_b, config):
+    kept_a = keep(a, stats_a, seed_a, config, attention_layout(a.ndim))
+    kept_b = keep(b, stats_b, seed_b, config, attention_layout(b.ndim))
+    y, kept = _materialize(jnp.matmul(a, b), kept_a, kept_b)
+    return y, kept
+
+
+def _matmul_bwd(config, kept, g):
+    res_a, res_b = kept
+    a, g = restore(res_a, g)
+    b, g = restore(res_b, g)
+    da = jnp.matmul(g, jnp.swapaxes(b, -1, -2))  # [..., N, K]
+    db = jnp.matmul(jnp.swapaxes(a, -1, -2), g)  # [..., K, M]
+    return da.astype(a.dtype), db.astype(b.dtype), None, None, None, None
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)

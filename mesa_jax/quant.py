@@ -1,0 +1,271 @@
+"""Per-group integer quantization of activations: the heart of mesa_jax.
+
+A tensor kept for the backward pass is stored as ``bits``-bit codes plus a
+float32 ``scale`` and ``shift`` per group::
+
+    code = clip(floor((x - shift) / scale + u), 0, 2**bits - 1)    # u ~ U[0, 1)
+    x_hat = shift + code * scale
+
+with ``shift`` the group's running minimum and ``scale = max(span, EPS) /
+(2**bits - 1)``. Codes are clamped at both ends (the original Mesa wrapped
+overflowing values around) and packed ``32 // bits`` to a uint32 word, so 4- and
+2-bit residuals really take a half or a quarter of a byte per element.
+
+Everything here is plain ``jnp`` and defines what the Pallas kernels must
+reproduce bit for bit, including the counter-based hash behind stochastic
+rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Layout = Literal["channels", "heads"]
+
+EPS = 1e-8  # floor of a group's range: a constant group packs to code 0 and unpacks exactly
+VALID_BITS = (8, 4, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Static settings of one compressed tensor (hashable: a non-diff argument)."""
+
+    bits: int = 8  # code width; 4 and 2 pack several codes per byte
+    num_groups: int = 1  # contiguous channel groups of a [..., C] tensor
+    stochastic: bool = True  # unbiased stochastic rounding; False rounds to nearest
+    ema_decay: float = 0.9  # running-estimate decay of Mesa
+
+    def __post_init__(self):
+        if self.bits not in VALID_BITS:
+            raise ValueError(f"QuantConfig.bits must be one of {VALID_BITS}, got {self.bits!r}")
+        if not isinstance(self.num_groups, int) or self.num_groups < 1:
+            raise ValueError(f"QuantConfig.num_groups must be an int >= 1, got {self.num_groups!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"QuantConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits - 1
+
+
+class Stats(NamedTuple):
+    """Running estimate of each group's range; ``count`` is the number of updates."""
+
+    lo: jax.Array  # [G] float32 running minimum
+    span: jax.Array  # [G] float32 running max - min
+    count: jax.Array  # [] int32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """An activation kept as packed integer codes plus per-group scale and shift."""
+
+    words: jax.Array  # [ceil(size * bits / 32)] uint32
+    scale: jax.Array  # [G] float32
+    shift: jax.Array  # [G] float32
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
+    bits: int = dataclasses.field(metadata=dict(static=True))
+    layout: Layout = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def nbytes(self) -> int:
+        return self.words.nbytes + self.scale.nbytes + self.shift.nbytes
+
+
+# ---------------------------------------------------------------- group layout
+
+
+def num_groups_for(shape: tuple[int, ...], layout: Layout, config: QuantConfig) -> int:
+    """Group count of a tensor: one per head for "heads", config.num_groups for "channels"."""
+    if layout == "heads":
+        if len(shape) != 4:
+            raise ValueError(f"the 'heads' layout needs a [B, H, N, M] tensor, got shape {shape}")
+        return shape[1]
+    if layout != "channels":
+        raise ValueError(f"unknown group layout {layout!r}; use 'channels' or 'heads'")
+    if not shape:
+        raise ValueError("cannot group a scalar: the 'channels' layout needs a [..., C] tensor")
+    channels, groups = shape[-1], config.num_groups
+    if channels % groups:
+        raise ValueError(
+            f"num_groups={groups} does not divide the channel dimension C={channels} of shape {shape}"
+        )
+    return groups
+
+
+def _group_shape(shape: tuple[int, ...], layout: Layout, groups: int) -> tuple[int, ...]:
+    """Shape to view x as, so that a per-group [G] vector broadcasts after a reshape."""
+    if layout == "heads":
+        return shape
+    return (*shape[:-1], groups, shape[-1] // groups)
+
+
+def _per_group(v: jax.Array, layout: Layout, ndim: int) -> jax.Array:
+    """Reshape a [G] vector to broadcast against the grouped view of an ndim tensor."""
+    if layout == "heads":
+        return v.reshape(1, -1, 1, 1)
+    return v.reshape((1,) * (ndim - 2) + (-1, 1))
+
+
+def group_min_max(x: jax.Array, layout: Layout, groups: int) -> tuple[jax.Array, jax.Array]:
+    """Per-group [G] min and max over the finite entries (0 and 0 if a group has none).
+
+    Under stop_gradient: autodiff must not keep the float input for their VJP.
+    """
+    x = jax.lax.stop_gradient(x)
+    xg = x.reshape(_group_shape(x.shape, layout, groups)).astype(jnp.float32)
+    group_axis = 1 if layout == "heads" else xg.ndim - 2
+    axes = tuple(a for a in range(xg.ndim) if a != group_axis)
+    finite = jnp.isfinite(xg)
+    lo = jnp.min(jnp.where(finite, xg, jnp.inf), axis=axes)
+    hi = jnp.max(jnp.where(finite, xg, -jnp.inf), axis=axes)
+    empty = lo > hi
+    return jnp.where(empty, 0.0, lo), jnp.where(empty, 0.0, hi)
+
+
+# ----------------------------------------------------------------- statistics
+
+
+def init_stats(groups: int) -> Stats:
+    return Stats(
+        lo=jnp.zeros((groups,), jnp.float32),
+        span=jnp.zeros((groups,), jnp.float32),
+        count=jnp.zeros((), jnp.int32),
+    )
+
+
+def batch_stats(x: jax.Array, layout: Layout, groups: int) -> Stats:
+    """The statistics of x alone, as a first observation would set them."""
+    lo, hi = group_min_max(x, layout, groups)
+    return Stats(lo, _finite_span(lo, hi), jnp.ones((), jnp.int32))
+
+
+def observe(stats: Stats, lo: jax.Array, hi: jax.Array, config: QuantConfig) -> Stats:
+    """EMA update with an observed per-group min and max; the first one initialises."""
+    decay = jnp.where(stats.count > 0, config.ema_decay, 0.0)
+    return Stats(
+        lo=decay * stats.lo + (1 - decay) * lo,
+        span=decay * stats.span + (1 - decay) * _finite_span(lo, hi),
+        count=stats.count + 1,
+    )
+
+
+def update(stats: Stats, x: jax.Array, config: QuantConfig, layout: Layout = "channels") -> Stats:
+    """Pure running-estimate update of ``stats`` with the tensor ``x``."""
+    return observe(stats, *group_min_max(x, layout, stats.lo.shape[0]), config)
+
+
+def for_packing(stats: Stats, x: jax.Array, layout: Layout) -> Stats:
+    """The statistics to pack x with: the running ones, or x's own before any update."""
+    fresh = batch_stats(x, layout, stats.lo.shape[0])
+    seen = stats.count > 0
+    return Stats(
+        jnp.where(seen, stats.lo, fresh.lo), jnp.where(seen, stats.span, fresh.span), stats.count
+    )
+
+
+def _finite_span(lo: jax.Array, hi: jax.Array) -> jax.Array:
+    # hi - lo overflows to inf for float32 extremes; inf would make every code NaN.
+    return jnp.minimum(hi - lo, jnp.finfo(jnp.float32).max)
+
+
+# ------------------------------------------------------- stochastic rounding
+
+
+def hash_uniform(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """U[0, 1) float32 noise from a counter-based hash of (seed, flat element index).
+
+    Integer-only (mul, xor, shift on uint32), so a Pallas kernel that knows an
+    element's flat index reproduces the same number without a PRNG.
+    """
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    return uniform_from_index(index, seed)
+
+
+def uniform_from_index(index: jax.Array, seed: jax.Array) -> jax.Array:
+    """lowbias32-style mixer of ``index`` keyed by ``seed``; the top 24 bits as a float."""
+    h = index * jnp.uint32(0x9E3779B9) ^ jnp.asarray(seed, jnp.uint32)
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(0x846CA68B)
+    h = h ^ (h >> 16)
+    return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+
+
+# -------------------------------------------------------------- pack / unpack
+
+
+def quantize(x: jax.Array, stats: Stats, config: QuantConfig, seed, layout: Layout):
+    """Codes (uint32, one per element) and the per-group (scale, shift) of x."""
+    groups = num_groups_for(x.shape, layout, config)
+    if stats.lo.shape != (groups,):
+        raise ValueError(
+            f"statistics have {stats.lo.shape[0]} groups but a {layout} tensor of shape "
+            f"{x.shape} needs {groups}"
+        )
+    shift = stats.lo.astype(jnp.float32)
+    inv_scale = config.levels / jnp.maximum(stats.span.astype(jnp.float32), EPS)
+    xg = x.reshape(_group_shape(x.shape, layout, groups)).astype(jnp.float32)
+    v = (xg - _per_group(shift, layout, xg.ndim)) * _per_group(inv_scale, layout, xg.ndim)
+    noise = hash_uniform(seed, xg.shape) if config.stochastic else 0.5
+    v = jnp.floor(v + noise)
+    v = jnp.where(jnp.isnan(v), 0.0, jnp.clip(v, 0.0, config.levels))
+    codes = v.astype(jnp.uint32).reshape(x.shape)
+    return codes, 1.0 / inv_scale, shift
+
+
+def pack(x: jax.Array, stats: Stats, config: QuantConfig, seed, layout: Layout = "channels") -> Packed:
+    """Quantize x with the given statistics and pack the codes into uint32 words."""
+    codes, scale, shift = quantize(x, stats, config, seed, layout)
+    return Packed(
+        pack_codes(codes, config.bits), scale, shift, x.shape, jnp.dtype(x.dtype), config.bits, layout
+    )
+
+
+def unpack(p: Packed) -> jax.Array:
+    """The dequantized tensor, in the original shape and dtype."""
+    size = math.prod(p.shape)
+    codes = unpack_codes(p.words, p.bits, size).reshape(p.shape)
+    groups = p.scale.shape[0]
+    cg = codes.reshape(_group_shape(p.shape, p.layout, groups)).astype(jnp.float32)
+    x = _per_group(p.shift, p.layout, cg.ndim) + cg * _per_group(p.scale, p.layout, cg.ndim)
+    return x.reshape(p.shape).astype(p.dtype)
+
+
+def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
+    """Flat uint32 words holding 32 // bits codes each, lowest bits first."""
+    per_word = 32 // bits
+    flat = codes.reshape(-1).astype(jnp.uint32)
+    flat = jnp.pad(flat, (0, -flat.size % per_word))
+    lanes = flat.reshape(-1, per_word) << _lane_shifts(bits)
+    return jnp.bitwise_or.reduce(lanes, axis=1) if per_word > 1 else lanes[:, 0]
+
+
+def unpack_codes(words: jax.Array, bits: int, size: int) -> jax.Array:
+    """Inverse of pack_codes: the first ``size`` codes as a flat uint32 vector."""
+    per_word = 32 // bits
+    lanes = words[:, None] >> _lane_shifts(bits)
+    return (lanes & jnp.uint32(2**bits - 1)).reshape(-1)[:size]
+
+
+def _lane_shifts(bits: int) -> jax.Array:
+    """[1, 32 // bits] bit offsets of the codes within a word."""
+    return (jnp.arange(32 // bits, dtype=jnp.uint32) * bits).reshape(1, -1)
+
+
+def fake_quantize(x, stats: Stats, config: QuantConfig, seed, layout: Layout = "channels"):
+    """unpack(pack(x)): what the backward pass of an op sees instead of x."""
+    return unpack(pack(x, stats, config, seed, layout))

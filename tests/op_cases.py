@@ -1,0 +1,108 @@
+"""One table of the ops under test: inputs, the op call, and an independent reference.
+
+Each case's ``call(config, *inputs)`` runs the mesa op with the batch statistics of
+each packed tensor; ``reference(*inputs)`` is plain jnp (autodiff by JAX);
+``packed`` names which arguments (or "out" for softmax) the op keeps, with layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from mesa_jax import ops, quant
+
+SEED = jnp.uint32(11)
+SEED_B = jnp.uint32(12)
+
+
+def stats_of(t, layout="channels", config=quant.QuantConfig()):
+    return quant.batch_stats(t, layout, quant.num_groups_for(t.shape, layout, config))
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCase:
+    name: str
+    shapes: tuple[tuple[int, ...], ...]
+    call: Callable  # (config, *inputs) -> output
+    reference: Callable  # (*inputs) -> output
+    packed: tuple[tuple[int | str, str], ...]  # (argument index or "out", layout)
+
+    def inputs(self, key, dtype=jnp.float32):
+        keys = jax.random.split(key, len(self.shapes))
+        return tuple(jax.random.normal(k, s, dtype) for k, s in zip(keys, self.shapes))
+
+    def __repr__(self):
+        return self.name
+
+
+def _ln_reference(x, scale, bias, eps=1e-6):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + eps) * scale.reshape(1, 1, -1) + bias.reshape(1, 1, -1)
+
+
+def _conv_reference(x, k, b):
+    y = jax.lax.conv_general_dilated(x, k, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + b.reshape(1, 1, 1, -1)
+
+
+CASES = [
+    OpCase(
+        "dense", ((2, 5, 8), (8, 6), (6,)),
+        lambda c, x, k, b: ops.dense(x, k, b, stats_of(x), SEED, c),
+        lambda x, k, b: x @ k + b.reshape(1, 1, -1),
+        ((0, "channels"),),
+    ),
+    OpCase(
+        "conv", ((2, 6, 6, 3), (2, 2, 3, 4), (4,)),
+        lambda c, x, k, b: ops.conv(x, k, b, stats_of(x), SEED, c, (2, 2), "VALID"),
+        _conv_reference,
+        ((0, "channels"),),
+    ),
+    OpCase(
+        "gelu", ((2, 5, 8),),
+        lambda c, x: ops.gelu(x, stats_of(x), SEED, c),
+        lambda x: jax.nn.gelu(x, approximate=False),
+        ((0, "channels"),),
+    ),
+    OpCase(
+        "gelu_tanh", ((2, 5, 8),),
+        lambda c, x: ops.gelu(x, stats_of(x), SEED, c, True),
+        lambda x: jax.nn.gelu(x, approximate=True),
+        ((0, "channels"),),
+    ),
+    OpCase(
+        "layer_norm", ((2, 5, 8), (8,), (8,)),
+        lambda c, x, s, b: ops.layer_norm(x, s, b, stats_of(x), SEED, c),
+        _ln_reference,
+        ((0, "channels"),),
+    ),
+    OpCase(
+        "softmax_heads", ((2, 3, 5, 5),),
+        lambda c, x: ops.softmax(x, stats_of(jax.nn.softmax(x), "heads"), SEED, c),
+        lambda x: jax.nn.softmax(x, axis=-1),
+        (("out", "heads"),),
+    ),
+    OpCase(
+        "softmax_channels", ((2, 5, 8),),
+        lambda c, x: ops.softmax(x, stats_of(jax.nn.softmax(x)), SEED, c),
+        lambda x: jax.nn.softmax(x, axis=-1),
+        (("out", "channels"),),
+    ),
+    OpCase(
+        "matmul_heads", ((2, 3, 5, 4), (2, 3, 4, 6)),
+        lambda c, a, b: ops.matmul(a, b, stats_of(a, "heads"), stats_of(b, "heads"), SEED, SEED_B, c),
+        jnp.matmul,
+        ((0, "heads"), (1, "heads")),
+    ),
+    OpCase(
+        "matmul_3d", ((2, 5, 4), (2, 4, 6)),
+        lambda c, a, b: ops.matmul(a, b, stats_of(a), stats_of(b), SEED, SEED_B, c),
+        jnp.matmul,
+        ((0, "channels"), (1, "channels")),
+    ),
+]

@@ -1,0 +1,181 @@
+"""Custom backward passes of mesa_jax.ops: numerical gradients, quantized VJPs, residuals."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+from jax.test_util import check_grads
+
+from mesa_jax import memory, ops, quant
+from mesa_jax.quant import QuantConfig
+
+from op_cases import CASES, SEED, SEED_B, stats_of
+
+CONFIG = QuantConfig()
+SEEDS = (SEED, SEED_B)
+
+
+def op_fn(case, config):
+    return functools.partial(case.call, config)
+
+
+def cotangent(case, inputs):
+    out = jax.eval_shape(case.reference, *inputs)
+    return jax.random.normal(jax.random.key(99), out.shape, out.dtype)
+
+
+def dequantized(case, inputs, config):
+    """The tensors the quantized backward sees: x_hat for each packed tensor."""
+    values = [case.reference(*inputs) if i == "out" else inputs[i] for i, _ in case.packed]
+    return [
+        quant.fake_quantize(v, stats_of(v, layout), config, seed, layout)
+        for v, (_, layout), seed in zip(values, case.packed, SEEDS)
+    ]
+
+
+def reference_grads(case, inputs, g):
+    """Gradients of the reference, as a function of the packed tensors' values."""
+    if case.packed[0][0] == "out":
+        return lambda y: (y * (g - jnp.sum(g * y, axis=-1, keepdims=True)),)
+
+    def grads(*packed_values):
+        args = list(inputs)
+        for (i, _), v in zip(case.packed, packed_values):
+            args[i] = v
+        return jax.vjp(case.reference, *args)[1](g)
+
+    return grads
+
+
+def packed_values(case, inputs):
+    return [case.reference(*inputs) if i == "out" else inputs[i] for i, _ in case.packed]
+
+
+def mean_value_bound(fn, xs, x_hats, steps=5):
+    """|fn(x_hat) - fn(x)| <= max_t |J(x + t (x_hat - x))| @ |x_hat - x|, per output element."""
+    deltas = [xh - x for x, xh in zip(xs, x_hats)]
+    flat = lambda *v: ravel_pytree(fn(*v))[0]
+    bounds = []
+    for t in np.linspace(0.0, 1.0, steps):
+        jacs = jax.jacfwd(flat, argnums=tuple(range(len(xs))))(*[x + t * d for x, d in zip(xs, deltas)])
+        bounds.append(sum(jnp.abs(j).reshape(j.shape[0], -1) @ jnp.abs(d).reshape(-1) for j, d in zip(jacs, deltas)))
+    return jnp.max(jnp.stack(bounds), axis=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_forward_is_identical_to_the_reference(case, key):
+    inputs = case.inputs(key)
+    expected = case.reference(*inputs)
+    for config in (None, CONFIG):
+        np.testing.assert_allclose(op_fn(case, config)(*inputs), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_forward_under_grad_is_bit_identical_to_exact_mode(case, key):
+    """Quantizing changes what is kept, never what is computed."""
+    inputs = case.inputs(key)
+    fwd = lambda config: jax.jit(lambda *a: jax.vjp(op_fn(case, config), *a)[0])(*inputs)
+    np.testing.assert_array_equal(fwd(CONFIG), fwd(None))
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_exact_mode_numerical_gradients_float32(case, key):
+    inputs = case.inputs(key)
+    check_grads(op_fn(case, None), inputs, order=1, modes=["rev"], eps=1e-2, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_exact_mode_numerical_gradients_float64(case, key):
+    with jax.enable_x64(True):
+        inputs = case.inputs(key, jnp.float64)
+        check_grads(op_fn(case, None), inputs, order=1, modes=["rev"])
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_quantized_vjp_is_the_reference_vjp_at_the_dequantized_input(case, key):
+    inputs = case.inputs(key)
+    g = cotangent(case, inputs)
+    got = jax.vjp(op_fn(case, CONFIG), *inputs)[1](g)
+    want = reference_grads(case, inputs, g)(*dequantized(case, inputs, CONFIG))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_quantized_gradient_error_is_bounded_by_the_step(case, bits, key):
+    config = QuantConfig(bits=bits)
+    inputs = case.inputs(key)
+    g = cotangent(case, inputs)
+    exact = jax.vjp(op_fn(case, None), *inputs)[1](g)
+    quantized = jax.vjp(op_fn(case, config), *inputs)[1](g)
+    fn = reference_grads(case, inputs, g)
+    bound = mean_value_bound(fn, packed_values(case, inputs), dequantized(case, inputs, config))
+    error = jnp.abs(ravel_pytree(quantized)[0] - ravel_pytree(exact)[0])
+    float_rounding = 1e-5 * (1 + jnp.abs(ravel_pytree(exact)[0]))
+    assert jnp.all(error <= bound * 1.01 + float_rounding)
+    assert jnp.max(error) > 0  # the quantized path was really taken
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_bfloat16_in_bfloat16_grads_out(case, key):
+    inputs = case.inputs(key, jnp.bfloat16)
+    out, vjp = jax.vjp(op_fn(case, CONFIG), *inputs)
+    grads = vjp(jnp.ones_like(out))
+    assert [g.dtype for g in grads] == [x.dtype for x in inputs]
+    assert all(jnp.all(jnp.isfinite(g)) for g in grads)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+@pytest.mark.parametrize("value", [0.0, 2.5])
+def test_constant_inputs_give_finite_gradients(case, value, key):
+    inputs = (jnp.full(case.shapes[0], value),) + case.inputs(key)[1:]
+    out, vjp = jax.vjp(op_fn(case, CONFIG), *inputs)
+    assert all(jnp.all(jnp.isfinite(g)) for g in vjp(jnp.ones_like(out)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_residuals_hold_no_float_copy_of_an_activation(case, key):
+    inputs = case.inputs(key)
+    sizes = {x.size for x in inputs} | {jax.eval_shape(case.reference, *inputs).size}
+    activation_sizes = {inputs[i].size for i, _ in case.packed if i != "out"} or sizes
+    for r in memory.saved_residuals(op_fn(case, CONFIG), *inputs):
+        if jnp.issubdtype(r.dtype, jnp.floating):
+            assert int(np.prod(r.shape)) not in activation_sizes - {x.size for x in inputs[1:]}, r
+
+
+def test_two_calls_before_backward_each_keep_their_own_snapshot(key):
+    """One op applied to two tensors packed with different statistics stays exact for both."""
+    x1, x2 = jax.random.normal(key, (2, 4, 8)) * jnp.array([1.0, 10.0]).reshape(2, 1, 1)
+    s1, s2 = stats_of(x1), stats_of(x2)
+    f = lambda a, b: jnp.sum(ops.gelu(a, s1, SEED, CONFIG) * ops.gelu(b, s2, SEED, CONFIG))
+    da, db = jax.grad(f, argnums=(0, 1))(x1, x2)
+    h1, h2 = quant.fake_quantize(x1, s1, CONFIG, SEED), quant.fake_quantize(x2, s2, CONFIG, SEED)
+    gelu_grad = jax.grad(lambda t: jnp.sum(jax.nn.gelu(t, approximate=False)))
+    gelu = functools.partial(jax.nn.gelu, approximate=False)
+    np.testing.assert_allclose(da, gelu(x2) * gelu_grad(h1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(db, gelu(x1) * gelu_grad(h2), rtol=1e-5, atol=1e-6)
+
+
+def test_seed_and_statistics_are_not_differentiated(key):
+    x = jax.random.normal(key, (3, 8))
+
+    count = jnp.ones((), jnp.int32)
+
+    def loss(x, lo, span, seed):
+        return jnp.sum(ops.gelu(x, quant.Stats(lo, span, count), seed, CONFIG))
+
+    stats = stats_of(x)
+    dlo, dspan = jax.jit(jax.grad(loss, argnums=(1, 2)))(x, stats.lo, stats.span, SEED)
+    assert jnp.all(dlo == 0) and jnp.all(dspan == 0)
+    with pytest.raises(TypeError, match="int"):
+        jax.grad(loss, argnums=3)(x, stats.lo, stats.span, SEED)
+
+
+def test_nan_cotangent_is_not_hidden(key):
+    x = jax.random.normal(key, (3, 8))
+    _, vjp = jax.vjp(lambda x: ops.gelu(x, stats_of(x), SEED, CONFIG), x)
+    assert jnp.isnan(vjp(jnp.full_like(x, jnp.nan))[0]).all()

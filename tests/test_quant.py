@@ -1,0 +1,194 @@
+"""Packing, statistics and stochastic rounding of mesa_jax.quant."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mesa_jax import quant
+from mesa_jax.quant import QuantConfig
+
+from conftest import CHANNEL_SHAPES, HEAD_SHAPES
+
+SEED = jnp.uint32(7)
+
+
+def roundtrip(x, config, layout="channels", seed=SEED):
+    groups = quant.num_groups_for(x.shape, layout, config)
+    stats = quant.batch_stats(x, layout, groups)
+    packed = quant.pack(x, stats, config, seed, layout)
+    return packed, quant.unpack(packed), stats
+
+
+def step_of(stats, config, layout, ndim):
+    """The quantization step of each element, broadcast to the grouped view."""
+    return quant._per_group(jnp.maximum(stats.span, quant.EPS) / config.levels, layout, ndim)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [(dict(bits=3), "bits"), (dict(bits=16), "bits"), (dict(num_groups=0), "num_groups"),
+     (dict(ema_decay=1.0), "ema_decay"), (dict(ema_decay=-0.1), "ema_decay")],
+)
+def test_config_rejects_bad_values_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        QuantConfig(**kwargs)
+
+
+def test_config_is_hashable_and_frozen():
+    assert hash(QuantConfig()) == hash(QuantConfig())
+    with pytest.raises(AttributeError):
+        QuantConfig().bits = 4
+
+
+def test_indivisible_channels_name_c_and_groups():
+    with pytest.raises(ValueError, match=r"num_groups=3.*C=8"):
+        quant.num_groups_for((2, 8), "channels", QuantConfig(num_groups=3))
+
+
+def test_heads_layout_needs_rank_4():
+    with pytest.raises(ValueError, match=r"\[B, H, N, M\]"):
+        quant.num_groups_for((2, 8), "heads", QuantConfig())
+
+
+def test_stats_with_wrong_group_count_are_rejected():
+    x = jnp.ones((2, 8))
+    with pytest.raises(ValueError, match="2 groups"):
+        quant.pack(x, quant.init_stats(2), QuantConfig(num_groups=4), SEED)
+
+
+@pytest.mark.parametrize("shape", CHANNEL_SHAPES)
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_nearest_rounding_error_is_half_a_step(key, shape, groups):
+    config = QuantConfig(num_groups=groups, stochastic=False)
+    x = jax.random.normal(key, shape) * 3
+    packed, xh, stats = roundtrip(x, config)
+    grouped = lambda t: t.reshape(*shape[:-1], groups, -1)
+    step = step_of(stats, config, "channels", len(shape) + 1)
+    assert xh.shape == x.shape and xh.dtype == x.dtype
+    assert jnp.all(jnp.abs(grouped(xh - x)) <= step / 2 * (1 + 1e-5))
+
+
+@pytest.mark.parametrize("shape", HEAD_SHAPES)
+def test_heads_have_one_range_each(key, shape):
+    config = QuantConfig()
+    x = jax.random.normal(key, shape) * jnp.arange(1, shape[1] + 1).reshape(1, -1, 1, 1)
+    packed, xh, stats = roundtrip(x, config, "heads")
+    assert packed.scale.shape == (shape[1],)
+    np.testing.assert_allclose(stats.lo, jnp.min(x, axis=(0, 2, 3)), rtol=1e-6)
+    assert jnp.all(jnp.abs(xh - x) <= step_of(stats, config, "heads", 4) * (1 + 1e-5))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_codes_really_take_bits_per_element(bits):
+    x = jnp.linspace(-1, 1, 3 * 64).reshape(3, 64)
+    packed, _, _ = roundtrip(x, QuantConfig(bits=bits))
+    assert packed.words.dtype == jnp.uint32
+    assert packed.words.nbytes == x.size * bits // 8
+    assert packed.nbytes == x.size * bits // 8 + 8  # + one float32 scale and shift
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_pack_codes_round_trips_ragged_sizes(bits):
+    codes = jnp.arange(37, dtype=jnp.uint32) % (2**bits)
+    words = quant.pack_codes(codes, bits)
+    assert words.size == math.ceil(37 * bits / 32)
+    np.testing.assert_array_equal(quant.unpack_codes(words, bits, 37), codes)
+
+
+def test_stochastic_rounding_is_unbiased(key):
+    config = QuantConfig(bits=2)
+    x = jax.random.uniform(key, (4, 16), minval=-1, maxval=1)
+    stats = quant.batch_stats(x, "channels", 1)
+    seeds = jnp.arange(4000, dtype=jnp.uint32)
+    samples = jax.jit(jax.vmap(lambda s: quant.fake_quantize(x, stats, config, s)))(seeds)
+    step = float(stats.span[0]) / config.levels
+    # Each sample lies within one step of x with mean x: variance <= step**2 / 4.
+    bound = 5 * step / (2 * math.sqrt(len(seeds)))
+    assert jnp.max(jnp.abs(samples.mean(0) - x)) <= bound
+    # and the rounding is really random, not nearest:
+    assert jnp.mean(jnp.abs(samples[0] - samples[1])) > 0.1 * step
+
+
+def test_same_seed_same_codes_other_seed_other_codes(key):
+    x = jax.random.normal(key, (8, 32))
+    a, _, _ = roundtrip(x, QuantConfig(), seed=jnp.uint32(1))
+    b, _, _ = roundtrip(x, QuantConfig(), seed=jnp.uint32(1))
+    c, _, _ = roundtrip(x, QuantConfig(), seed=jnp.uint32(2))
+    np.testing.assert_array_equal(a.words, b.words)
+    assert not np.array_equal(a.words, c.words)
+
+
+def test_hash_noise_is_uniform():
+    u = quant.hash_uniform(jnp.uint32(3), (256, 256))
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    hist = np.histogram(np.asarray(u), bins=16, range=(0, 1))[0] / u.size
+    assert np.all(np.abs(hist - 1 / 16) < 0.005)
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_out_of_range_values_clamp_never_wrap(stochastic):
+    config = QuantConfig(stochastic=stochastic)
+    stats = quant.Stats(jnp.array([0.0]), jnp.array([1.0]), jnp.array(5))
+    x = jnp.array([[-100.0, -0.5, 0.5, 1.5, 100.0, jnp.inf, -jnp.inf]])
+    xh = quant.fake_quantize(x, stats, config, SEED)
+    np.testing.assert_array_equal(xh[0, [0, 1, 4, 5, 6]], [0.0, 0.0, 1.0, 1.0, 0.0])
+    assert xh[0, 3] == 1.0
+    assert abs(float(xh[0, 2]) - 0.5) <= 1 / 255
+
+
+@pytest.mark.parametrize("value", [0.0, 3.25, -1e-3])
+def test_constant_groups_come_back_exactly(value):
+    x = jnp.full((4, 8), value)
+    packed, xh, _ = roundtrip(x, QuantConfig(num_groups=2))
+    np.testing.assert_array_equal(xh, x)
+    assert jnp.all(jnp.isfinite(packed.scale))
+
+
+def test_huge_and_non_finite_inputs_give_finite_statistics():
+    x = jnp.array([[3e38, -3e38, jnp.nan, jnp.inf, 1.0, -jnp.inf, 0.0, 2.0]])
+    packed, xh, stats = roundtrip(x, QuantConfig())
+    assert jnp.all(jnp.isfinite(stats.lo)) and jnp.all(jnp.isfinite(stats.span))
+    assert jnp.all(jnp.isfinite(packed.scale))
+    assert jnp.all(jnp.isfinite(xh))
+
+
+def test_all_non_finite_group_packs_to_zero():
+    x = jnp.array([[jnp.nan, jnp.inf], [1.0, 2.0]])
+    _, xh, stats = roundtrip(x, QuantConfig(num_groups=2))
+    assert jnp.all(jnp.isfinite(xh))
+    np.testing.assert_array_equal(stats.lo, [1.0, 2.0])
+
+
+def test_bfloat16_round_trip_keeps_dtype(key):
+    x = jax.random.normal(key, (4, 16), jnp.bfloat16)
+    _, xh, stats = roundtrip(x, QuantConfig(stochastic=False))
+    assert xh.dtype == jnp.bfloat16
+    bf16_ulp = 2.0**-7 * float(jnp.max(jnp.abs(x)))
+    assert jnp.max(jnp.abs(xh.astype(jnp.float32) - x.astype(jnp.float32))) <= (
+        float(stats.span[0]) / 255 / 2 + bf16_ulp
+    )
+
+
+def test_first_update_initialises_then_ema(key):
+    config = QuantConfig(num_groups=2, ema_decay=0.9)
+    a = jax.random.normal(key, (5, 8))
+    b = a * 2 + 1
+    s1 = quant.update(quant.init_stats(2), a, config)
+    np.testing.assert_allclose(s1.lo, a.reshape(5, 2, 4).min((0, 2)), rtol=1e-6)
+    assert int(s1.count) == 1
+    s2 = quant.update(s1, b, config)
+    lo_b, hi_b = quant.group_min_max(b, "channels", 2)
+    np.testing.assert_allclose(s2.lo, 0.9 * s1.lo + 0.1 * lo_b, rtol=1e-6)
+    np.testing.assert_allclose(s2.span, 0.9 * s1.span + 0.1 * (hi_b - lo_b), rtol=1e-6)
+    assert int(s2.count) == 2
+
+
+def test_for_packing_uses_the_batch_before_any_update(key):
+    x = jax.random.normal(key, (3, 4))
+    fresh = quant.for_packing(quant.init_stats(1), x, "channels")
+    np.testing.assert_allclose(fresh.lo, [x.min()])
+    seen = quant.Stats(jnp.array([-9.0]), jnp.array([1.0]), jnp.array(3))
+    np.testing.assert_array_equal(quant.for_packing(seen, x, "channels").lo, [-9.0])
