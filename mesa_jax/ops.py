@@ -6,8 +6,9 @@ uint32 ``seed`` for stochastic rounding, and a static ``config``:
 ``QuantConfig`` keeps int codes, ``None`` keeps the float activation and runs the
 *same* custom backward (the exact mode the numerical-gradient tests check).
 
-Each op reads top to bottom: primal, ``_fwd`` (what is kept), ``_bwd`` (the
-formula on the restored activation), ``defvjp``.
+Each op reads top to bottom: primal, its ``*_reference`` (the plain jnp
+computation, differentiated by JAX: what ``quant=None`` layers run), ``_fwd``
+(what is kept), ``_bwd`` (the formula on the restored activation), ``defvjp``.
 """
 
 from __future__ import annotations
@@ -71,28 +72,29 @@ def _channels_last(v, ndim):
 # ---------------------------------------------------------------------- dense
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def dense(x, kernel, bias, stats, seed, config):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def dense(x, kernel, bias, stats, seed, config, precision=None):
     """x @ kernel + bias over the last axis of x (any leading dims); bias may be None."""
-    return _dense(x, kernel, bias)
+    return dense_reference(x, kernel, bias, precision)
 
 
-def _dense(x, kernel, bias):
-    y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+def dense_reference(x, kernel, bias, precision=None):
+    """flax.linen.Dense's computation, differentiated by JAX: the baseline."""
+    y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
     return y if bias is None else y + _channels_last(bias, y.ndim)
 
 
-def _dense_fwd(x, kernel, bias, stats, seed, config):
-    y, res = _materialize(_dense(x, kernel, bias), keep(x, stats, seed, config))
+def _dense_fwd(x, kernel, bias, stats, seed, config, precision):
+    y, res = _materialize(dense_reference(x, kernel, bias, precision), keep(x, stats, seed, config))
     return y, (res[0], kernel, bias)
 
 
-def _dense_bwd(config, residuals, g):
+def _dense_bwd(config, precision, residuals, g):
     res, kernel, bias = residuals
     x, g = restore(res, g)
     batch = tuple(range(g.ndim - 1))
-    dx = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))  # [..., C_in]
-    dk = lax.dot_general(x, g, ((batch, batch), ((), ())))  # [C_in, C_out]
+    dx = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)  # [..., C_in]
+    dk = lax.dot_general(x, g, ((batch, batch), ((), ())), precision=precision)  # [C_in, C_out]
     db = None if bias is None else jnp.sum(g, axis=batch).astype(bias.dtype)
     return dx.astype(x.dtype), dk.astype(kernel.dtype), db, None, None
 
@@ -106,10 +108,11 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def conv(x, kernel, bias, stats, seed, config, strides: Sequence[int], padding):
     """N-D convolution, channels last (``x: [B, *spatial, C]``, ``kernel: [*window, C, F]``)."""
-    return _conv(x, kernel, bias, strides, padding)
+    return conv_reference(x, kernel, bias, strides, padding)
 
 
-def _conv(x, kernel, bias, strides, padding):
+def conv_reference(x, kernel, bias, strides, padding):
+    """The plain channels-last convolution, differentiated by JAX: the baseline."""
     spatial = x.ndim - 2
     dims = lax.conv_dimension_numbers(x.shape, kernel.shape, _conv_layout(spatial))
     y = lax.conv_general_dilated(x, kernel, tuple(strides), padding, dimension_numbers=dims)
@@ -122,14 +125,14 @@ def _conv_layout(spatial: int):
 
 
 def _conv_fwd(x, kernel, bias, stats, seed, config, strides, padding):
-    y, res = _materialize(_conv(x, kernel, bias, strides, padding), keep(x, stats, seed, config))
+    y, res = _materialize(conv_reference(x, kernel, bias, strides, padding), keep(x, stats, seed, config))
     return y, (res[0], kernel, bias)
 
 
 def _conv_bwd(config, strides, padding, residuals, g):
     res, kernel, bias = residuals
     x, g = restore(res, g)
-    _, vjp = jax.vjp(lambda x, k, b: _conv(x, k, b, strides, padding), x, kernel, bias)
+    _, vjp = jax.vjp(lambda x, k, b: conv_reference(x, k, b, strides, padding), x, kernel, bias)
     dx, dk, db = vjp(g.astype(x.dtype))
     return dx, dk, db, None, None
 
@@ -143,11 +146,15 @@ conv.defvjp(_conv_fwd, _conv_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def gelu(x, stats, seed, config, approximate: bool = False):
     """GELU, exact (erf) or with the tanh approximation."""
+    return gelu_reference(x, approximate)
+
+
+def gelu_reference(x, approximate: bool = False):
     return jax.nn.gelu(x, approximate=approximate)
 
 
 def _gelu_fwd(x, stats, seed, config, approximate):
-    return _materialize(jax.nn.gelu(x, approximate=approximate), keep(x, stats, seed, config))
+    return _materialize(gelu_reference(x, approximate), keep(x, stats, seed, config))
 
 
 def _gelu_bwd(config, approximate, res, g):
@@ -177,10 +184,10 @@ gelu.defvjp(_gelu_fwd, _gelu_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def layer_norm(x, scale, bias, stats, seed, config, epsilon: float = 1e-6):
     """LayerNorm over the last axis; scale/bias ([C]) may be None. Statistics in >= float32."""
-    return _layer_norm(x, scale, bias, epsilon)
+    return layer_norm_reference(x, scale, bias, epsilon)
 
 
-def _layer_norm(x, scale, bias, epsilon):
+def layer_norm_reference(x, scale, bias, epsilon=1e-6):
     """flax.linen.LayerNorm's arithmetic, step for step, so the forward is bit-identical."""
     mean, var = _moments(x)
     mul = lax.rsqrt(var + epsilon)
@@ -201,7 +208,7 @@ def _moments(x):
 
 
 def _layer_norm_fwd(x, scale, bias, stats, seed, config, epsilon):
-    y, res = _materialize(_layer_norm(x, scale, bias, epsilon), keep(x, stats, seed, config))
+    y, res = _materialize(layer_norm_reference(x, scale, bias, epsilon), keep(x, stats, seed, config))
     return y, (res[0], scale, bias)
 
 
@@ -235,11 +242,15 @@ def attention_layout(ndim: int) -> Layout:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def softmax(x, stats, seed, config):
     """Softmax over the last axis. Keeps only its output: the backward needs nothing else."""
+    return softmax_reference(x)
+
+
+def softmax_reference(x):
     return jax.nn.softmax(x, axis=-1)
 
 
 def _softmax_fwd(x, stats, seed, config):
-    y = jax.nn.softmax(x, axis=-1)
+    y = softmax_reference(x)
     return _materialize(y, keep(y, stats, seed, config, attention_layout(y.ndim)))
 
 
@@ -260,13 +271,17 @@ softmax.defvjp(_softmax_fwd, _softmax_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def matmul(a, b, stats_a, stats_b, seed_a, seed_b, config):
     """Batched a @ b (``[..., N, K] @ [..., K, M]``); 4-D operands are grouped per head."""
+    return matmul_reference(a, b)
+
+
+def matmul_reference(a, b):
     return jnp.matmul(a, b)
 
 
 def _matmul_fwd(a, b, stats_a, stats_b, seed_a, seed_b, config):
     kept_a = keep(a, stats_a, seed_a, config, attention_layout(a.ndim))
     kept_b = keep(b, stats_b, seed_b, config, attention_layout(b.ndim))
-    y, kept = _materialize(jnp.matmul(a, b), kept_a, kept_b)
+    y, kept = _materialize(matmul_reference(a, b), kept_a, kept_b)
     return y, kept
 
 

@@ -163,12 +163,12 @@ def update(stats: Stats, x: jax.Array, config: QuantConfig, layout: Layout = "ch
     return observe(stats, *group_min_max(x, layout, stats.lo.shape[0]), config)
 
 
-def for_packing(stats: Stats, x: jax.Array, layout: Layout) -> Stats:
-    """The statistics to pack x with: the running ones, or x's own before any update."""
-    fresh = batch_stats(x, layout, stats.lo.shape[0])
+def for_packing(stats: Stats, lo: jax.Array, hi: jax.Array) -> Stats:
+    """The statistics to pack a tensor with: the running ones, or the tensor's own
+    per-group ``lo``/``hi`` before any update."""
     seen = stats.count > 0
     return Stats(
-        jnp.where(seen, stats.lo, fresh.lo), jnp.where(seen, stats.span, fresh.span), stats.count
+        jnp.where(seen, stats.lo, lo), jnp.where(seen, stats.span, _finite_span(lo, hi)), stats.count
     )
 
 

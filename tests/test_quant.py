@@ -188,7 +188,9 @@ def test_first_update_initialises_then_ema(key):
 
 def test_for_packing_uses_the_batch_before_any_update(key):
     x = jax.random.normal(key, (3, 4))
-    fresh = quant.for_packing(quant.init_stats(1), x, "channels")
+    lo, hi = quant.group_min_max(x, "channels", 1)
+    fresh = quant.for_packing(quant.init_stats(1), lo, hi)
     np.testing.assert_allclose(fresh.lo, [x.min()])
+    np.testing.assert_allclose(fresh.span, [x.max() - x.min()])
     seen = quant.Stats(jnp.array([-9.0]), jnp.array([1.0]), jnp.array(3))
-    np.testing.assert_array_equal(quant.for_packing(seen, x, "channels").lo, [-9.0])
+    np.testing.assert_array_equal(quant.for_packing(seen, lo, hi).lo, [-9.0])

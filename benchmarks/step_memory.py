@@ -1,0 +1,68 @@
+"""Compile-time memory of one full training step (forward, backward, AdamW update).
+
+Shared by the model memory benchmark and its tests: nothing is executed, so
+DeiT-B at batch 256 can be sized on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mesa_jax import memory
+from mesa_jax.models import vit
+from train import loop
+
+METHODS = ("baseline", "remat_nothing", "remat_dots", "mesa8", "mesa4", "mesa2")
+
+
+def build(model_name: str, method: str, dtype=None, **overrides) -> vit.ViT:
+    """The model a method trains: baseline, nn.remat with a policy, or mesa at 8/4/2 bits."""
+    if method == "baseline":
+        return vit.create(model_name, num_classes=1000, quant=None, dtype=dtype, **overrides)
+    if method.startswith("remat_"):
+        policy = {"remat_nothing": "nothing_saveable", "remat_dots": "dots_saveable"}[method]
+        return vit.create(model_name, num_classes=1000, quant=None, dtype=dtype, remat=policy, **overrides)
+    if method.startswith("mesa"):
+        heads = vit.PRESETS[model_name]["num_heads"]
+        config = vit.QuantConfig(bits=int(method[4:]), num_groups=heads)
+        return vit.create(model_name, num_classes=1000, quant=config, dtype=dtype, **overrides)
+    raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    peak: int  # compile-time peak bytes of the jitted, state-donating train step
+    temp: int
+    residuals: int  # bytes autodiff keeps for the backward pass (jaxpr level, params excluded)
+
+
+def abstract_step_inputs(model: vit.ViT, batch: int):
+    tx = loop.make_optimizer(1e-3, 0.05, 10, 100)
+    shape = (model.image_size, model.image_size, 3)
+    state = jax.eval_shape(functools.partial(loop.create_state, model, tx, 0, shape))
+    images = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    return state, images, labels
+
+
+def measure(model: vit.ViT, batch: int) -> StepMemory:
+    state, images, labels = abstract_step_inputs(model, batch)
+    step = jax.jit(loop.train_step, donate_argnums=0)
+    analysis = step.lower(state, images, labels).compile().memory_analysis()
+    compiled = memory.CompiledMemory(
+        analysis.temp_size_in_bytes, analysis.argument_size_in_bytes,
+        analysis.output_size_in_bytes, analysis.alias_size_in_bytes,
+    )
+
+    def loss(params, mesa, images, labels):
+        variables = {"params": params, **({"mesa": mesa} if mesa else {})}
+        logits, _ = model.apply(variables, images, train=True, mutable=["mesa"], rngs={"dropout": jax.random.key(0)})
+        return loop.cross_entropy(logits, labels)
+
+    kept = memory.saved_residuals(loss, state.params, state.mesa, images, labels)
+    residuals = sum(r.nbytes for r in kept if "argument" not in r.source)
+    return StepMemory(compiled.peak, compiled.temp, residuals)

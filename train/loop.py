@@ -1,0 +1,99 @@
+"""Train state, train_step and eval_step, and data-parallel sharding.
+
+The model's ``"mesa"`` statistics travel in the state beside the params, like
+``batch_stats``; steps are pure functions of (state, batch), jitted by the caller.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mesa_jax.nn import COLLECTION
+
+DATA_AXIS = "data"
+
+
+class TrainState(train_state.TrainState):
+    mesa: Any  # the model's "mesa" statistics ({} for the baseline)
+    rng: jax.Array  # raw key data (uint32): dropout keys are folded from it and the step
+
+
+def create_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, image_shape) -> TrainState:
+    """Initialise params and statistics from ``seed`` for images of ``image_shape`` ([H, W, C])."""
+    init_key, dropout_key = jax.random.split(jax.random.key(seed))
+    variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32))
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        mesa=variables.get(COLLECTION, {}),
+        tx=tx,
+        rng=jax.random.key_data(dropout_key),
+    )
+
+
+def _variables(state: TrainState, params) -> dict:
+    return {"params": params, COLLECTION: state.mesa} if state.mesa else {"params": params}
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def train_step(state: TrainState, images, labels, label_smoothing: float = 0.1):
+    """One optimizer step; returns the new state (params, statistics) and its metrics."""
+    dropout = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            _variables(state, params), images, train=True, mutable=[COLLECTION], rngs={"dropout": dropout}
+        )
+        return cross_entropy(logits, labels, label_smoothing), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, mesa=updates.get(COLLECTION, state.mesa))
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "grad_norm": optax.global_norm(grads),
+    }
+    return state, metrics
+
+
+def eval_step(state: TrainState, images, labels):
+    """Summed loss and correct count (so batches of any size average exactly)."""
+    logits = state.apply_fn(_variables(state, state.params), images, train=False)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {"loss_sum": jnp.sum(losses), "correct": jnp.sum(jnp.argmax(logits, -1) == labels)}
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D data-parallel mesh over all (local and remote) devices, with Auto axes."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return jax.sharding.Mesh(devices, (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def make_optimizer(
+    learning_rate: float, weight_decay: float, warmup_steps: int, total_steps: int, clip_norm: float = 1.0
+) -> optax.GradientTransformation:
+    """AdamW with linear warmup then cosine decay, after global-norm clipping (the DeiT recipe)."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, max(warmup_steps, 1), max(total_steps, warmup_steps + 1), end_value=learning_rate * 1e-2
+    )
+    return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
