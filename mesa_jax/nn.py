@@ -128,7 +128,7 @@ class Conv(_Compressed):
 
 
 class LayerNorm(_Compressed):
-    """flax.linen.LayerNorm over the last axis, keeping an int8 copy of its input."""
+    """flax.linen.LayerNorm over the last axis, keeping an int8 copy of its normalized input."""
 
     epsilon: float = 1e-6
     dtype: Dtype | None = None
@@ -149,7 +149,8 @@ class LayerNorm(_Compressed):
         if config is None:
             y = ops.layer_norm_reference(x, scale, bias, self.epsilon)
         else:
-            stats, seed = self._compress("inputs", x, "channels", config)
+            normalized = ops.normalize(x, self.epsilon)[0]  # what the op keeps; XLA merges the two
+            stats, seed = self._compress("normalized", normalized, "channels", config)
             y = ops.layer_norm(x, scale, bias, stats, seed, config, self.epsilon)
         return y if self.dtype is None else y.astype(self.dtype)
 

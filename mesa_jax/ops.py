@@ -183,7 +183,13 @@ gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def layer_norm(x, scale, bias, stats, seed, config, epsilon: float = 1e-6):
-    """LayerNorm over the last axis; scale/bias ([C]) may be None. Statistics in >= float32."""
+    """LayerNorm over the last axis; scale/bias ([C]) may be None. Statistics in >= float32.
+
+    Keeps the *normalized* input, packed, and the per-row rstd: every row then has
+    unit scale, so one range per group fits all rows (the raw input's rows differ
+    by orders of magnitude, e.g. the class token against the patches).
+    ``stats`` describe the normalized input (see ``normalize``).
+    """
     return layer_norm_reference(x, scale, bias, epsilon)
 
 
@@ -207,25 +213,30 @@ def _moments(x):
     return mean, jnp.maximum(0.0, mean2 - jnp.square(mean))
 
 
+def normalize(x, epsilon=1e-6):
+    """(x - mean) * rstd over the last axis and rstd ([..., 1]), in >= float32."""
+    mean, var = _moments(x)
+    rstd = lax.rsqrt(var + epsilon)
+    return (_f32(x) - mean) * rstd, rstd
+
+
 def _layer_norm_fwd(x, scale, bias, stats, seed, config, epsilon):
-    y, res = _materialize(layer_norm_reference(x, scale, bias, epsilon), keep(x, stats, seed, config))
-    return y, (res[0], scale, bias)
+    xn, rstd = normalize(x, epsilon)
+    y, res = _materialize(layer_norm_reference(x, scale, bias, epsilon), keep(xn, stats, seed, config))
+    x_dtype = jnp.zeros((0,), x.dtype)  # zero bytes: the dtype dx must come back in
+    return y, (res[0], rstd, scale, bias, x_dtype)
 
 
 def _layer_norm_bwd(config, epsilon, residuals, g):
-    """Mean and rstd are recomputed from the restored x, so the formula is self-consistent."""
-    res, scale, bias = residuals
-    x, g = restore(res, g)
-    mean, var = _moments(x)
-    rstd = lax.rsqrt(var + epsilon)
-    xn = (_f32(x) - mean) * rstd
-    gf = _f32(g)
-    batch = tuple(range(x.ndim - 1))
+    res, rstd, scale, bias, x_dtype = residuals
+    xn, g = restore(res, g)
+    xn, gf = _f32(xn), _f32(g)
+    batch = tuple(range(g.ndim - 1))
     dscale = None if scale is None else jnp.sum(gf * xn, axis=batch).astype(scale.dtype)
     dbias = None if bias is None else jnp.sum(gf, axis=batch).astype(bias.dtype)
     gn = gf if scale is None else gf * _channels_last(scale, gf.ndim)
     dx = rstd * (gn - jnp.mean(gn, -1, keepdims=True) - xn * jnp.mean(gn * xn, -1, keepdims=True))
-    return dx.astype(x.dtype), dscale, dbias, None, None
+    return dx.astype(x_dtype.dtype), dscale, dbias, None, None
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)

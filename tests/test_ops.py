@@ -27,31 +27,43 @@ def cotangent(case, inputs):
     return jax.random.normal(jax.random.key(99), out.shape, out.dtype)
 
 
+def packed_values(case, inputs):
+    """The tensors the op packs, computed exactly."""
+    what = {"out": lambda: case.reference(*inputs), "normalized": lambda: ops.normalize(inputs[0])[0]}
+    return [what[i]() if isinstance(i, str) else inputs[i] for i, _ in case.packed]
+
+
 def dequantized(case, inputs, config):
     """The tensors the quantized backward sees: x_hat for each packed tensor."""
-    values = [case.reference(*inputs) if i == "out" else inputs[i] for i, _ in case.packed]
     return [
         quant.fake_quantize(v, stats_of(v, layout), config, seed, layout)
-        for v, (_, layout), seed in zip(values, case.packed, SEEDS)
+        for v, (_, layout), seed in zip(packed_values(case, inputs), case.packed, SEEDS)
     ]
 
 
 def reference_grads(case, inputs, g):
-    """Gradients of the reference, as a function of the packed tensors' values."""
-    if case.packed[0][0] == "out":
+    """Textbook gradients of the reference, as a function of the packed tensors' values."""
+    kind = case.packed[0][0]
+    if kind == "out":  # softmax, from its output y
         return lambda y: (y * (g - jnp.sum(g * y, axis=-1, keepdims=True)),)
+    if kind == "normalized":  # layer norm, from xn = (x - mean) * rstd and the exact rstd
+        _, rstd = ops.normalize(inputs[0])
+        scale = inputs[1].reshape(1, 1, -1)
 
-    def grads(*packed_values):
+        def ln_grads(xn):
+            gn = g * scale
+            dx = rstd * (gn - gn.mean(-1, keepdims=True) - xn * (gn * xn).mean(-1, keepdims=True))
+            return dx, jnp.sum(g * xn, axis=(0, 1)), jnp.sum(g, axis=(0, 1))
+
+        return ln_grads
+
+    def grads(*packed):
         args = list(inputs)
-        for (i, _), v in zip(case.packed, packed_values):
+        for (i, _), v in zip(case.packed, packed):
             args[i] = v
         return jax.vjp(case.reference, *args)[1](g)
 
     return grads
-
-
-def packed_values(case, inputs):
-    return [case.reference(*inputs) if i == "out" else inputs[i] for i, _ in case.packed]
 
 
 def mean_value_bound(fn, xs, x_hats, steps=5):
@@ -141,7 +153,7 @@ def test_constant_inputs_give_finite_gradients(case, value, key):
 def test_residuals_hold_no_float_copy_of_an_activation(case, key):
     inputs = case.inputs(key)
     sizes = {x.size for x in inputs} | {jax.eval_shape(case.reference, *inputs).size}
-    activation_sizes = {inputs[i].size for i, _ in case.packed if i != "out"} or sizes
+    activation_sizes = {inputs[i].size for i, _ in case.packed if not isinstance(i, str)} or sizes
     for r in memory.saved_residuals(op_fn(case, CONFIG), *inputs):
         if jnp.issubdtype(r.dtype, jnp.floating):
             assert int(np.prod(r.shape)) not in activation_sizes - {x.size for x in inputs[1:]}, r

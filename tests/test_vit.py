@@ -1,0 +1,181 @@
+"""The ViT family: mesa vs baseline, scan and remat variants, sharding, bad inputs."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from mesa_jax import Policy, QuantConfig
+from mesa_jax.models import vit
+
+TINY = dict(width=48, depth=2, num_heads=3, mlp_dim=96)
+NEAREST = QuantConfig(num_groups=3, stochastic=False)
+
+
+def tiny(quant="per_head", **overrides):
+    return vit.create("vit-c100", num_classes=10, quant=quant, **{**TINY, **overrides})
+
+
+@pytest.fixture(scope="module")
+def images():
+    return jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+
+
+@pytest.fixture(scope="module")
+def labels():
+    return jnp.arange(4) % 10
+
+
+def loss_and_grads(model, variables, images, labels, train=False):
+    def loss(params):
+        logits, _ = model.apply(
+            {**variables, "params": params}, images, train=train, mutable=["mesa"], rngs={"dropout": jax.random.key(5)}
+        )
+        return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(labels)), labels])
+
+    return jax.jit(jax.value_and_grad(loss))(variables["params"])
+
+
+def cosine(a, b):
+    a, b = jnp.ravel(a), jnp.ravel(b)
+    return float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30))
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown ViT preset 'deit-xl'.*deit-b.*vit-c100"):
+        vit.create("deit-xl", num_classes=10)
+
+
+def test_unknown_override_and_policy_typo_raise():
+    with pytest.raises(TypeError, match="widht"):
+        vit.create("vit-c100", num_classes=10, widht=3)
+    with pytest.raises(ValueError, match="match no layer"):
+        tiny(quant=Policy(overrides={"block_0/atn/*": None}))
+
+
+@pytest.mark.parametrize(
+    "shape, match", [((4, 32, 32), "NHWC images"), ((4, 28, 28, 3), "32x32")]
+)
+def test_wrong_images_are_a_clear_error(shape, match):
+    with pytest.raises(ValueError, match=match):
+        tiny().init(jax.random.key(0), jnp.ones(shape))
+
+
+def test_heads_must_divide_width():
+    with pytest.raises(ValueError, match="num_heads=5 does not divide width=48"):
+        tiny(num_heads=5).init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
+
+
+def test_mesa_forward_is_the_baseline_s_and_grads_are_close(images, labels):
+    mesa, base = tiny(), tiny(quant=None)
+    variables = mesa.init(jax.random.key(1), images)
+    base_vars = base.init(jax.random.key(1), images)
+    assert jax.tree.structure(base_vars["params"]) == jax.tree.structure(variables["params"])
+    np.testing.assert_array_equal(mesa.apply(variables, images), base.apply(base_vars, images))
+    loss_m, g_m = loss_and_grads(mesa, variables, images, labels)
+    loss_b, g_b = loss_and_grads(base, base_vars, images, labels)
+    assert float(loss_m) == float(loss_b)  # the forward under autodiff is exact too
+    assert cosine(ravel_pytree(g_m)[0], ravel_pytree(g_b)[0]) > 0.999
+
+
+def test_default_is_one_group_per_head_except_where_heads_do_not_divide(images):
+    variables = tiny(num_heads=4).init(jax.random.key(1), images)
+    mesa = jax.tree.map(jnp.shape, variables["mesa"])
+    assert mesa["embedding"]["inputs"].lo == (1,)  # 4 groups do not divide RGB
+    assert mesa["block_0"]["mlp"]["fc1"]["inputs"].lo == (4,)
+    assert mesa["block_1"]["attn"]["softmax"]["outputs"].lo == (4,)
+
+
+def test_policy_override_turns_a_layer_off(images):
+    model = tiny(quant=Policy(NEAREST, overrides={"head": None, "block_*/ln*": None}))
+    mesa = model.init(jax.random.key(1), images)["mesa"]
+    assert "head" not in mesa and "ln1" not in mesa["block_0"] and "fc1" in mesa["block_0"]["mlp"]
+
+
+def test_training_apply_updates_statistics_and_eval_does_not(images):
+    model = tiny()
+    variables = model.init(jax.random.key(1), images)
+    _, state = model.apply(variables, images, train=True, mutable=["mesa"], rngs={"dropout": jax.random.key(2)})
+    counts = {int(s.count) for s in jax.tree.leaves(state["mesa"], is_leaf=lambda s: hasattr(s, "count"))}
+    assert counts == {1}
+    assert isinstance(model.apply(variables, images), jax.Array)
+
+
+def _stack_blocks(tree, depth):
+    """Per-block trees (block_0, block_1, ...) stacked on axis 0 as nn.scan keeps them."""
+    blocks = [tree.pop(f"block_{i}") for i in range(depth)]
+    return {**tree, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+@pytest.mark.parametrize("variant", [dict(scan=True), dict(remat="nothing_saveable"), dict(scan=True, remat="dots_saveable")])
+def test_scan_and_remat_give_the_plain_model_s_gradients(variant, images, labels):
+    plain = tiny(quant=NEAREST, drop_path=0.0)  # scan splits the dropout stream differently
+    variables = plain.init(jax.random.key(1), images)
+    model = tiny(quant=NEAREST, drop_path=0.0, **variant)
+    if variant.get("scan"):
+        stacked = {k: _stack_blocks(dict(v), TINY["depth"]) for k, v in variables.items()}
+        assert jax.tree.structure(stacked) == jax.tree.structure(model.init(jax.random.key(1), images))
+    else:
+        stacked = variables
+    loss_p, g_p = loss_and_grads(plain, variables, images, labels, train=True)
+    loss_v, g_v = loss_and_grads(model, stacked, images, labels, train=True)
+    if variant.get("scan"):
+        g_p = {**g_p, **_stack_blocks(dict(g_p), TINY["depth"])}
+        g_p.pop("block_0", None)
+        g_p.pop("block_1", None)
+    np.testing.assert_allclose(loss_v, loss_p, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_v), jax.tree.leaves(g_p)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+def test_bfloat16_model_trains_with_finite_bf16_activations(images, labels):
+    model = tiny(dtype=jnp.bfloat16)
+    variables = model.init(jax.random.key(1), images)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+    loss, grads = loss_and_grads(model, variables, images, labels, train=True)
+    assert jnp.isfinite(loss) and all(jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+SHARDED = textwrap.dedent(
+    """
+    import json, jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from mesa_jax.models import vit
+    model = vit.create("vit-c100", num_classes=10, width=48, depth=2, num_heads=3, mlp_dim=96)
+    images = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+    variables = model.init(jax.random.key(1), images)
+
+    def step(variables, images):
+        def loss(params):
+            logits, state = model.apply({**variables, "params": params}, images, train=True,
+                                        mutable=["mesa"], rngs={"dropout": jax.random.key(2)})
+            return jnp.mean(logits ** 2), state
+        grads, state = jax.grad(loss, has_aux=True)(variables["params"])
+        return grads, state["mesa"]
+
+    single = jax.jit(step)(variables, images)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded_images = jax.device_put(images, NamedSharding(mesh, P("data")))
+    replicated = jax.device_put(variables, NamedSharding(mesh, P()))
+    multi = jax.jit(step)(replicated, sharded_images)
+    diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30)), multi, single)
+    print(json.dumps({"devices": len(jax.devices()), "worst": max(jax.tree.leaves(diff))}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_sharded_over_4_devices_matches_one_device():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 4
+    assert result["worst"] < 1e-4  # global statistics: same ranges, same codes, same grads
