@@ -16,7 +16,7 @@ from jax._src import ad_checkpoint as _ad_checkpoint  # the engine of print_save
 
 class Residual(NamedTuple):
     shape: tuple[int, ...]
-    dtype: np.dtype
+    dtype: np.dtype | jax.typing.DTypeLike  # PRNG keys keep their extended dtype
     nbytes: int
     source: str  # "from the argument x" or "output of <primitive> from <file:line>"
 
@@ -38,7 +38,7 @@ def saved_residuals(fn: Callable, *args) -> list[Residual]:
     """The arrays reverse-mode autodiff of ``fn(*args)`` keeps, with where each came from."""
     found = _ad_checkpoint.saved_residuals(fn, *args)
     return [
-        Residual(tuple(aval.shape), np.dtype(aval.dtype), _nbytes(aval), source)
+        Residual(tuple(aval.shape), aval.dtype, _nbytes(aval), source)
         for aval, source in found
     ]
 
@@ -67,4 +67,4 @@ def peak_bytes(fn: Callable, *args) -> int:
 
 
 def _nbytes(aval) -> int:
-    return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+    return int(np.prod(aval.shape, dtype=np.int64)) * aval.dtype.itemsize

@@ -1,0 +1,95 @@
+"""Peak memory of one training step: baseline vs nn.remat vs mesa, compiled not run.
+
+    python -m benchmarks.memory                       # DeiT-Ti/S/B, 224x224, batch 128
+    python -m benchmarks.memory --models deit-s --batches 32 64 128 256 --plot mem.png
+
+For each model, dtype, batch and method: XLA's compile-time peak bytes of the
+jitted, state-donating train step (forward, backward, AdamW update), its ratio to
+the baseline's, and the bytes autodiff keeps for the backward pass. Nothing is
+executed, so this runs on a laptop CPU; on XLA:CPU the peak can understate what
+mesa saves (it drops optimization barriers), the residual bytes cannot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import step_memory
+from mesa_jax.models import vit
+
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+DEFAULT_METHODS = ("baseline", "remat_nothing", "remat_dots", "mesa8")
+
+
+def rows(models, dtypes, batches, methods):
+    """(model, dtype, batch, method, StepMemory) for every combination, baseline first."""
+    for name in models:
+        for dtype in dtypes:
+            for batch in batches:
+                for method in methods:
+                    model = step_memory.build(name, method, DTYPES[dtype])
+                    yield name, dtype, batch, method, step_memory.measure(model, batch)
+
+
+def table(results) -> str:
+    mib = lambda b: f"{b / 2**20:,.0f}"
+    lines = [
+        "| model | dtype | batch | method | peak MiB | baseline / method | residuals MiB |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
+    baseline = {}
+    for name, dtype, batch, method, m in results:
+        if method == "baseline":
+            baseline[name, dtype, batch] = m.peak
+        ref = baseline.get((name, dtype, batch))
+        ratio = f"{ref / m.peak:.2f}x" if ref else "-"
+        lines.append(f"| {name} | {dtype} | {batch} | {method} | {mib(m.peak)} | {ratio} | {mib(m.residuals)} |")
+    return "\n".join(lines)
+
+
+def plot(results, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for name, dtype, batch, method, m in results:
+        series.setdefault((name, dtype, method), []).append((batch, m.peak / 2**30))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (name, dtype, method), points in sorted(series.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=f"{name} {dtype} {method}")
+    ax.set(xlabel="batch size", ylabel="peak GiB (compile-time, XLA)", title="Training-step peak memory")
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["deit-ti", "deit-s", "deit-b"], choices=sorted(vit.PRESETS))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--batches", nargs="+", type=int, default=[128])
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=step_memory.METHODS)
+    parser.add_argument("--plot", metavar="PNG", help="also plot peak memory against batch size")
+    args = parser.parse_args(argv)
+    if "baseline" not in args.methods:
+        args.methods.insert(0, "baseline")
+    start = time.time()
+    results = list(rows(args.models, args.dtypes, args.batches, args.methods))
+    print(f"compile-time peak of one train step; jax {jax.__version__} on {jax.default_backend()}, "
+          f"{time.time() - start:.0f} s")
+    print(table(results))
+    if args.plot:
+        plot(results, args.plot)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
