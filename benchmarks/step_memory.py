@@ -40,23 +40,13 @@ class StepMemory:
     residuals: int  # bytes autodiff keeps for the backward pass (jaxpr level, params excluded)
 
 
-def abstract_step_inputs(model: vit.ViT, batch: int):
-    tx = loop.make_optimizer(1e-3, 0.05, 10, 100)
+def measure(model: vit.ViT, batch: int) -> StepMemory:
     shape = (model.image_size, model.image_size, 3)
+    tx = loop.make_optimizer(loop.learning_rate_schedule(1e-3, 10, 100), 0.05)
+    compiled = loop.step_memory(model, tx, batch, shape)
     state = jax.eval_shape(functools.partial(loop.create_state, model, tx, 0, shape))
     images = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    return state, images, labels
-
-
-def measure(model: vit.ViT, batch: int) -> StepMemory:
-    state, images, labels = abstract_step_inputs(model, batch)
-    step = jax.jit(loop.train_step, donate_argnums=0)
-    analysis = step.lower(state, images, labels).compile().memory_analysis()
-    compiled = memory.CompiledMemory(
-        analysis.temp_size_in_bytes, analysis.argument_size_in_bytes,
-        analysis.output_size_in_bytes, analysis.alias_size_in_bytes,
-    )
 
     def loss(params, mesa, images, labels):
         variables = {"params": params, **({"mesa": mesa} if mesa else {})}

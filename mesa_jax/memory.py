@@ -49,8 +49,10 @@ def residual_bytes(fn: Callable, *args) -> int:
 
 
 def compiled_memory(fn: Callable, *args) -> CompiledMemory:
-    """Compile ``jax.jit(fn)`` for ``args`` (arrays or ShapeDtypeStructs) and read its memory."""
-    analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+    """Compile ``fn`` (jitted here unless it already is) for ``args`` (arrays or
+    ShapeDtypeStructs) and read its memory analysis."""
+    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+    analysis = jitted.lower(*args).compile().memory_analysis()
     if analysis is None:
         raise RuntimeError(f"the {jax.default_backend()} backend gives no compile-time memory analysis")
     return CompiledMemory(

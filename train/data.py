@@ -107,7 +107,7 @@ def synthetic(seed: int = 0, train_size: int = 10_000, test_size: int = 2_000) -
         rows = dy[:, None] + np.arange(32)[None]
         cols = dx[:, None] + np.arange(32)[None]
         images = prototypes[labels[:, None, None], rows[:, :, None], cols[:, None, :]]
-        images = images + 0.35 * split_rng.standard_t(3, images.shape)
+        images = images + 0.7 * split_rng.standard_t(3, images.shape)
         return Split(np.clip(128 + 60 * images, 0, 255).astype(np.uint8), labels)
 
     return Dataset("synthetic", split(train_size, rng), split(test_size, np.random.default_rng(seed + 1)))

@@ -16,6 +16,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mesa_jax.memory import CompiledMemory, compiled_memory
 from mesa_jax.nn import COLLECTION
 
 DATA_AXIS = "data"
@@ -63,16 +64,20 @@ def train_step(state: TrainState, images, labels, label_smoothing: float = 0.1):
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     return state, metrics
 
 
-def eval_step(state: TrainState, images, labels):
-    """Summed loss and correct count (so batches of any size average exactly)."""
+def eval_step(state: TrainState, images, labels, mask):
+    """Summed loss, correct count and example count over the ``mask``ed (real) examples."""
     logits = state.apply_fn(_variables(state, state.params), images, train=False)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return {"loss_sum": jnp.sum(losses), "correct": jnp.sum(jnp.argmax(logits, -1) == labels)}
+    return {
+        "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
+        "correct": jnp.sum(jnp.where(mask, jnp.argmax(logits, -1) == labels, False)),
+        "count": jnp.sum(mask),
+    }
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
@@ -89,11 +94,21 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def make_optimizer(
-    learning_rate: float, weight_decay: float, warmup_steps: int, total_steps: int, clip_norm: float = 1.0
-) -> optax.GradientTransformation:
-    """AdamW with linear warmup then cosine decay, after global-norm clipping (the DeiT recipe)."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, max(warmup_steps, 1), max(total_steps, warmup_steps + 1), end_value=learning_rate * 1e-2
+def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+    """Linear warmup to ``peak``, then cosine decay to 1% of it at ``total_steps``."""
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, max(warmup_steps, 1), max(total_steps, warmup_steps + 1), end_value=peak * 1e-2
     )
+
+
+def make_optimizer(schedule: optax.Schedule, weight_decay: float, clip_norm: float = 1.0):
+    """AdamW after global-norm clipping (the DeiT recipe)."""
     return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
+
+
+def step_memory(model: nn.Module, tx, batch: int, image_shape, step_fn=train_step) -> CompiledMemory:
+    """Compile-time memory of the jitted, state-donating ``step_fn`` (nothing is run)."""
+    state = jax.eval_shape(lambda: create_state(model, tx, 0, image_shape))
+    images = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    return compiled_memory(jax.jit(step_fn, donate_argnums=0), state, images, labels)

@@ -1,0 +1,199 @@
+"""The training program: flags, TFDS (mocked) and synthetic data, resume, sharding, NaN stop."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mesa_jax.models import vit
+from train import data, run
+from train.config import TrainConfig
+
+TINY = dict(image_size=32, patch_size=8, width=24, depth=1, num_heads=2, mlp_dim=48, drop_path=0.1)
+
+
+@pytest.fixture(autouse=True)
+def tiny_preset(monkeypatch):
+    monkeypatch.setitem(vit.PRESETS, "vit-test", TINY)
+
+
+@pytest.fixture(scope="module")
+def small_synthetic():
+    return data.synthetic(seed=0, train_size=64, test_size=24)
+
+
+@pytest.fixture
+def use_small_synthetic(monkeypatch, small_synthetic):
+    monkeypatch.setattr(data, "synthetic", lambda seed=0: small_synthetic)
+
+
+def config(**kw):
+    base = dict(model="vit-test", batch_size=8, steps=6, log_every=2, eval_every=3, checkpoint_every=2,
+                dataset="synthetic", warmup_epochs=0.1)
+    return TrainConfig(**{**base, **kw})
+
+
+def rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def params_of(workdir, cfg):
+    """The parameters of the latest checkpoint in ``workdir``."""
+    from train.checkpoint import Checkpointer
+
+    model = run.build_model(cfg)
+    tx = run.loop.make_optimizer(run.loop.learning_rate_schedule(cfg.lr, 1, 2), cfg.weight_decay)
+    like = run.loop.create_state(model, tx, cfg.seed, data.IMAGE_SHAPE)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        return ckpt.restore(like).params
+    finally:
+        ckpt.close()
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "train.vit_cifar100", *args], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--bits", "3"], "--bits"), (["--lr", "-1"], "--lr must be > 0"), (["--steps", "0"], "--steps"),
+     (["--dtype", "float16"], "--dtype"), ([], "--workdir")],
+)
+def test_bad_flags_exit_nonzero_with_one_line(flags, message, tmp_path):
+    workdir = [] if message == "--workdir" else ["--workdir", str(tmp_path)]
+    out = cli(*workdir, *flags)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    assert message in out.stderr.strip().splitlines()[-1]
+
+
+def test_help_documents_every_flag_with_its_default():
+    out = cli("--help")
+    assert out.returncode == 0
+    for flag in ("--model", "--no-mesa", "--bits", "--dtype", "--batch-size", "--epochs", "--steps", "--lr",
+                 "--weight-decay", "--warmup-epochs", "--seed", "--dataset", "--data-dir", "--workdir",
+                 "--eval-every"):
+        assert flag in out.stdout
+    assert "(default: vit-c100)" in out.stdout
+
+
+def test_trains_on_mock_tfds_cifar100(tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=40):
+        final = run.train_and_evaluate(config(dataset="cifar100", steps=4), str(tmp_path))
+    header, *logged = rows(tmp_path)
+    assert header["dataset"] == "cifar100" and header["dataset_warning"] is None
+    assert header["step_peak_bytes"]["mesa"] < header["step_peak_bytes"]["baseline"]
+    train_rows = [r for r in logged if "loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4]
+    assert all({"loss", "learning_rate", "images_per_sec"} <= set(r) for r in train_rows)
+    assert 0.0 <= final["eval_accuracy"] <= 1.0 and np.isfinite(final["eval_loss"])
+
+
+def test_cifar100_requested_but_missing_is_a_clear_error(tmp_path):
+    with pytest.raises(data.DataUnavailable, match="cannot read TFDS cifar100"):
+        data.load("cifar100", data_dir=str(tmp_path / "nothing-here"))
+
+
+def test_auto_falls_back_to_synthetic_loudly_and_records_it(tmp_path, use_small_synthetic, caplog):
+    run.train_and_evaluate(config(dataset="auto", data_dir=str(tmp_path / "empty"), steps=2), str(tmp_path / "w"))
+    assert "SYNTHETIC" in caplog.text
+    header = rows(tmp_path / "w")[0]
+    assert header["dataset"] == "synthetic" and "SYNTHETIC" in header["dataset_warning"]
+
+
+def test_synthetic_data_is_learnable(tmp_path, use_small_synthetic):
+    run.train_and_evaluate(config(steps=16, lr=3e-3, log_every=1, eval_every=100), str(tmp_path))
+    losses = [r["loss"] for r in rows(tmp_path)[1:] if "loss" in r]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+
+
+def test_killed_run_resumes_exactly(tmp_path, use_small_synthetic, monkeypatch):
+    cfg = config()
+    run.train_and_evaluate(cfg, str(tmp_path / "straight"))
+
+    real = data.train_batches
+
+    def dies_after_three(*args, **kw):
+        for i, batch in enumerate(real(*args, **kw)):
+            if i == 3:
+                raise KeyboardInterrupt("killed")
+            yield batch
+
+    monkeypatch.setattr(data, "train_batches", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        run.train_and_evaluate(cfg, str(tmp_path / "resumed"))
+    monkeypatch.setattr(data, "train_batches", real)
+    run.train_and_evaluate(cfg, str(tmp_path / "resumed"))  # picks up at the step-2 checkpoint
+
+    for a, b in zip(jax.tree.leaves(params_of(tmp_path / "straight", cfg)),
+                    jax.tree.leaves(params_of(tmp_path / "resumed", cfg))):
+        np.testing.assert_array_equal(a, b)
+    steps = [r["step"] for r in rows(tmp_path / "resumed") if "loss" in r]
+    assert steps == [2, 4, 6]  # rows past the checkpoint were dropped, then rewritten
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path, use_small_synthetic):
+    with pytest.raises(run.NonFiniteLoss, match=r"at step \d+"):
+        run.train_and_evaluate(config(lr=1e38, warmup_epochs=0, steps=6, log_every=1), str(tmp_path))
+
+
+def test_batch_must_divide_devices(tmp_path, use_small_synthetic, monkeypatch):
+    monkeypatch.setattr(run.loop, "make_mesh", lambda: jax.sharding.Mesh(np.array(jax.devices() * 3), ("data",)))
+    with pytest.raises(ValueError, match="not divisible by the 3 devices"):
+        run.train_and_evaluate(config(batch_size=8), str(tmp_path))
+
+
+def test_data_order_is_a_function_of_seed_and_step(small_synthetic):
+    a = data.train_indices(small_synthetic.train, 8, seed=1, step=9)
+    assert np.array_equal(a, data.train_indices(small_synthetic.train, 8, seed=1, step=9))
+    epoch = np.concatenate([data.train_indices(small_synthetic.train, 8, 1, s) for s in range(8)])
+    assert sorted(epoch) == list(range(64))
+
+
+def test_eval_batches_cover_the_split_once(small_synthetic):
+    masks = [np.asarray(m) for _, _, m in data.eval_batches(small_synthetic.test, 10)]
+    assert sum(m.sum() for m in masks) == 24 and all(len(m) == 10 for m in masks)
+
+
+def test_augment_keeps_shape_and_flips(small_synthetic):
+    images = jnp.asarray(small_synthetic.train.images[:8])
+    out = data.augment(images, jax.random.key(0))
+    assert out.shape == (8, 32, 32, 3) and out.dtype == jnp.float32
+    assert not np.allclose(out, data.normalize(images))
+
+
+SHARDED = """
+import json, sys, jax, numpy as np
+from mesa_jax.models import vit
+vit.PRESETS["vit-test"] = dict(image_size=32, patch_size=8, width=24, depth=1, num_heads=2, mlp_dim=48, drop_path=0.0)
+from train import data, run
+from train.config import TrainConfig
+data.synthetic = lambda seed=0, _d=data.synthetic(0, 64, 16): _d
+cfg = TrainConfig(model="vit-test", batch_size=8, steps=3, dataset="synthetic", eval_every=100, log_every=1)
+final = run.train_and_evaluate(cfg, sys.argv[1])
+print(json.dumps({"devices": jax.device_count(), "loss": final["loss"], "eval_loss": final["eval_loss"]}))
+"""
+
+
+@pytest.mark.slow
+def test_data_parallel_on_4_devices_matches_one(tmp_path):
+    results = []
+    for n in (1, 4):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
+        out = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path / str(n))], env=env,
+                             capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert [r["devices"] for r in results] == [1, 4]
+    np.testing.assert_allclose(results[1]["loss"], results[0]["loss"], rtol=1e-4)
+    np.testing.assert_allclose(results[1]["eval_loss"], results[0]["eval_loss"], rtol=1e-4)

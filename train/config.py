@@ -1,0 +1,60 @@
+"""The configuration of a training run: one frozen dataclass, validated on creation.
+
+Defaults are the full CIFAR-100 recipe (DeiT's, scaled for 32x32 images);
+``python -m train.vit_cifar100 --help`` lists them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mesa_jax.models import vit
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: str = "vit-c100"  # a mesa_jax.models.vit preset
+    mesa: bool = True  # False: the plain-Flax baseline, same everything else
+    bits: int = 8  # code width of the kept activations (8, 4 or 2)
+    dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
+    batch_size: int = 128  # global batch, split across devices
+    epochs: int = 100
+    steps: int | None = None  # total optimizer steps; overrides epochs
+    lr: float = 1e-3  # peak AdamW learning rate
+    weight_decay: float = 0.05
+    warmup_epochs: float = 5.0
+    label_smoothing: float = 0.1
+    seed: int = 0
+    dataset: str = "auto"  # auto (CIFAR-100, else synthetic), cifar100, synthetic
+    data_dir: str | None = None  # TFDS data dir holding a prepared cifar100
+    eval_every: int = 1000  # steps between evaluations (and one at the end)
+    log_every: int = 50  # steps between metrics rows
+    checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
+
+    def __post_init__(self):
+        checks = [
+            (self.model in vit.PRESETS, f"--model must be one of {sorted(vit.PRESETS)}, got {self.model!r}"),
+            (self.bits in (8, 4, 2), f"--bits must be 8, 4 or 2, got {self.bits}"),
+            (self.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {self.dtype!r}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.steps is None or self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.dataset in ("auto", "cifar100", "synthetic"),
+             f"--dataset must be auto, cifar100 or synthetic, got {self.dataset!r}"),
+            (self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}"),
+            (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
+            (self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}"),
+        ]
+        errors = [message for ok, message in checks if not ok]
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        return self.steps if self.steps is not None else self.epochs * steps_per_epoch
+
+    def warmup_steps(self, steps_per_epoch: int) -> int:
+        return min(round(self.warmup_epochs * steps_per_epoch), self.total_steps(steps_per_epoch) // 2)
