@@ -2,6 +2,12 @@
 
     python -m benchmarks.fidelity                    # vit-c100, batch 32, several configs
     python -m benchmarks.fidelity --model deit-s --batch 8
+    python -m benchmarks.fidelity --train-steps 300 --plot curves.png   # + training curves
+
+With ``--train-steps N``, vit-c100 is also trained for N steps with and without
+mesa (same seed, data and schedule; CIFAR-100 when prepared, else the synthetic
+set, which the table names), the final loss and accuracy are compared, and the
+per-parameter gradient fidelity is measured again at the trained parameters.
 
 For each quantization config: the running statistics are warmed on a few
 batches (as in training), then the gradient of one held-out batch is compared
@@ -75,17 +81,13 @@ def cosine(a, b) -> float:
 
 def compare(approx, exact) -> Fidelity:
     flat_a, flat_e = ravel_pytree(approx)[0], ravel_pytree(exact)[0]
-    per_param = {
-        "/".join(str(k.key) for k in path): cosine(a, e)
-        for (path, a), e in zip(jax.tree_util.tree_flatten_with_path(approx)[0], jax.tree.leaves(exact))
-    }
-    worst = min(per_param, key=per_param.get)
+    worst, worst_cosine, _ = compare_per_param(approx, exact)[0]
     error = float(jnp.linalg.norm(flat_a - flat_e) / jnp.linalg.norm(flat_e))
-    return Fidelity(cosine(flat_a, flat_e), per_param[worst], worst, error)
+    return Fidelity(cosine(flat_a, flat_e), worst_cosine, worst, error)
 
 
-def gradient_fidelity(name: str, quant, kind: str, batch: int, params=None, **overrides) -> Fidelity:
-    """Warm the statistics on WARM_BATCHES batches, then compare one batch's gradient."""
+def fidelity_grads(name: str, quant, kind: str, batch: int, params=None, **overrides):
+    """(mesa gradient, exact gradient) of one held-out batch, statistics warmed on WARM_BATCHES."""
     model = vit.create(name, num_classes=100, quant=quant, **overrides)
     baseline = vit.create(name, num_classes=100, quant=None, **overrides)
     variables = model.init(jax.random.key(0), inputs(kind, model, 1, 0)[0])
@@ -97,7 +99,72 @@ def gradient_fidelity(name: str, quant, kind: str, batch: int, params=None, **ov
     held_out = inputs(kind, model, batch, WARM_BATCHES)
     approx, _ = _grads(model, variables, *held_out)
     exact, _ = _grads(baseline, {"params": variables["params"]}, *held_out)
-    return compare(approx, exact)
+    return approx, exact
+
+
+def gradient_fidelity(name: str, quant, kind: str, batch: int, params=None, **overrides) -> Fidelity:
+    return compare(*fidelity_grads(name, quant, kind, batch, params, **overrides))
+
+
+def compare_per_param(approx, exact) -> list[tuple[str, float, float]]:
+    """(parameter, cosine, relative error) for every parameter, worst cosine first."""
+    out = []
+    for (path, a), e in zip(jax.tree_util.tree_flatten_with_path(approx)[0], jax.tree.leaves(exact)):
+        name = "/".join(str(k.key) for k in path)
+        out.append((name, cosine(a, e), float(jnp.linalg.norm(a - e) / (jnp.linalg.norm(e) + 1e-30))))
+    return sorted(out, key=lambda t: t[1])
+
+
+def train_curves(steps: int, workdir: str, batch: int):
+    """Train vit-c100 with and without mesa for ``steps``; returns {method: (final metrics, rows)}."""
+    import json
+    import os
+
+    from train import run
+    from train.config import TrainConfig
+
+    out = {}
+    for method, mesa in (("baseline", False), ("mesa", True)):
+        config = TrainConfig(mesa=mesa, steps=steps, batch_size=batch, eval_every=steps, log_every=10,
+                             checkpoint_every=steps, warmup_epochs=0.5)
+        path = os.path.join(workdir, method)
+        final = run.train_and_evaluate(config, path)
+        with open(os.path.join(path, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        out[method] = (final, rows)
+    return out
+
+
+def trained_params(workdir: str, steps: int, batch: int):
+    from train import run
+    from train.checkpoint import Checkpointer
+    from train.config import TrainConfig
+
+    config = TrainConfig(mesa=False, steps=steps, batch_size=batch)
+    tx = loop.make_optimizer(loop.learning_rate_schedule(config.lr, 1, 2), config.weight_decay)
+    like = loop.create_state(run.build_model(config), tx, config.seed, data.IMAGE_SHAPE)
+    ckpt = Checkpointer(f"{workdir}/baseline/checkpoints")
+    try:
+        return ckpt.restore(like).params
+    finally:
+        ckpt.close()
+
+
+def plot_curves(curves, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, (_, rows) in curves.items():
+        points = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        ax.plot(*zip(*points), label=method)
+    dataset = curves["mesa"][1][0]["dataset"]
+    ax.set(xlabel="step", ylabel="training loss", title=f"vit-c100 on {dataset}: baseline vs mesa int8")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def configs(num_heads: int):
@@ -115,6 +182,10 @@ def main(argv=None):
     parser.add_argument("--model", default="vit-c100", choices=sorted(vit.PRESETS))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--inputs", nargs="+", default=["structured", "gaussian"], choices=["structured", "gaussian"])
+    parser.add_argument("--train-steps", type=int, default=0, help="also train vit-c100 for this many steps")
+    parser.add_argument("--train-batch", type=int, default=64)
+    parser.add_argument("--workdir", default="results/fidelity", help="where the training runs go")
+    parser.add_argument("--plot", metavar="PNG", help="plot the training curves")
     args = parser.parse_args(argv)
     heads = vit.PRESETS[args.model]["num_heads"]
     print(f"{args.model}, batch {args.batch}, at initialisation, statistics warmed on {WARM_BATCHES} batches; "
@@ -125,6 +196,32 @@ def main(argv=None):
         for kind in args.inputs:
             f = gradient_fidelity(args.model, config, kind, args.batch)
             print(f"| {label} | {kind} | {f.global_cosine:.5f} | {f.worst_cosine:.4f} | {f.worst_param} | {f.relative_error:.4f} |")
+    if args.train_steps:
+        report_training(args)
+
+
+def report_training(args) -> None:
+    curves = train_curves(args.train_steps, args.workdir, args.train_batch)
+    (base, rows), (mesa, _) = curves["baseline"], curves["mesa"]
+    print(f"\nvit-c100 trained {args.train_steps} steps, batch {args.train_batch}, seed 0, "
+          f"on {rows[0]['dataset']} data")
+    print("| method | final train loss | eval loss | eval accuracy |\n|---|---:|---:|---:|")
+    for method, (final, _) in curves.items():
+        print(f"| {method} | {final['loss']:.4f} | {final['eval_loss']:.4f} | {final['eval_accuracy']:.4f} |")
+    print(f"eval loss mesa/baseline - 1: {mesa['eval_loss'] / base['eval_loss'] - 1:+.2%}; "
+          f"accuracy difference: {100 * (mesa['eval_accuracy'] - base['eval_accuracy']):+.2f} points")
+    params = trained_params(args.workdir, args.train_steps, args.train_batch)
+    heads = vit.PRESETS["vit-c100"]["num_heads"]
+    approx, exact = fidelity_grads("vit-c100", QuantConfig(num_groups=heads), "structured", args.batch, params)
+    f = compare(approx, exact)
+    print(f"\nat the trained baseline parameters (int8, group per head): global cosine {f.global_cosine:.5f}, "
+          f"relative error {f.relative_error:.4f}; worst parameters:")
+    print("| parameter | cosine | relative error |\n|---|---:|---:|")
+    for name, c, e in compare_per_param(approx, exact)[:8]:
+        print(f"| {name} | {c:.4f} | {e:.4f} |")
+    if args.plot:
+        plot_curves(curves, args.plot)
+        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

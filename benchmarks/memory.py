@@ -2,6 +2,7 @@
 
     python -m benchmarks.memory                       # DeiT-Ti/S/B, 224x224, batch 128
     python -m benchmarks.memory --models deit-s --batches 32 64 128 256 --plot mem.png
+    python -m benchmarks.memory --models deit-s --budget-gib 16    # + largest batch that fits
 
 For each model, dtype, batch and method: XLA's compile-time peak bytes of the
 jitted, state-donating train step (forward, backward, AdamW update), its ratio to
@@ -19,7 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import step_memory
+from mesa_jax import memory
 from mesa_jax.models import vit
+from train import loop
 
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 DEFAULT_METHODS = ("baseline", "remat_nothing", "remat_dots", "mesa8")
@@ -33,6 +36,24 @@ def rows(models, dtypes, batches, methods):
                 for method in methods:
                     model = step_memory.build(name, method, DTYPES[dtype])
                     yield name, dtype, batch, method, step_memory.measure(model, batch)
+
+
+def max_batches(models, dtypes, methods, budget_bytes: int):
+    """(model, dtype, method, largest batch, a multiple of 8, whose step peak fits the budget)."""
+    tx = loop.make_optimizer(loop.learning_rate_schedule(1e-3, 10, 100), 0.05)
+    for name in models:
+        for dtype in dtypes:
+            for method in methods:
+                model = step_memory.build(name, method, DTYPES[dtype])
+                shape = (model.image_size, model.image_size, 3)
+                peak = lambda batch: loop.step_memory(model, tx, batch, shape).peak
+                yield name, dtype, method, memory.max_batch_size(peak, budget_bytes, start=64, multiple=8, limit=8192)
+
+
+def max_batch_table(results, budget_gib: float) -> str:
+    lines = [f"| model | dtype | method | largest batch under {budget_gib:g} GiB |", "|---|---|---|---:|"]
+    lines += [f"| {name} | {dtype} | {method} | {batch} |" for name, dtype, method, batch in results]
+    return "\n".join(lines)
 
 
 def table(results) -> str:
@@ -78,6 +99,10 @@ def main(argv=None):
     parser.add_argument("--batches", nargs="+", type=int, default=[128])
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=step_memory.METHODS)
     parser.add_argument("--plot", metavar="PNG", help="also plot peak memory against batch size")
+    parser.add_argument("--budget-gib", type=float, default=16.0,
+                        help="memory budget of the largest-batch search (default: 16)")
+    parser.add_argument("--no-max-batch", dest="max_batch", action="store_false",
+                        help="skip the largest-batch search (about 15 compilations per row)")
     args = parser.parse_args(argv)
     if "baseline" not in args.methods:
         args.methods.insert(0, "baseline")
@@ -89,6 +114,9 @@ def main(argv=None):
     if args.plot:
         plot(results, args.plot)
         print(f"wrote {args.plot}")
+    if args.max_batch:
+        budget = int(args.budget_gib * 2**30)
+        print(max_batch_table(max_batches(args.models, args.dtypes, args.methods, budget), args.budget_gib))
 
 
 if __name__ == "__main__":

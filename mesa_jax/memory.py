@@ -70,3 +70,29 @@ def peak_bytes(fn: Callable, *args) -> int:
 
 def _nbytes(aval) -> int:
     return int(np.prod(aval.shape, dtype=np.int64)) * aval.dtype.itemsize
+
+
+def max_batch_size(peak_of_batch: Callable[[int], int], budget_bytes: int, *, start: int = 8,
+                   multiple: int = 1, limit: int = 1 << 16) -> int:
+    """The largest batch (a multiple of ``multiple``) whose peak fits ``budget_bytes``.
+
+    ``peak_of_batch(batch) -> bytes`` is usually a compile-only measurement such
+    as ``peak_bytes``; it must grow with the batch. Doubling from ``start`` then
+    bisecting needs about 2 log2(answer) compilations. Returns 0 if even
+    ``multiple`` does not fit, and ``limit`` if the limit fits.
+    """
+    if budget_bytes <= 0 or multiple < 1 or start < 1:
+        raise ValueError(f"need budget_bytes > 0, multiple >= 1, start >= 1; got {budget_bytes}, {multiple}, {start}")
+    fits = lambda units: peak_of_batch(units * multiple) <= budget_bytes
+    top = max(limit // multiple, 1)
+    low, high = 0, max(start // multiple, 1)  # invariant: low fits (or is 0), high is untested or too big
+    while high <= top and fits(high):
+        low, high = high, high * 2
+    if high > top:
+        if low == top or fits(top):
+            return top * multiple
+        high = top
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low * multiple

@@ -1,0 +1,73 @@
+"""The benchmarks' logic on tiny inputs: bisection, ratios, tables, comparisons."""
+
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import fidelity, memory as memory_bench, speed, step_memory
+from mesa_jax import memory
+from mesa_jax.models import vit
+
+TINY = dict(image_size=32, patch_size=8, width=24, depth=1, num_heads=2, mlp_dim=48, drop_path=0.0)
+
+
+@pytest.fixture(autouse=True)
+def tiny_preset(monkeypatch):
+    monkeypatch.setitem(vit.PRESETS, "vit-test", TINY)
+
+
+@pytest.mark.parametrize("answer", [1, 7, 8, 100, 1000])
+def test_max_batch_bisection_finds_the_largest_fitting_batch(answer):
+    calls = []
+
+    def peak(batch):
+        calls.append(batch)
+        return 1000 + 10 * batch
+
+    assert memory.max_batch_size(peak, 1000 + 10 * answer + 5) == answer
+    assert len(calls) <= 2 * answer.bit_length() + 4
+
+
+def test_max_batch_respects_multiple_limit_and_nothing_fitting():
+    peak = lambda b: 10 * b
+    assert memory.max_batch_size(peak, 10 * 100, multiple=8) == 96
+    assert memory.max_batch_size(peak, 10**9, limit=64) == 64
+    assert memory.max_batch_size(peak, 5) == 0
+    with pytest.raises(ValueError, match="budget_bytes"):
+        memory.max_batch_size(peak, 0)
+
+
+def test_max_batch_on_a_compiled_model_fits_and_the_next_does_not():
+    model = step_memory.build("vit-test", "mesa8")
+    tx = step_memory.loop.make_optimizer(step_memory.loop.learning_rate_schedule(1e-3, 1, 10), 0.0)
+    peak = lambda b: step_memory.loop.step_memory(model, tx, b, (32, 32, 3)).peak
+    budget = peak(24) + 1
+    found = memory.max_batch_size(peak, budget, start=8, multiple=8, limit=256)
+    assert found >= 24 and peak(found) <= budget < peak(found + 8)
+
+
+def test_mesa_step_needs_less_memory_than_the_baseline():
+    base = step_memory.measure(step_memory.build("vit-test", "baseline"), 16)
+    mesa = step_memory.measure(step_memory.build("vit-test", "mesa8"), 16)
+    assert mesa.residuals < base.residuals / 2
+
+
+def test_speed_ratios_are_medians_of_per_repeat_ratios():
+    times = {"baseline": [1.0, 2.0, 1.0], "mesa8": [1.1, 2.4, 3.0]}
+    assert speed.ratios(times) == {"baseline": 1.0, "mesa8": pytest.approx(1.2)}
+    assert "| mesa8 |" in speed.table(times, batch=8)
+
+
+def test_memory_table_gives_ratios_against_the_same_row_s_baseline():
+    m = lambda peak: step_memory.StepMemory(peak=peak, temp=0, residuals=peak // 2)
+    rows = [("vit-test", "float32", 8, "baseline", m(4 * 2**20)), ("vit-test", "float32", 8, "mesa8", m(2**20))]
+    text = memory_bench.table(rows)
+    assert "| vit-test | float32 | 8 | mesa8 | 1 | 4.00x | 0 |" in text
+    assert "largest batch under 16 GiB" in memory_bench.max_batch_table([("m", "float32", "mesa8", 96)], 16)
+
+
+def test_fidelity_compare_finds_the_worst_parameter():
+    exact = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([0.0, 2.0])}
+    approx = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([1.0, 2.0])}
+    f = fidelity.compare(approx, exact)
+    assert f.worst_param == "b" and f.worst_cosine == pytest.approx(2 / 5**0.5)
+    assert fidelity.compare(exact, exact).relative_error == 0.0
