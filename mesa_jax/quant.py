@@ -8,8 +8,9 @@ float32 ``scale`` and ``shift`` per group::
 
 with ``shift`` the group's running minimum and ``scale = max(span, EPS) /
 (2**bits - 1)``. Codes are clamped at both ends (the original Mesa wrapped
-overflowing values around) and packed ``32 // bits`` to a uint32 word, so 4- and
-2-bit residuals really take a half or a quarter of a byte per element.
+overflowing values around) and packed ``32 // bits`` to a uint32 word along the
+last axis, so 4- and 2-bit residuals really take a half or a quarter of a byte
+per element.
 
 Everything here is plain ``jnp`` and defines what the Pallas kernels must
 reproduce bit for bit, including the counter-based hash behind stochastic
@@ -19,7 +20,6 @@ rounding.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal, NamedTuple
 
 import jax
@@ -67,7 +67,7 @@ class Stats(NamedTuple):
 class Packed:
     """An activation kept as packed integer codes plus per-group scale and shift."""
 
-    words: jax.Array  # [ceil(size * bits / 32)] uint32
+    words: jax.Array  # [..., ceil(C * bits / 32)] uint32: rows of codes packed into words
     scale: jax.Array  # [G] float32
     shift: jax.Array  # [G] float32
     shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
@@ -237,8 +237,7 @@ def pack(x: jax.Array, stats: Stats, config: QuantConfig, seed, layout: Layout =
 
 def unpack(p: Packed) -> jax.Array:
     """The dequantized tensor, in the original shape and dtype."""
-    size = math.prod(p.shape)
-    codes = unpack_codes(p.words, p.bits, size).reshape(p.shape)
+    codes = unpack_codes(p.words, p.bits, p.shape[-1])
     groups = p.scale.shape[0]
     cg = codes.reshape(_group_shape(p.shape, p.layout, groups)).astype(jnp.float32)
     x = _per_group(p.shift, p.layout, cg.ndim) + cg * _per_group(p.scale, p.layout, cg.ndim)
@@ -246,24 +245,27 @@ def unpack(p: Packed) -> jax.Array:
 
 
 def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
-    """Flat uint32 words holding 32 // bits codes each, lowest bits first."""
+    """[..., C] codes -> [..., ceil(C * bits / 32)] uint32 words, lowest bits first.
+
+    Words never straddle rows (each row is padded to whole words), so a kernel
+    working on rows writes its words independently of its neighbours.
+    """
     per_word = 32 // bits
-    flat = codes.reshape(-1).astype(jnp.uint32)
-    flat = jnp.pad(flat, (0, -flat.size % per_word))
-    lanes = flat.reshape(-1, per_word) << _lane_shifts(bits)
-    return jnp.bitwise_or.reduce(lanes, axis=1) if per_word > 1 else lanes[:, 0]
+    c = codes.astype(jnp.uint32)
+    c = jnp.pad(c, [(0, 0)] * (c.ndim - 1) + [(0, -c.shape[-1] % per_word)])
+    lanes = c.reshape(*c.shape[:-1], -1, per_word) << _lane_shifts(bits, c.ndim + 1)
+    return jnp.bitwise_or.reduce(lanes, axis=-1)
 
 
-def unpack_codes(words: jax.Array, bits: int, size: int) -> jax.Array:
-    """Inverse of pack_codes: the first ``size`` codes as a flat uint32 vector."""
-    per_word = 32 // bits
-    lanes = words[:, None] >> _lane_shifts(bits)
-    return (lanes & jnp.uint32(2**bits - 1)).reshape(-1)[:size]
+def unpack_codes(words: jax.Array, bits: int, length: int) -> jax.Array:
+    """Inverse of pack_codes: [..., W] words -> [..., length] uint32 codes."""
+    lanes = (words[..., None] >> _lane_shifts(bits, words.ndim + 1)) & jnp.uint32(2**bits - 1)
+    return lanes.reshape(*words.shape[:-1], -1)[..., :length]
 
 
-def _lane_shifts(bits: int) -> jax.Array:
-    """[1, 32 // bits] bit offsets of the codes within a word."""
-    return (jnp.arange(32 // bits, dtype=jnp.uint32) * bits).reshape(1, -1)
+def _lane_shifts(bits: int, ndim: int) -> jax.Array:
+    """Bit offsets of the codes within a word, on the last of ``ndim`` axes."""
+    return (jnp.arange(32 // bits, dtype=jnp.uint32) * bits).reshape((1,) * (ndim - 1) + (-1,))
 
 
 def fake_quantize(x, stats: Stats, config: QuantConfig, seed, layout: Layout = "channels"):

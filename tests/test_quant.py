@@ -92,9 +92,9 @@ def test_codes_really_take_bits_per_element(bits):
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_pack_codes_round_trips_ragged_sizes(bits):
-    codes = jnp.arange(37, dtype=jnp.uint32) % (2**bits)
+    codes = jnp.arange(3 * 37, dtype=jnp.uint32).reshape(3, 37) % (2**bits)
     words = quant.pack_codes(codes, bits)
-    assert words.size == math.ceil(37 * bits / 32)
+    assert words.shape == (3, math.ceil(37 * bits / 32))  # rows padded to whole words
     np.testing.assert_array_equal(quant.unpack_codes(words, bits, 37), codes)
 
 
