@@ -26,6 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import pallas_kernels
+from pallas_kernels import pack as kernels
+from pallas_kernels.hashing import uniform_from_index
+
 Layout = Literal["channels", "heads"]
 
 EPS = 1e-8  # floor of a group's range: a constant group packs to code 0 and unpacks exactly
@@ -194,22 +198,11 @@ def hash_uniform(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return uniform_from_index(index, seed)
 
 
-def uniform_from_index(index: jax.Array, seed: jax.Array) -> jax.Array:
-    """lowbias32-style mixer of ``index`` keyed by ``seed``; the top 24 bits as a float."""
-    h = index * jnp.uint32(0x9E3779B9) ^ jnp.asarray(seed, jnp.uint32)
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x7FEB352D)
-    h = h ^ (h >> 15)
-    h = h * jnp.uint32(0x846CA68B)
-    h = h ^ (h >> 16)
-    return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
-
-
 # -------------------------------------------------------------- pack / unpack
 
 
-def quantize(x: jax.Array, stats: Stats, config: QuantConfig, seed, layout: Layout):
-    """Codes (uint32, one per element) and the per-group (scale, shift) of x."""
+def _affine(x: jax.Array, stats: Stats, config: QuantConfig, layout: Layout):
+    """Per-group float32 (shift, inverse scale) of x; checks the statistics fit x."""
     groups = num_groups_for(x.shape, layout, config)
     if stats.lo.shape != (groups,):
         raise ValueError(
@@ -217,7 +210,13 @@ def quantize(x: jax.Array, stats: Stats, config: QuantConfig, seed, layout: Layo
             f"{x.shape} needs {groups}"
         )
     shift = stats.lo.astype(jnp.float32)
-    inv_scale = config.levels / jnp.maximum(stats.span.astype(jnp.float32), EPS)
+    return shift, config.levels / jnp.maximum(stats.span.astype(jnp.float32), EPS)
+
+
+def quantize(x: jax.Array, stats: Stats, config: QuantConfig, seed, layout: Layout):
+    """Codes (uint32, one per element) and the per-group (scale, shift) of x."""
+    shift, inv_scale = _affine(x, stats, config, layout)
+    groups = shift.shape[0]
     xg = x.reshape(_group_shape(x.shape, layout, groups)).astype(jnp.float32)
     v = (xg - _per_group(shift, layout, xg.ndim)) * _per_group(inv_scale, layout, xg.ndim)
     noise = hash_uniform(seed, xg.shape) if config.stochastic else 0.5
@@ -228,15 +227,29 @@ def quantize(x: jax.Array, stats: Stats, config: QuantConfig, seed, layout: Layo
 
 
 def pack(x: jax.Array, stats: Stats, config: QuantConfig, seed, layout: Layout = "channels") -> Packed:
-    """Quantize x with the given statistics and pack the codes into uint32 words."""
-    codes, scale, shift = quantize(x, stats, config, seed, layout)
-    return Packed(
-        pack_codes(codes, config.bits), scale, shift, x.shape, jnp.dtype(x.dtype), config.bits, layout
-    )
+    """Quantize x with the given statistics and pack the codes into uint32 words.
+
+    Runs the jnp reference or the Pallas kernel, as ``pallas_kernels.get_impl()`` says;
+    both give identical words.
+    """
+    impl = pallas_kernels.get_impl()
+    if impl == "xla":
+        codes, scale, shift = quantize(x, stats, config, seed, layout)
+        words = pack_codes(codes, config.bits)
+    else:
+        shift, inv_scale = _affine(x, stats, config, layout)
+        words = kernels.pack(x, shift, inv_scale, seed, layout=layout, bits=config.bits,
+                             stochastic=config.stochastic, interpret=impl == "pallas_interpret")
+        scale = 1.0 / inv_scale
+    return Packed(words, scale, shift, x.shape, jnp.dtype(x.dtype), config.bits, layout)
 
 
 def unpack(p: Packed) -> jax.Array:
     """The dequantized tensor, in the original shape and dtype."""
+    impl = pallas_kernels.get_impl()
+    if impl != "xla":
+        return kernels.unpack(p.words, p.shift, p.scale, shape=p.shape, dtype=p.dtype, layout=p.layout,
+                              bits=p.bits, interpret=impl == "pallas_interpret")
     codes = unpack_codes(p.words, p.bits, p.shape[-1])
     groups = p.scale.shape[0]
     cg = codes.reshape(_group_shape(p.shape, p.layout, groups)).astype(jnp.float32)

@@ -1,0 +1,119 @@
+"""Pallas pack/unpack kernels in interpret mode against the jnp reference, and the impl switch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+from mesa_jax import QuantConfig, quant
+from mesa_jax.models import vit
+from pallas_kernels import pack as kernels
+
+from conftest import CHANNEL_SHAPES, HEAD_SHAPES
+
+SEED = jnp.uint32(21)
+# Ragged and DeiT-like rows: 197 tokens, odd widths.
+KERNEL_SHAPES = [(s, "channels") for s in CHANNEL_SHAPES + [(2, 5, 37), (1, 3, 197)]] + [
+    (s, "heads") for s in HEAD_SHAPES + [(1, 2, 197, 197)]
+]
+
+
+@pytest.fixture
+def impl():
+    """Set an implementation for one test, and restore the default after it."""
+    yield pallas_kernels.set_impl
+    pallas_kernels.set_impl(None)
+
+
+def stats_for(x, layout, config):
+    return quant.batch_stats(x, layout, quant.num_groups_for(x.shape, layout, config))
+
+
+def test_default_is_xla_on_cpu_and_names_are_checked(impl, monkeypatch):
+    assert pallas_kernels.get_impl() == "xla"
+    monkeypatch.setenv(pallas_kernels.ENV, "pallas_interpret")
+    assert pallas_kernels.get_impl() == "pallas_interpret"
+    impl("xla")
+    assert pallas_kernels.get_impl() == "xla"  # an explicit choice beats the environment
+    with pytest.raises(ValueError, match="unknown mesa_jax implementation 'triton'"):
+        impl("triton")
+    monkeypatch.setenv(pallas_kernels.ENV, "cuda")
+    impl(None)
+    with pytest.raises(ValueError, match="'cuda'"):
+        pallas_kernels.get_impl()
+
+
+@pytest.mark.parametrize("shape, layout", KERNEL_SHAPES, ids=str)
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_kernel_codes_are_the_reference_s(shape, layout, bits, impl, key):
+    groups = 4 if layout == "channels" and shape[-1] % 4 == 0 else 1
+    for stochastic in (True, False):
+        config = QuantConfig(bits=bits, num_groups=groups, stochastic=stochastic)
+        x = jax.random.normal(key, shape) * 2
+        stats = stats_for(x, layout, config)
+        impl("xla")
+        want = quant.pack(x, stats, config, SEED, layout)
+        impl("pallas_interpret")
+        got = quant.pack(x, stats, config, SEED, layout)
+        np.testing.assert_array_equal(got.words, want.words)
+        np.testing.assert_array_equal(got.scale, want.scale)
+
+
+@pytest.mark.parametrize("shape, layout", KERNEL_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_unpack_matches_the_reference(shape, layout, dtype, impl, key):
+    config = QuantConfig(bits=4)
+    x = (jax.random.normal(key, shape) * 3).astype(dtype)
+    impl("xla")
+    packed = quant.pack(x, stats_for(x, layout, config), config, SEED, layout)
+    want = quant.unpack(packed)
+    impl("pallas_interpret")
+    got = quant.unpack(packed)
+    assert got.dtype == want.dtype == dtype and got.shape == shape
+    # shift + code * scale: identical up to XLA contracting it into a fused multiply-add
+    tolerance = 2 * float(jnp.finfo(dtype).eps) * float(jnp.max(jnp.abs(want.astype(jnp.float32))))
+    np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), atol=tolerance, rtol=0)
+
+
+def test_kernels_clamp_out_of_range_values(impl):
+    config = QuantConfig(stochastic=False)
+    stats = quant.Stats(jnp.array([0.0]), jnp.array([1.0]), jnp.array(3))
+    x = jnp.array([[-5.0, 0.5, 7.0, jnp.nan, jnp.inf]])
+    impl("pallas_interpret")
+    xh = quant.unpack(quant.pack(x, stats, config, SEED))
+    np.testing.assert_allclose(xh[0, [0, 2, 3, 4]], [0.0, 1.0, 0.0, 1.0])
+
+
+def test_whole_vit_gradients_are_the_same_under_the_kernels(impl):
+    model = vit.create("vit-c100", num_classes=10, width=24, depth=1, num_heads=2, mlp_dim=48, drop_path=0.0)
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    variables = model.init(jax.random.key(1), images)
+
+    def grads():
+        def loss(params):
+            logits, _ = model.apply({**variables, "params": params}, images, mutable=["mesa"])
+            return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+
+        return jax.grad(loss)(variables["params"])
+
+    impl("xla")
+    want = grads()
+    impl("pallas_interpret")
+    got = grads()
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [8, 2])
+def test_kernels_lower_to_triton_for_cuda(bits):
+    """Cross-lowering on the CPU: the kernels are valid Triton programs (no GPU needed)."""
+    x = jnp.ones((4, 197), jnp.bfloat16)
+    ones, zeros = jnp.ones(197), jnp.zeros(197)
+    f = lambda x: kernels.pack_rows(x, zeros, ones, jnp.zeros(4), jnp.ones(4), 3, bits=bits, stochastic=True)
+    g = lambda w: kernels.unpack_rows(w, zeros, ones, jnp.zeros(4), jnp.ones(4), bits=bits, length=197,
+                                      dtype=jnp.bfloat16)
+    words = jax.eval_shape(f, x)
+    for fn, arg in ((f, x), (g, words)):
+        text = jax.jit(fn).trace(arg).lower(lowering_platforms=("cuda",)).as_text()
+        assert "triton" in text.lower()
