@@ -22,7 +22,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+import pallas_kernels
 from mesa_jax import quant
+from pallas_kernels import fused
 from mesa_jax.quant import Layout, Packed, QuantConfig, Stats
 
 RESIDUAL_NAME = "mesa_residual"  # checkpoint_name of every kept activation
@@ -50,6 +52,15 @@ def restore(res, g):
     res, g = lax.optimization_barrier((res, g))
     x = quant.unpack(res)
     return jnp.where(jnp.isnan(g.reshape(-1)[0]), jnp.nan, x).astype(x.dtype), g
+
+
+def _fused_kernel(res) -> bool:
+    """Whether the backward of a packed residual runs a fused Pallas kernel (unpack + formula)."""
+    return isinstance(res, Packed) and pallas_kernels.get_impl() != "xla"
+
+
+def _kernel_args(res: Packed) -> dict:
+    return dict(layout=res.layout, bits=res.bits, interpret=pallas_kernels.get_impl() == "pallas_interpret")
 
 
 def _materialize(y, *kept):
@@ -159,6 +170,9 @@ def _gelu_fwd(x, stats, seed, config, approximate):
 
 def _gelu_bwd(config, approximate, res, g):
     (res,) = res
+    if _fused_kernel(res):
+        dx = fused.gelu_backward(res.words, res.shift, res.scale, g, approximate=approximate, **_kernel_args(res))
+        return dx.astype(res.dtype), None, None
     x, g = restore(res, g)
     return (g * gelu_derivative(x, approximate)).astype(x.dtype), None, None
 
@@ -267,6 +281,9 @@ def _softmax_fwd(x, stats, seed, config):
 
 def _softmax_bwd(config, res, g):
     (res,) = res
+    if _fused_kernel(res):
+        dx = fused.softmax_backward(res.words, res.shift, res.scale, g, **_kernel_args(res))
+        return dx.astype(res.dtype), None, None
     y, g = restore(res, g)
     yf, gf = _f32(y), _f32(g)
     dx = yf * (gf - jnp.sum(gf * yf, axis=-1, keepdims=True))

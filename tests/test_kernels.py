@@ -1,5 +1,7 @@
 """Pallas pack/unpack kernels in interpret mode against the jnp reference, and the impl switch."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,8 @@ from pallas_kernels import pack as kernels
 from conftest import CHANNEL_SHAPES, HEAD_SHAPES
 
 SEED = jnp.uint32(21)
+# The CPU runs the kernels in the interpreter; benchmarks/gpu_check.sh sets "pallas" on a GPU.
+KERNELS = os.environ.get("MESA_JAX_TEST_KERNELS", "pallas_interpret")
 # Ragged and DeiT-like rows: 197 tokens, odd widths.
 KERNEL_SHAPES = [(s, "channels") for s in CHANNEL_SHAPES + [(2, 5, 37), (1, 3, 197)]] + [
     (s, "heads") for s in HEAD_SHAPES + [(1, 2, 197, 197)]
@@ -30,8 +34,9 @@ def stats_for(x, layout, config):
     return quant.batch_stats(x, layout, quant.num_groups_for(x.shape, layout, config))
 
 
-def test_default_is_xla_on_cpu_and_names_are_checked(impl, monkeypatch):
-    assert pallas_kernels.get_impl() == "xla"
+def test_default_is_pallas_on_gpu_else_xla_and_names_are_checked(impl, monkeypatch):
+    monkeypatch.delenv(pallas_kernels.ENV, raising=False)
+    assert pallas_kernels.get_impl() == ("pallas" if jax.default_backend() == "gpu" else "xla")
     monkeypatch.setenv(pallas_kernels.ENV, "pallas_interpret")
     assert pallas_kernels.get_impl() == "pallas_interpret"
     impl("xla")
@@ -54,7 +59,7 @@ def test_kernel_codes_are_the_reference_s(shape, layout, bits, impl, key):
         stats = stats_for(x, layout, config)
         impl("xla")
         want = quant.pack(x, stats, config, SEED, layout)
-        impl("pallas_interpret")
+        impl(KERNELS)
         got = quant.pack(x, stats, config, SEED, layout)
         np.testing.assert_array_equal(got.words, want.words)
         np.testing.assert_array_equal(got.scale, want.scale)
@@ -68,7 +73,7 @@ def test_kernel_unpack_matches_the_reference(shape, layout, dtype, impl, key):
     impl("xla")
     packed = quant.pack(x, stats_for(x, layout, config), config, SEED, layout)
     want = quant.unpack(packed)
-    impl("pallas_interpret")
+    impl(KERNELS)
     got = quant.unpack(packed)
     assert got.dtype == want.dtype == dtype and got.shape == shape
     # shift + code * scale: identical up to XLA contracting it into a fused multiply-add
@@ -80,7 +85,7 @@ def test_kernels_clamp_out_of_range_values(impl):
     config = QuantConfig(stochastic=False)
     stats = quant.Stats(jnp.array([0.0]), jnp.array([1.0]), jnp.array(3))
     x = jnp.array([[-5.0, 0.5, 7.0, jnp.nan, jnp.inf]])
-    impl("pallas_interpret")
+    impl(KERNELS)
     xh = quant.unpack(quant.pack(x, stats, config, SEED))
     np.testing.assert_allclose(xh[0, [0, 2, 3, 4]], [0.0, 1.0, 0.0, 1.0])
 
@@ -99,7 +104,7 @@ def test_whole_vit_gradients_are_the_same_under_the_kernels(impl):
 
     impl("xla")
     want = grads()
-    impl("pallas_interpret")
+    impl(KERNELS)
     got = grads()
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -117,3 +122,54 @@ def test_kernels_lower_to_triton_for_cuda(bits):
     for fn, arg in ((f, x), (g, words)):
         text = jax.jit(fn).trace(arg).lower(lowering_platforms=("cuda",)).as_text()
         assert "triton" in text.lower()
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_kernel_erf_and_gelu_derivative_match_jax(approximate):
+    from pallas_kernels import fused
+
+    x = jnp.linspace(-6, 6, 1001)
+    bound = 1.5e-7 + 3 * float(jnp.finfo(jnp.float32).eps)  # A&S 7.1.26, plus float32 evaluation
+    np.testing.assert_allclose(fused.erf(x), jax.lax.erf(x), atol=bound, rtol=0)
+    want = jax.vmap(jax.grad(lambda t: jax.nn.gelu(t, approximate=approximate)))(x)
+    # the derivative sums terms as large as 1 + |x|: a few float32 ulp of that, either way
+    term_bound = bound + 3 * float(jnp.finfo(jnp.float32).eps) * (1 + jnp.abs(x))
+    assert jnp.all(jnp.abs(fused.gelu_derivative(x, approximate) - want) <= term_bound)
+
+
+FUSED_CASES = [
+    ("gelu", (2, 5, 37), "channels"), ("gelu", (1, 3, 197), "channels"),
+    ("softmax", (2, 3, 5, 5), "heads"), ("softmax", (1, 2, 197, 197), "heads"), ("softmax", (2, 5, 37), "channels"),
+]
+
+
+@pytest.mark.parametrize("op, shape, layout", FUSED_CASES, ids=str)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fused_backward_kernels_match_the_xla_backward(op, shape, layout, bits, impl, key):
+    from mesa_jax import ops
+
+    config = QuantConfig(bits=bits)
+    x = jax.random.normal(key, shape) * 2
+    kept = jax.nn.softmax(x) if op == "softmax" else x
+    stats = stats_for(kept, layout, config)
+    f = (lambda x: ops.softmax(x, stats, SEED, config)) if op == "softmax" else (
+        lambda x: ops.gelu(x, stats, SEED, config))
+    g = jax.random.normal(jax.random.key(7), shape)
+    impl("xla")
+    want = jax.vjp(f, x)[1](g)[0]
+    impl(KERNELS)
+    got = jax.vjp(f, x)[1](g)[0]
+    # same codes; float32 formulas in another order (and A&S erf): a few ulp of the result
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6 * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.parametrize("name", ["gelu_backward", "softmax_backward"])
+def test_fused_kernels_lower_to_triton_for_cuda(name):
+    from pallas_kernels import fused
+
+    words = jax.ShapeDtypeStruct((4, 50), jnp.uint32)
+    g = jax.ShapeDtypeStruct((4, 197), jnp.bfloat16)
+    extra = dict(approximate=False) if name == "gelu_backward" else {}
+    fn = lambda w, g: getattr(fused, name)(w, jnp.zeros(1), jnp.ones(1), g, layout="channels", bits=8, **extra)
+    text = jax.jit(fn).trace(words, g).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text.lower()

@@ -1,0 +1,48 @@
+"""One method's train step on the current device: step time and real peak memory.
+
+    python -m benchmarks.device_step --method mesa8 --model deit-s --batch 128 --dtype bfloat16
+
+Run one method per process: ``memory_stats()["peak_bytes_in_use"]`` is a
+high-water mark of the whole process. Prints one JSON object (peak is null on
+backends without memory statistics, such as the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import speed, step_memory
+from mesa_jax.models import vit
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", required=True, choices=step_memory.METHODS)
+    parser.add_argument("--model", default="deit-s", choices=sorted(vit.PRESETS))
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--json", help="also write the result to this file")
+    args = parser.parse_args(argv)
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
+    run = speed.make_runner(step_memory.build(args.model, args.method, dtype), args.batch)
+    run(2)  # compile and warm
+    seconds = statistics.median(run(1) for _ in range(args.steps))
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    result = dict(method=args.method, model=args.model, batch=args.batch, dtype=args.dtype,
+                  step_s=seconds, images_per_s=args.batch / seconds, peak_bytes=stats.get("peak_bytes_in_use"),
+                  device=device.device_kind, jax=jax.__version__)
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

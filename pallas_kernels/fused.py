@@ -1,0 +1,104 @@
+"""Fused backward kernels: unpack the residual and apply the op's derivative in one pass.
+
+On a GPU each of these reads the packed words and the cotangent once and writes
+the input gradient once; the XLA path unpacks into a float tensor first. Rows of
+a [R, C] view, one per program, lanes strided as in pallas_kernels/pack.py; the
+references are the ``_bwd`` formulas of mesa_jax.ops.
+
+Triton has no erf: exact-GELU's derivative uses Abramowitz & Stegun 7.1.26
+(|error| < 1.5e-7), which only the backward pass ever sees.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.pack import TRITON, _padded_words, _rows_and_cols
+
+
+def erf(x):
+    """Abramowitz & Stegun 7.1.26, from exp only (Triton lowers no erf)."""
+    a = jnp.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return jnp.sign(x) * (1.0 - poly * jnp.exp(-a * a))
+
+
+def gelu_derivative(x, approximate: bool):
+    if approximate:
+        c = math.sqrt(2 / math.pi)
+        t = jnp.tanh(c * (x + 0.044715 * x**3))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+    return 0.5 * (1 + erf(x / math.sqrt(2))) + x * jnp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+def _lanes(words_ref, col_shift_ref, col_scale_ref, row_ref, bits):
+    """(lane slice, dequantized float32 values) for each of the 32 // bits lanes of a row."""
+    per_word, words = 32 // bits, words_ref.shape[0]
+    w = words_ref[...]
+    for lane in range(per_word):
+        lanes = pl.ds(lane, words, stride=per_word)
+        code = ((w >> (bits * lane)) & (2**bits - 1)).astype(jnp.float32)
+        yield lanes, (row_ref[0] + col_shift_ref[lanes]) + code * (row_ref[1] * col_scale_ref[lanes])
+
+
+def _gelu_bwd_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, g_ref, dx_ref, *, bits, approximate):
+    for lanes, x in _lanes(words_ref, col_shift_ref, col_scale_ref, row_ref, bits):
+        g = g_ref[lanes].astype(jnp.float32)
+        dx_ref[lanes] = (g * gelu_derivative(x, approximate)).astype(dx_ref.dtype)
+
+
+def _softmax_bwd_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, g_ref, dx_ref, *, bits, length):
+    per_word = 32 // bits
+    ys, gs, total = [], [], jnp.float32(0.0)
+    for lane, (lanes, y) in enumerate(_lanes(words_ref, col_shift_ref, col_scale_ref, row_ref, bits)):
+        valid = jnp.arange(words_ref.shape[0]) * per_word + lane < length
+        g = jnp.where(valid, g_ref[lanes].astype(jnp.float32), 0.0)
+        ys.append((lanes, y))
+        gs.append(g)
+        total = total + jnp.sum(g * y)
+    for (lanes, y), g in zip(ys, gs):
+        dx_ref[lanes] = (y * (g - total)).astype(dx_ref.dtype)
+
+
+def _backward(kernel, words, shift, scale, g, *, layout, bits, interpret, **params):
+    """Run a row kernel over [..., C] cotangents ``g`` and the packed words of the residual."""
+    shape, length = g.shape, g.shape[-1]
+    padded = _padded_words(length, bits)
+    width = padded * (32 // bits)
+    row_shift, col_shift = _rows_and_cols(shift, shape, layout, 0.0)
+    row_scale, col_scale = _rows_and_cols(scale, shape, layout, 1.0)
+    pad = lambda a, value=0.0: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - length)], constant_values=value)
+    flat_words = words.reshape(-1, words.shape[-1])
+    flat_words = jnp.pad(flat_words, ((0, 0), (0, padded - flat_words.shape[1])))
+    call = pl.pallas_call(
+        functools.partial(kernel, bits=bits, **params),
+        out_shape=jax.ShapeDtypeStruct((width,), g.dtype),
+        interpret=interpret,
+        name=kernel.__name__.strip("_"),
+        compiler_params=TRITON,
+    )
+    row = jnp.stack([row_shift, row_scale], axis=1)
+    dx = jax.vmap(call, in_axes=(0, None, None, 0, 0))(
+        flat_words, pad(col_shift), pad(col_scale, 1.0), row, pad(g.reshape(-1, length))
+    )
+    return dx[:, :length].reshape(shape)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "bits", "approximate", "interpret"))
+def gelu_backward(words, shift, scale, g, *, layout, bits, approximate, interpret=False):
+    """g * gelu'(x_hat), x_hat unpacked in the same pass."""
+    return _backward(_gelu_bwd_kernel, words, shift, scale, g, layout=layout, bits=bits, interpret=interpret,
+                     approximate=approximate)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "bits", "interpret"))
+def softmax_backward(words, shift, scale, g, *, layout, bits, interpret=False):
+    """y_hat * (g - sum(g * y_hat)) over each row, y_hat unpacked in the same pass."""
+    return _backward(_softmax_bwd_kernel, words, shift, scale, g, layout=layout, bits=bits, interpret=interpret,
+                     length=g.shape[-1])
