@@ -81,7 +81,6 @@ def pack_rows(x, col_shift, col_inv, row_shift, row_inv, seed, *, bits, stochast
 @functools.partial(jax.jit, static_argnames=("bits", "length", "dtype", "interpret"))
 def unpack_rows(words, col_shift, col_scale, row_shift, row_scale, *, bits, length, dtype, interpret=False):
     """[R, W] words -> [R, length] values, as the dequantization of quant.unpack."""
-    rows = words.shape[0]
     padded = _padded_words(length, bits)
     width = padded * (32 // bits)
     pad_cols = lambda a, value: jnp.pad(a, (0, width - length), constant_values=value)

@@ -8,7 +8,6 @@ run continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
