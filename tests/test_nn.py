@@ -186,3 +186,19 @@ def test_layers_take_a_policy(key):
     mlp = mnn.Mlp(16, functools.partial(mnn.Dense, quant=policy), functools.partial(mnn.GELU, quant=policy))
     variables = mlp.init(key, jnp.ones((2, 3, 8)))
     assert list(variables["mesa"]) == ["gelu"]
+
+
+def test_layers_work_under_vmap_and_jit(key):
+    """Per-example gradients: each example packs with its own batch statistics."""
+    layer = mnn.Dense(4, quant=NEAREST)
+    xs = jax.random.normal(key, (3, 5, 8))
+    variables = layer.init(jax.random.key(0), xs[0])
+
+    def grad_one(x):
+        return jax.grad(lambda p: jnp.sum(layer.apply({**variables, "params": p}, x, mutable=["mesa"])[0] ** 2))(
+            variables["params"])
+
+    batched = jax.jit(jax.vmap(grad_one))(xs)
+    for i in range(3):
+        one = grad_one(xs[i])
+        np.testing.assert_allclose(batched["kernel"][i], one["kernel"], rtol=1e-5, atol=1e-6)

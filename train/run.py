@@ -170,7 +170,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         metrics.truncate_after(int(state.step))
         log.info("resuming from step %d of %d", int(state.step), total)
     else:
-        metrics.write(_header(config, dataset, model, tx, mesh, workdir))
+        header = _header(config, dataset, model, tx, mesh, workdir)
+        metrics.write(header)
+        peaks = {k: v / 2**20 for k, v in header["step_peak_bytes"].items()}
+        log.info("train step peak memory (compile-time): %s",
+                 ", ".join(f"{k} {v:,.0f} MiB" for k, v in peaks.items())
+                 + (f" ({peaks['baseline'] / peaks['mesa']:.1f}x less with mesa)" if "mesa" in peaks else ""))
 
     train_fn = jax.jit(make_train_step(model, config.label_smoothing), donate_argnums=0)
     eval_fn = jax.jit(make_eval_step(model))
