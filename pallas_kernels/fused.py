@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.pack import TRITON, _padded_words, _rows_and_cols
+from pallas_kernels.pack import TRITON, dequantized_lanes, padded_words, rows_and_cols
 
 
 def erf(x):
@@ -37,18 +37,8 @@ def gelu_derivative(x, approximate: bool):
     return 0.5 * (1 + erf(x / math.sqrt(2))) + x * jnp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
 
 
-def _lanes(words_ref, col_shift_ref, col_scale_ref, row_ref, bits):
-    """(lane slice, dequantized float32 values) for each of the 32 // bits lanes of a row."""
-    per_word, words = 32 // bits, words_ref.shape[0]
-    w = words_ref[...]
-    for lane in range(per_word):
-        lanes = pl.ds(lane, words, stride=per_word)
-        code = ((w >> (bits * lane)) & (2**bits - 1)).astype(jnp.float32)
-        yield lanes, (row_ref[0] + col_shift_ref[lanes]) + code * (row_ref[1] * col_scale_ref[lanes])
-
-
 def _gelu_bwd_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, g_ref, dx_ref, *, bits, approximate):
-    for lanes, x in _lanes(words_ref, col_shift_ref, col_scale_ref, row_ref, bits):
+    for lanes, x in dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_ref, bits):
         g = g_ref[lanes].astype(jnp.float32)
         dx_ref[lanes] = (g * gelu_derivative(x, approximate)).astype(dx_ref.dtype)
 
@@ -56,7 +46,7 @@ def _gelu_bwd_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, g_ref, dx
 def _softmax_bwd_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, g_ref, dx_ref, *, bits, length):
     per_word = 32 // bits
     ys, gs, total = [], [], jnp.float32(0.0)
-    for lane, (lanes, y) in enumerate(_lanes(words_ref, col_shift_ref, col_scale_ref, row_ref, bits)):
+    for lane, (lanes, y) in enumerate(dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_ref, bits)):
         valid = jnp.arange(words_ref.shape[0]) * per_word + lane < length
         g = jnp.where(valid, g_ref[lanes].astype(jnp.float32), 0.0)
         ys.append((lanes, y))
@@ -69,10 +59,10 @@ def _softmax_bwd_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, g_ref,
 def _backward(kernel, words, shift, scale, g, *, layout, bits, interpret, **params):
     """Run a row kernel over [..., C] cotangents ``g`` and the packed words of the residual."""
     shape, length = g.shape, g.shape[-1]
-    padded = _padded_words(length, bits)
+    padded = padded_words(length, bits)
     width = padded * (32 // bits)
-    row_shift, col_shift = _rows_and_cols(shift, shape, layout, 0.0)
-    row_scale, col_scale = _rows_and_cols(scale, shape, layout, 1.0)
+    row_shift, col_shift = rows_and_cols(shift, shape, layout, 0.0)
+    row_scale, col_scale = rows_and_cols(scale, shape, layout, 1.0)
     pad = lambda a, value=0.0: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - length)], constant_values=value)
     flat_words = words.reshape(-1, words.shape[-1])
     flat_words = jnp.pad(flat_words, ((0, 0), (0, padded - flat_words.shape[1])))

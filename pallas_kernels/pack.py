@@ -41,20 +41,25 @@ def _pack_kernel(x_ref, col_shift_ref, col_inv_ref, row_ref, base_ref, seed_ref,
     words_ref[...] = acc
 
 
-def _unpack_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, x_ref, *, bits):
+def dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_ref, bits):
+    """(lane slice, dequantized float32 values) for each of the 32 // bits lanes of a row."""
     per_word, words = 32 // bits, words_ref.shape[0]
     w = words_ref[...]
     for lane in range(per_word):
         lanes = pl.ds(lane, words, stride=per_word)
         code = ((w >> (bits * lane)) & (2**bits - 1)).astype(jnp.float32)
-        shift = row_ref[0] + col_shift_ref[lanes]
-        x_ref[lanes] = (shift + code * (row_ref[1] * col_scale_ref[lanes])).astype(x_ref.dtype)
+        yield lanes, (row_ref[0] + col_shift_ref[lanes]) + code * (row_ref[1] * col_scale_ref[lanes])
+
+
+def _unpack_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, x_ref, *, bits):
+    for lanes, x in dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_ref, bits):
+        x_ref[lanes] = x.astype(x_ref.dtype)
 
 
 TRITON = plgpu.CompilerParams(num_warps=4, num_stages=1)  # not Mosaic GPU: these are Triton kernels
 
 
-def _padded_words(length: int, bits: int) -> int:
+def padded_words(length: int, bits: int) -> int:
     return pl.next_power_of_2(-(-length // (32 // bits)))
 
 
@@ -62,7 +67,7 @@ def _padded_words(length: int, bits: int) -> int:
 def pack_rows(x, col_shift, col_inv, row_shift, row_inv, seed, *, bits, stochastic, interpret=False):
     """[R, C] -> [R, ceil(C * bits / 32)] uint32 words, as quant.pack_codes(quantize(x))."""
     rows, length = x.shape
-    words = _padded_words(length, bits)
+    words = padded_words(length, bits)
     width = words * (32 // bits)
     pad = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - length)])
     row_base = (jnp.arange(rows, dtype=jnp.uint32) * jnp.uint32(length)).reshape(rows, 1)
@@ -81,7 +86,7 @@ def pack_rows(x, col_shift, col_inv, row_shift, row_inv, seed, *, bits, stochast
 @functools.partial(jax.jit, static_argnames=("bits", "length", "dtype", "interpret"))
 def unpack_rows(words, col_shift, col_scale, row_shift, row_scale, *, bits, length, dtype, interpret=False):
     """[R, W] words -> [R, length] values, as the dequantization of quant.unpack."""
-    padded = _padded_words(length, bits)
+    padded = padded_words(length, bits)
     width = padded * (32 // bits)
     pad_cols = lambda a, value: jnp.pad(a, (0, width - length), constant_values=value)
     call = pl.pallas_call(
@@ -97,7 +102,7 @@ def unpack_rows(words, col_shift, col_scale, row_shift, row_scale, *, bits, leng
     return out[:, :length]
 
 
-def _rows_and_cols(values, shape, layout: str, identity: float):
+def rows_and_cols(values, shape, layout: str, identity: float):
     """Per-group [G] values as a per-row [R] and a per-column [C] vector of the [R, C] view."""
     rows, length = math.prod(shape[:-1]), shape[-1]
     if layout == "heads":  # [B, H, N, M]: row (b, h, n) belongs to head h
@@ -109,8 +114,8 @@ def _rows_and_cols(values, shape, layout: str, identity: float):
 
 def pack(x, shift, inv_scale, seed, *, layout: str, bits: int, stochastic: bool, interpret: bool):
     """Words of x ([..., C] -> [..., W]) packed with per-group ``shift`` and ``inv_scale``."""
-    row_shift, col_shift = _rows_and_cols(shift, x.shape, layout, 0.0)
-    row_inv, col_inv = _rows_and_cols(inv_scale, x.shape, layout, 1.0)
+    row_shift, col_shift = rows_and_cols(shift, x.shape, layout, 0.0)
+    row_inv, col_inv = rows_and_cols(inv_scale, x.shape, layout, 1.0)
     flat = x.reshape(-1, x.shape[-1])
     words = pack_rows(flat, col_shift, col_inv, row_shift, row_inv, seed, bits=bits, stochastic=stochastic,
                       interpret=interpret)
@@ -119,8 +124,8 @@ def pack(x, shift, inv_scale, seed, *, layout: str, bits: int, stochastic: bool,
 
 def unpack(words, shift, scale, *, shape, dtype, layout: str, bits: int, interpret: bool):
     """The dequantized [..., C] tensor of ``shape`` from its words and per-group parameters."""
-    row_shift, col_shift = _rows_and_cols(shift, shape, layout, 0.0)
-    row_scale, col_scale = _rows_and_cols(scale, shape, layout, 1.0)
+    row_shift, col_shift = rows_and_cols(shift, shape, layout, 0.0)
+    row_scale, col_scale = rows_and_cols(scale, shape, layout, 1.0)
     flat = words.reshape(-1, words.shape[-1])
     out = unpack_rows(flat, col_shift, col_scale, row_shift, row_scale, bits=bits, length=shape[-1],
                       dtype=jnp.dtype(dtype), interpret=interpret)
