@@ -24,8 +24,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 import pallas_kernels
 from mesa_jax import quant
-from pallas_kernels import fused
 from mesa_jax.quant import Layout, Packed, QuantConfig, Stats
+from pallas_kernels import fused
 
 RESIDUAL_NAME = "mesa_residual"  # checkpoint_name of every kept activation
 
