@@ -34,6 +34,10 @@ class _Compressed(nn.Module):
 
     kind = ""  # policy kind of the layer, set by each subclass
 
+    @property
+    def _where(self) -> str:
+        return "/".join(self.path) or "<root>"
+
     def _config(self) -> QuantConfig | None:
         return resolve(self.quant, self.kind, "/".join(self.path))
 
@@ -42,14 +46,14 @@ class _Compressed(nn.Module):
         groups = quant.num_groups_for(x.shape, layout, config)
         if not (self.is_initializing() or self.has_variable(COLLECTION, name)):
             raise ValueError(
-                f"{type(self).__name__} at {'/'.join(self.path) or '<root>'} has no {COLLECTION!r} "
+                f"{type(self).__name__} at {self._where} has no {COLLECTION!r} "
                 f"statistics: apply with the {COLLECTION!r} collection from model.init "
                 f"(variables={{'params': ..., '{COLLECTION}': ...}})"
             )
         stats = self.variable(COLLECTION, name, quant.init_stats, groups)
         if stats.value.lo.shape != (groups,):
             raise ValueError(
-                f"{COLLECTION!r} statistics {'/'.join(self.path)}/{name} hold {stats.value.lo.shape[0]} "
+                f"{COLLECTION!r} statistics {self._where}/{name} hold {stats.value.lo.shape[0]} "
                 f"groups but the input of shape {x.shape} needs {groups}"
             )
         lo, hi = quant.group_min_max(x, layout, groups)
