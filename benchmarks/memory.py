@@ -50,10 +50,12 @@ def max_batches(models, dtypes, methods, budget_bytes: int):
                 yield name, dtype, method, memory.max_batch_size(peak, budget_bytes, start=64, multiple=8, limit=8192)
 
 
-def max_batch_table(results, budget_gib: float) -> str:
-    lines = [f"| model | dtype | method | largest batch under {budget_gib:g} GiB |", "|---|---|---|---:|"]
-    lines += [f"| {name} | {dtype} | {method} | {batch} |" for name, dtype, method, batch in results]
-    return "\n".join(lines)
+def max_batch_table(results, budget_gib: float):
+    """Lines of the largest-batch table, each as soon as its row is measured (slow rows)."""
+    yield f"| model | dtype | method | largest batch under {budget_gib:g} GiB |"
+    yield "|---|---|---|---:|"
+    for name, dtype, method, batch in results:
+        yield f"| {name} | {dtype} | {method} | {batch} |"
 
 
 def table(results) -> str:
@@ -81,10 +83,12 @@ def plot(results, path: str) -> None:
     series = {}
     for name, dtype, batch, method, m in results:
         series.setdefault((name, dtype, method), []).append((batch, m.peak / 2**30))
+    colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(step_memory.METHODS)}
+    styles = {"float32": "-", "bfloat16": "--"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (name, dtype, method), points in sorted(series.items()):
         xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", label=f"{name} {dtype} {method}")
+        ax.plot(xs, ys, styles[dtype], marker="o", color=colours[method], label=f"{name} {dtype} {method}")
     ax.set(xlabel="batch size", ylabel="peak GiB (compile-time, XLA)", title="Training-step peak memory")
     ax.set_xscale("log", base=2)
     ax.legend(fontsize=7)
@@ -116,7 +120,8 @@ def main(argv=None):
         print(f"wrote {args.plot}")
     if args.max_batch:
         budget = int(args.budget_gib * 2**30)
-        print(max_batch_table(max_batches(args.models, args.dtypes, args.methods, budget), args.budget_gib))
+        for line in max_batch_table(max_batches(args.models, args.dtypes, args.methods, budget), args.budget_gib):
+            print(line, flush=True)
 
 
 if __name__ == "__main__":
