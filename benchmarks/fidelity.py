@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -49,13 +50,9 @@ def inputs(kind: str, model: vit.ViT, batch: int, index: int):
     return images, jnp.asarray(split.labels[idx])
 
 
-_CACHE = {}
-
-
+@functools.cache
 def _synthetic():
-    if "set" not in _CACHE:
-        _CACHE["set"] = data.synthetic(seed=0, train_size=2_000, test_size=10)
-    return _CACHE["set"]
+    return data.synthetic(seed=0, train_size=2_000, test_size=10)
 
 
 def _grads(model, variables, images, labels):

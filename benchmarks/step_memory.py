@@ -21,16 +21,14 @@ METHODS = ("baseline", "remat_nothing", "remat_dots", "mesa8", "mesa4", "mesa2")
 
 def build(model_name: str, method: str, dtype=None, **overrides) -> vit.ViT:
     """The model a method trains: baseline, nn.remat with a policy, or mesa at 8/4/2 bits."""
-    if method == "baseline":
-        return vit.create(model_name, num_classes=1000, quant=None, dtype=dtype, **overrides)
-    if method.startswith("remat_"):
-        policy = {"remat_nothing": "nothing_saveable", "remat_dots": "dots_saveable"}[method]
-        return vit.create(model_name, num_classes=1000, quant=None, dtype=dtype, remat=policy, **overrides)
-    if method.startswith("mesa"):
-        heads = vit.PRESETS[model_name]["num_heads"]
-        config = vit.QuantConfig(bits=int(method[4:]), num_groups=heads)
-        return vit.create(model_name, num_classes=1000, quant=config, dtype=dtype, **overrides)
-    raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
+    remat = {"remat_nothing": "nothing_saveable", "remat_dots": "dots_saveable"}.get(method)
+    if method == "baseline" or remat:
+        quant = None
+    elif method in ("mesa8", "mesa4", "mesa2"):
+        quant = vit.QuantConfig(bits=int(method[4:]), num_groups=vit.PRESETS[model_name]["num_heads"])
+    else:
+        raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
+    return vit.create(model_name, num_classes=1000, quant=quant, dtype=dtype, remat=remat, **overrides)
 
 
 @dataclasses.dataclass(frozen=True)
