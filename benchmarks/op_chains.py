@@ -28,17 +28,17 @@ def link(name: str, shape: tuple[int, int, int]):
     heads = lambda t: t.reshape(b, n, HEADS, n).transpose(0, 2, 1, 3)  # [B, H, N, N]
     merge = lambda t: t.transpose(0, 2, 1, 3).reshape(b, n, c)
     image = lambda t: t.reshape(b, n // 8, 8, c)
-    dense = lambda x, k, q: ops.dense(x, k, None, _stats(x), SEED, q)
-    gelu = lambda x, q: ops.gelu(x, _stats(x), SEED, q)
-    softmax = lambda t, q: ops.softmax(t, _stats(t, "heads"), SEED, q)
-    matmul = lambda t, q: ops.matmul(t, t, _stats(t, "heads"), _stats(t, "heads"), SEED, SEED, q)
+    dense = lambda x, k, q: ops.dense(x, k, None, _stats(x), SEED, q)[0]
+    gelu = lambda x, q: ops.gelu(x, _stats(x), SEED, q)[0]
+    softmax = lambda t, q: ops.softmax(t, _stats(t, "heads"), SEED, q)[0]
+    matmul = lambda t, q: ops.matmul(t, t, _stats(t, "heads"), _stats(t, "heads"), SEED, SEED, q)[0]
     links = {
         "dense": lambda x, k, q: gelu(dense(x, k, q), q),
         "conv": lambda x, k, q: gelu(
-            ops.conv(image(x), k, None, _stats(x), SEED, q, (1, 1), "SAME"), q
+            ops.conv(image(x), k, None, _stats(x), SEED, q, (1, 1), "SAME")[0], q
         ).reshape(b, n, c),
         "gelu": lambda x, k, q: dense(gelu(x, q), k, q),
-        "layer_norm": lambda x, k, q: dense(ops.layer_norm(x, None, None, _stats(x), SEED, q), k, q),
+        "layer_norm": lambda x, k, q: dense(ops.layer_norm(x, None, None, _stats(x), SEED, q)[0], k, q),
         "softmax": lambda x, k, q: dense(merge(softmax(heads(x), q)), k, q),
         "matmul": lambda x, k, q: dense(merge(matmul(heads(x), q)), k, q),
     }

@@ -41,8 +41,8 @@ class _Compressed(nn.Module):
     def _config(self) -> QuantConfig | None:
         return resolve(self.quant, self.kind, "/".join(self.path))
 
-    def _compress(self, name: str, x: jax.Array, layout: Layout, config: QuantConfig):
-        """(statistics to pack ``x`` with, seed); updates the running estimate when mutable."""
+    def _statistics(self, name: str, x: jax.Array, layout: Layout, config: QuantConfig):
+        """(the variable holding the running statistics of ``x``, a seed to pack ``x`` with)."""
         groups = quant.num_groups_for(x.shape, layout, config)
         if not (self.is_initializing() or self.has_variable(COLLECTION, name)):
             raise ValueError(
@@ -56,11 +56,12 @@ class _Compressed(nn.Module):
                 f"{COLLECTION!r} statistics {self._where}/{name} hold {stats.value.lo.shape[0]} "
                 f"groups but the input of shape {x.shape} needs {groups}"
             )
-        lo, hi = quant.group_min_max(x, layout, groups)
-        to_pack = quant.for_packing(stats.value, lo, hi)
+        return stats, self._seed(name, stats.value.count)
+
+    def _record(self, stats, updated: quant.Stats) -> None:
+        """Keep the statistics an op returned, if the collection is mutable (training)."""
         if self.is_mutable_collection(COLLECTION) and not self.is_initializing():
-            stats.value = quant.observe(stats.value, lo, hi, config)
-        return to_pack, self._seed(name, stats.value.count)
+            stats.value = updated
 
     def _seed(self, name: str, count: jax.Array) -> jax.Array:
         """From the "mesa" RNG stream when given, else from the layer path and step count."""
@@ -91,8 +92,10 @@ class Dense(_Compressed):
         config = self._config()
         if config is None:
             return ops.dense_reference(inputs, kernel, bias, self.precision)
-        stats, seed = self._compress("inputs", inputs, "channels", config)
-        return ops.dense(inputs, kernel, bias, stats, seed, config, self.precision)
+        stats, seed = self._statistics("inputs", inputs, "channels", config)
+        y, updated = ops.dense(inputs, kernel, bias, stats.value, seed, config, self.precision)
+        self._record(stats, updated)
+        return y
 
 
 class Conv(_Compressed):
@@ -127,8 +130,10 @@ class Conv(_Compressed):
         config = self._config()
         if config is None:
             return ops.conv_reference(inputs, kernel, bias, strides, padding)
-        stats, seed = self._compress("inputs", inputs, "channels", config)
-        return ops.conv(inputs, kernel, bias, stats, seed, config, strides, padding)
+        stats, seed = self._statistics("inputs", inputs, "channels", config)
+        y, updated = ops.conv(inputs, kernel, bias, stats.value, seed, config, strides, padding)
+        self._record(stats, updated)
+        return y
 
 
 class LayerNorm(_Compressed):
@@ -153,9 +158,9 @@ class LayerNorm(_Compressed):
         if config is None:
             y = ops.layer_norm_reference(x, scale, bias, self.epsilon)
         else:
-            normalized = ops.normalize(x, self.epsilon)[0]  # what the op keeps; XLA merges the two
-            stats, seed = self._compress("normalized", normalized, "channels", config)
-            y = ops.layer_norm(x, scale, bias, stats, seed, config, self.epsilon)
+            stats, seed = self._statistics("normalized", x, "channels", config)
+            y, updated = ops.layer_norm(x, scale, bias, stats.value, seed, config, self.epsilon)
+            self._record(stats, updated)
         return y if self.dtype is None else y.astype(self.dtype)
 
 
@@ -171,8 +176,10 @@ class GELU(_Compressed):
         config = self._config()
         if config is None:
             return ops.gelu_reference(x, self.approximate)
-        stats, seed = self._compress("inputs", x, "channels", config)
-        return ops.gelu(x, stats, seed, config, self.approximate)
+        stats, seed = self._statistics("inputs", x, "channels", config)
+        y, updated = ops.gelu(x, stats.value, seed, config, self.approximate)
+        self._record(stats, updated)
+        return y
 
 
 class Softmax(_Compressed):
@@ -189,9 +196,10 @@ class Softmax(_Compressed):
         config = self._config()
         if config is None:
             return ops.softmax_reference(x)
-        y = ops.softmax_reference(x)  # the op computes the same y; XLA merges the two
-        stats, seed = self._compress("outputs", y, ops.attention_layout(y.ndim), config)
-        return ops.softmax(x, stats, seed, config)
+        stats, seed = self._statistics("outputs", x, ops.attention_layout(x.ndim), config)  # y has x's shape
+        y, updated = ops.softmax(x, stats.value, seed, config)
+        self._record(stats, updated)
+        return y
 
 
 class MatMul(_Compressed):
@@ -207,9 +215,12 @@ class MatMul(_Compressed):
         config = self._config()
         if config is None:
             return ops.matmul_reference(a, b)
-        stats_a, seed_a = self._compress("a", a, ops.attention_layout(a.ndim), config)
-        stats_b, seed_b = self._compress("b", b, ops.attention_layout(b.ndim), config)
-        return ops.matmul(a, b, stats_a, stats_b, seed_a, seed_b, config)
+        stats_a, seed_a = self._statistics("a", a, ops.attention_layout(a.ndim), config)
+        stats_b, seed_b = self._statistics("b", b, ops.attention_layout(b.ndim), config)
+        y, (updated_a, updated_b) = ops.matmul(a, b, stats_a.value, stats_b.value, seed_a, seed_b, config)
+        self._record(stats_a, updated_a)
+        self._record(stats_b, updated_b)
+        return y
 
 
 # ------------------------------------------------------------------ blocks

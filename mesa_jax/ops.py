@@ -1,10 +1,12 @@
 """Differentiable ops whose forward is exact and whose residuals are packed integers.
 
-Every op takes, besides its operands, the statistics to pack each kept activation
-with (a snapshot, so an op applied twice before the backward pass stays exact), a
-uint32 ``seed`` for stochastic rounding, and a static ``config``:
+Every op takes, besides its operands, the running statistics of each kept
+activation, a uint32 ``seed`` for stochastic rounding, and a static ``config``:
 ``QuantConfig`` keeps int codes, ``None`` keeps the float activation and runs the
 *same* custom backward (the exact mode the numerical-gradient tests check).
+Every op returns ``(y, stats)``: its output and the statistics updated with the
+range of what it kept, measured in the same read that packs it (see
+quant.pack_and_update); exact mode returns the statistics unchanged.
 
 Each op reads top to bottom: primal, its ``*_reference`` (the plain jnp
 computation, differentiated by JAX: what ``quant=None`` layers run), ``_fwd``
@@ -30,11 +32,18 @@ from pallas_kernels import fused
 RESIDUAL_NAME = "mesa_residual"  # checkpoint_name of every kept activation
 
 
-def keep(x, stats: Stats | None, seed, config: QuantConfig | None, layout: Layout = "channels"):
-    """What the backward pass keeps of x: packed codes, or x itself in exact mode."""
+def keep(x, stats: Stats | None, seed, config: QuantConfig | None, layout: Layout = "channels", normalized_by=None):
+    """(what the backward pass keeps of x, the statistics updated with it): packed codes,
+    or x itself in exact mode. ``normalized_by``: keep quant.normalized(x, normalized_by)."""
     if config is None:
-        return x
-    return checkpoint_name(quant.pack(x, stats, config, seed, layout), RESIDUAL_NAME)
+        return quant.normalized(x, normalized_by), stats
+    packed, stats = quant.pack_and_update(x, stats, config, seed, layout, normalized_by)
+    return checkpoint_name(packed, RESIDUAL_NAME), stats
+
+
+def observed(stats: Stats | None, kept, config: QuantConfig | None, layout: Layout = "channels"):
+    """The statistics ``keep`` returns, without packing: what a primal (undifferentiated) op returns."""
+    return stats if config is None else quant.update(stats, kept, config, layout)
 
 
 def restore(res, g):
@@ -86,7 +95,7 @@ def _channels_last(v, ndim):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def dense(x, kernel, bias, stats, seed, config, precision=None):
     """x @ kernel + bias over the last axis of x (any leading dims); bias may be None."""
-    return dense_reference(x, kernel, bias, precision)
+    return dense_reference(x, kernel, bias, precision), observed(stats, x, config)
 
 
 def dense_reference(x, kernel, bias, precision=None):
@@ -96,12 +105,14 @@ def dense_reference(x, kernel, bias, precision=None):
 
 
 def _dense_fwd(x, kernel, bias, stats, seed, config, precision):
-    y, res = _materialize(dense_reference(x, kernel, bias, precision), keep(x, stats, seed, config))
-    return y, (res[0], kernel, bias)
+    kept, stats = keep(x, stats, seed, config)
+    y, (kept,) = _materialize(dense_reference(x, kernel, bias, precision), kept)
+    return (y, stats), (kept, kernel, bias)
 
 
-def _dense_bwd(config, precision, residuals, g):
+def _dense_bwd(config, precision, residuals, cotangents):
     res, kernel, bias = residuals
+    g, _ = cotangents
     x, g = restore(res, g)
     batch = tuple(range(g.ndim - 1))
     dx = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)  # [..., C_in]
@@ -119,7 +130,7 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def conv(x, kernel, bias, stats, seed, config, strides: Sequence[int], padding):
     """N-D convolution, channels last (``x: [B, *spatial, C]``, ``kernel: [*window, C, F]``)."""
-    return conv_reference(x, kernel, bias, strides, padding)
+    return conv_reference(x, kernel, bias, strides, padding), observed(stats, x, config)
 
 
 def conv_reference(x, kernel, bias, strides, padding):
@@ -136,12 +147,14 @@ def _conv_layout(spatial: int):
 
 
 def _conv_fwd(x, kernel, bias, stats, seed, config, strides, padding):
-    y, res = _materialize(conv_reference(x, kernel, bias, strides, padding), keep(x, stats, seed, config))
-    return y, (res[0], kernel, bias)
+    kept, stats = keep(x, stats, seed, config)
+    y, (kept,) = _materialize(conv_reference(x, kernel, bias, strides, padding), kept)
+    return (y, stats), (kept, kernel, bias)
 
 
-def _conv_bwd(config, strides, padding, residuals, g):
+def _conv_bwd(config, strides, padding, residuals, cotangents):
     res, kernel, bias = residuals
+    g, _ = cotangents
     x, g = restore(res, g)
     _, vjp = jax.vjp(lambda x, k, b: conv_reference(x, k, b, strides, padding), x, kernel, bias)
     dx, dk, db = vjp(g.astype(x.dtype))
@@ -157,7 +170,7 @@ conv.defvjp(_conv_fwd, _conv_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def gelu(x, stats, seed, config, approximate: bool = False):
     """GELU, exact (erf) or with the tanh approximation."""
-    return gelu_reference(x, approximate)
+    return gelu_reference(x, approximate), observed(stats, x, config)
 
 
 def gelu_reference(x, approximate: bool = False):
@@ -165,11 +178,13 @@ def gelu_reference(x, approximate: bool = False):
 
 
 def _gelu_fwd(x, stats, seed, config, approximate):
-    return _materialize(gelu_reference(x, approximate), keep(x, stats, seed, config))
+    kept, stats = keep(x, stats, seed, config)
+    y, res = _materialize(gelu_reference(x, approximate), kept)
+    return (y, stats), res
 
 
-def _gelu_bwd(config, approximate, res, g):
-    (res,) = res
+def _gelu_bwd(config, approximate, res, cotangents):
+    (res,), (g, _) = res, cotangents
     if _fused_kernel(res):
         dx = fused.gelu_backward(res.words, res.shift, res.scale, g, approximate=approximate, **_kernel_args(res))
         return dx.astype(res.dtype), None, None
@@ -204,7 +219,7 @@ def layer_norm(x, scale, bias, stats, seed, config, epsilon: float = 1e-6):
     by orders of magnitude, e.g. the class token against the patches).
     ``stats`` describe the normalized input (see ``normalize``).
     """
-    return layer_norm_reference(x, scale, bias, epsilon)
+    return layer_norm_reference(x, scale, bias, epsilon), observed(stats, normalize(x, epsilon)[0], config)
 
 
 def layer_norm_reference(x, scale, bias, epsilon=1e-6):
@@ -227,22 +242,29 @@ def _moments(x):
     return mean, jnp.maximum(0.0, mean2 - jnp.square(mean))
 
 
+def row_moments(x, epsilon=1e-6):
+    """Mean and rstd ([..., 1]) over the last axis, in >= float32."""
+    mean, var = _moments(x)
+    return mean, lax.rsqrt(var + epsilon)
+
+
 def normalize(x, epsilon=1e-6):
     """(x - mean) * rstd over the last axis and rstd ([..., 1]), in >= float32."""
-    mean, var = _moments(x)
-    rstd = lax.rsqrt(var + epsilon)
-    return (_f32(x) - mean) * rstd, rstd
+    mean, rstd = row_moments(x, epsilon)
+    return quant.normalized(x, (mean, rstd)), rstd
 
 
 def _layer_norm_fwd(x, scale, bias, stats, seed, config, epsilon):
-    xn, rstd = normalize(x, epsilon)
-    y, res = _materialize(layer_norm_reference(x, scale, bias, epsilon), keep(xn, stats, seed, config))
+    mean, rstd = row_moments(x, epsilon)
+    kept, stats = keep(x, stats, seed, config, normalized_by=(mean, rstd))  # a kernel normalizes as it packs
+    y, (kept,) = _materialize(layer_norm_reference(x, scale, bias, epsilon), kept)
     x_dtype = jnp.zeros((0,), x.dtype)  # zero bytes: the dtype dx must come back in
-    return y, (res[0], rstd, scale, bias, x_dtype)
+    return (y, stats), (kept, rstd, scale, bias, x_dtype)
 
 
-def _layer_norm_bwd(config, epsilon, residuals, g):
+def _layer_norm_bwd(config, epsilon, residuals, cotangents):
     res, rstd, scale, bias, x_dtype = residuals
+    g, _ = cotangents
     xn, g = restore(res, g)
     xn, gf = _f32(xn), _f32(g)
     batch = tuple(range(g.ndim - 1))
@@ -267,7 +289,8 @@ def attention_layout(ndim: int) -> Layout:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def softmax(x, stats, seed, config):
     """Softmax over the last axis. Keeps only its output: the backward needs nothing else."""
-    return softmax_reference(x)
+    y = softmax_reference(x)
+    return y, observed(stats, y, config, attention_layout(y.ndim))
 
 
 def softmax_reference(x):
@@ -276,11 +299,13 @@ def softmax_reference(x):
 
 def _softmax_fwd(x, stats, seed, config):
     y = softmax_reference(x)
-    return _materialize(y, keep(y, stats, seed, config, attention_layout(y.ndim)))
+    kept, stats = keep(y, stats, seed, config, attention_layout(y.ndim))
+    y, res = _materialize(y, kept)
+    return (y, stats), res
 
 
-def _softmax_bwd(config, res, g):
-    (res,) = res
+def _softmax_bwd(config, res, cotangents):
+    (res,), (g, _) = res, cotangents
     if _fused_kernel(res):
         dx = fused.softmax_backward(res.words, res.shift, res.scale, g, **_kernel_args(res))
         return dx.astype(res.dtype), None, None
@@ -298,8 +323,13 @@ softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def matmul(a, b, stats_a, stats_b, seed_a, seed_b, config):
-    """Batched a @ b (``[..., N, K] @ [..., K, M]``); 4-D operands are grouped per head."""
-    return matmul_reference(a, b)
+    """Batched a @ b (``[..., N, K] @ [..., K, M]``); 4-D operands are grouped per head.
+
+    Returns ``(y, (stats_a, stats_b))``.
+    """
+    stats_a = observed(stats_a, a, config, attention_layout(a.ndim))
+    stats_b = observed(stats_b, b, config, attention_layout(b.ndim))
+    return matmul_reference(a, b), (stats_a, stats_b)
 
 
 def matmul_reference(a, b):
@@ -307,14 +337,14 @@ def matmul_reference(a, b):
 
 
 def _matmul_fwd(a, b, stats_a, stats_b, seed_a, seed_b, config):
-    kept_a = keep(a, stats_a, seed_a, config, attention_layout(a.ndim))
-    kept_b = keep(b, stats_b, seed_b, config, attention_layout(b.ndim))
+    kept_a, stats_a = keep(a, stats_a, seed_a, config, attention_layout(a.ndim))
+    kept_b, stats_b = keep(b, stats_b, seed_b, config, attention_layout(b.ndim))
     y, kept = _materialize(matmul_reference(a, b), kept_a, kept_b)
-    return y, kept
+    return (y, (stats_a, stats_b)), kept
 
 
-def _matmul_bwd(config, kept, g):
-    res_a, res_b = kept
+def _matmul_bwd(config, kept, cotangents):
+    (res_a, res_b), (g, _) = kept, cotangents
     a, g = restore(res_a, g)
     b, g = restore(res_b, g)
     da = jnp.matmul(g, jnp.swapaxes(b, -1, -2))  # [..., N, K]

@@ -44,6 +44,10 @@ class QuantConfig:
     num_groups: int = 1  # contiguous channel groups of a [..., C] tensor
     stochastic: bool = True  # unbiased stochastic rounding; False rounds to nearest
     ema_decay: float = 0.9  # running-estimate decay of Mesa
+    # Mesa's order: fold a tensor's range into the running estimate, then pack with it
+    # (two reads of the tensor). False packs with the estimate from before the tensor and
+    # measures its range in the same read (see pack_and_update).
+    update_first: bool = False
 
     def __post_init__(self):
         if self.bits not in VALID_BITS:
@@ -167,15 +171,6 @@ def update(stats: Stats, x: jax.Array, config: QuantConfig, layout: Layout = "ch
     return observe(stats, *group_min_max(x, layout, stats.lo.shape[0]), config)
 
 
-def for_packing(stats: Stats, lo: jax.Array, hi: jax.Array) -> Stats:
-    """The statistics to pack a tensor with: the running ones, or the tensor's own
-    per-group ``lo``/``hi`` before any update."""
-    seen = stats.count > 0
-    return Stats(
-        jnp.where(seen, stats.lo, lo), jnp.where(seen, stats.span, _finite_span(lo, hi)), stats.count
-    )
-
-
 def _finite_span(lo: jax.Array, hi: jax.Array) -> jax.Array:
     # hi - lo overflows to inf for float32 extremes; inf would make every code NaN.
     return jnp.minimum(hi - lo, jnp.finfo(jnp.float32).max)
@@ -226,22 +221,69 @@ def quantize(x: jax.Array, stats: Stats, config: QuantConfig, seed, layout: Layo
     return codes, 1.0 / inv_scale, shift
 
 
-def pack(x: jax.Array, stats: Stats, config: QuantConfig, seed, layout: Layout = "channels") -> Packed:
+def normalized(x: jax.Array, normalized_by=None) -> jax.Array:
+    """x, or ``(x - mean) * rstd`` row by row (in >= float32) for ``normalized_by=(mean, rstd)``.
+
+    LayerNorm keeps its normalized input; passing the row moments instead of the
+    normalized tensor lets a kernel normalize in the read it packs with.
+    """
+    if normalized_by is None:
+        return x
+    mean, rstd = normalized_by
+    return (x.astype(jnp.promote_types(x.dtype, jnp.float32)) - mean) * rstd
+
+
+def pack(x: jax.Array, stats: Stats, config: QuantConfig, seed, layout: Layout = "channels",
+         normalized_by=None) -> Packed:
     """Quantize x with the given statistics and pack the codes into uint32 words.
 
     Runs the jnp reference or the Pallas kernel, as ``pallas_kernels.get_impl()`` says;
     both give identical words.
     """
+    return _pack_observe(x, stats, config, seed, layout, normalized_by)[0]
+
+
+def pack_and_update(x: jax.Array, stats: Stats, config: QuantConfig, seed, layout: Layout = "channels",
+                    normalized_by=None) -> tuple[Packed, Stats]:
+    """Pack x for the backward pass and fold its per-group range into the running ``stats``.
+
+    x is packed with the range estimated *before* it (what falls outside is
+    clamped) while its own range is measured in the same read: one pass over x.
+    Only the first observation, with no estimate yet, measures x first and packs
+    with its own range. ``config.update_first`` is Mesa's order instead: update
+    the estimate with x, then pack with it (two passes).
+    """
+    if config.update_first:
+        new = update(stats, normalized(x, normalized_by), config, layout)
+        return pack(x, new, config, seed, layout, normalized_by), new
+
+    def measure_first():
+        lo, hi = group_min_max(normalized(x, normalized_by), layout, stats.lo.shape[0])
+        own = Stats(lo, _finite_span(lo, hi), stats.count)
+        return pack(x, own, config, seed, layout, normalized_by), lo, hi
+
+    running = lambda: _pack_observe(x, stats, config, seed, layout, normalized_by)
+    packed, lo, hi = jax.lax.cond(stats.count > 0, running, measure_first)
+    return packed, observe(stats, lo, hi, config)
+
+
+def _pack_observe(x, stats: Stats, config: QuantConfig, seed, layout: Layout, normalized_by):
+    """(x packed with ``stats``, x's per-group min, max): one read of x under the kernels."""
     impl = pallas_kernels.get_impl()
+    groups = stats.lo.shape[0]
     if impl == "xla":
-        codes, scale, shift = quantize(x, stats, config, seed, layout)
+        xn = normalized(x, normalized_by)
+        codes, scale, shift = quantize(xn, stats, config, seed, layout)
         words = pack_codes(codes, config.bits)
+        lo, hi = group_min_max(xn, layout, groups)
     else:
         shift, inv_scale = _affine(x, stats, config, layout)
-        words = kernels.pack(x, shift, inv_scale, seed, layout=layout, bits=config.bits,
-                             stochastic=config.stochastic, interpret=impl == "pallas_interpret")
+        words, lo, hi = kernels.pack(x, shift, inv_scale, seed, layout=layout, bits=config.bits,
+                                     stochastic=config.stochastic, normalized_by=normalized_by,
+                                     interpret=impl == "pallas_interpret")
         scale = 1.0 / inv_scale
-    return Packed(words, scale, shift, x.shape, jnp.dtype(x.dtype), config.bits, layout)
+    dtype = x.dtype if normalized_by is None else jnp.promote_types(x.dtype, jnp.float32)
+    return Packed(words, scale, shift, x.shape, jnp.dtype(dtype), config.bits, layout), lo, hi
 
 
 def unpack(p: Packed) -> jax.Array:

@@ -23,22 +23,34 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.hashing import uniform_from_index
 
 
-def _pack_kernel(x_ref, col_shift_ref, col_inv_ref, row_ref, base_ref, seed_ref, words_ref, *, bits, length,
-                 stochastic):
+def _pack_kernel(x_ref, col_shift_ref, col_inv_ref, row_ref, base_ref, seed_ref, words_ref, lo_ref, hi_ref, *,
+                 bits, length, stochastic, col_groups, normalize):
+    """Codes of one row, and the row's finite min and max per column group, from one read."""
     per_word, words = 32 // bits, words_ref.shape[0]
     row_shift, row_inv, row_base = row_ref[0], row_ref[1], base_ref[0]  # base: the row's flat index
+    group_of = jnp.arange(lo_ref.shape[0], dtype=jnp.uint32)[:, None]
     acc = jnp.zeros((words,), jnp.uint32)
+    lo = jnp.full(lo_ref.shape, jnp.inf, jnp.float32)
+    hi = jnp.full(hi_ref.shape, -jnp.inf, jnp.float32)
     for lane in range(per_word):
         lanes = pl.ds(lane, words, stride=per_word)
         col = jnp.arange(words, dtype=jnp.uint32) * per_word + lane
         x = x_ref[lanes].astype(jnp.float32)
+        if normalize:  # LayerNorm's (x - mean) * rstd, as quant.normalized computes it
+            x = (x - row_ref[2]) * row_ref[3]
         v = (x - (row_shift + col_shift_ref[lanes])) * (row_inv * col_inv_ref[lanes])
         noise = uniform_from_index(row_base + col, seed_ref[0]) if stochastic else 0.5
         v = jnp.floor(v + noise)
         v = jnp.where(jnp.isnan(v), 0.0, jnp.clip(v, 0.0, 2.0**bits - 1))
         code = jnp.where(col < length, v.astype(jnp.uint32), 0)
         acc = acc | (code << (bits * lane))
+        counted = (col < length) & (jnp.abs(x) < jnp.inf)  # finite entries of the row only
+        in_group = counted[None, :] & (col[None, :] // (length // col_groups) == group_of)
+        lo = jnp.minimum(lo, jnp.min(jnp.where(in_group, x[None, :], jnp.inf), axis=1))
+        hi = jnp.maximum(hi, jnp.max(jnp.where(in_group, x[None, :], -jnp.inf), axis=1))
     words_ref[...] = acc
+    lo_ref[...] = lo
+    hi_ref[...] = hi
 
 
 def dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_ref, bits):
@@ -63,24 +75,36 @@ def padded_words(length: int, bits: int) -> int:
     return pl.next_power_of_2(-(-length // (32 // bits)))
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "stochastic", "interpret"))
-def pack_rows(x, col_shift, col_inv, row_shift, row_inv, seed, *, bits, stochastic, interpret=False):
-    """[R, C] -> [R, ceil(C * bits / 32)] uint32 words, as quant.pack_codes(quantize(x))."""
+@functools.partial(jax.jit, static_argnames=("bits", "stochastic", "col_groups", "interpret"))
+def pack_rows(x, col_shift, col_inv, row_shift, row_inv, seed, row_mean=None, row_rstd=None, *, bits, stochastic,
+              col_groups=1, interpret=False):
+    """[R, C] -> ([R, ceil(C * bits / 32)] uint32 words, [R, col_groups] row min, row max).
+
+    The words are quant.pack_codes(quantize(x)); the minima and maxima are over
+    the finite entries of each row's ``col_groups`` contiguous column groups
+    (+inf and -inf where there are none). With ``row_mean`` and ``row_rstd`` the
+    row is first normalized, ``(x - mean) * rstd``, in the same read.
+    """
     rows, length = x.shape
     words = padded_words(length, bits)
     width = words * (32 // bits)
+    slots = pl.next_power_of_2(col_groups)
     pad = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - length)])
     row_base = (jnp.arange(rows, dtype=jnp.uint32) * jnp.uint32(length)).reshape(rows, 1)
-    row = jnp.stack([row_shift, row_inv], axis=1)
-    kernel = functools.partial(_pack_kernel, bits=bits, length=length, stochastic=stochastic)
-    call = pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((words,), jnp.uint32), interpret=interpret, name="mesa_pack",
-        compiler_params=TRITON,
-    )
-    packed = jax.vmap(call, in_axes=(0, None, None, 0, 0, None))(
+    normalize = row_mean is not None
+    if not normalize:
+        row_mean, row_rstd = jnp.zeros(rows), jnp.ones(rows)
+    row = jnp.stack([row_shift, row_inv, row_mean, row_rstd], axis=1).astype(jnp.float32)
+    kernel = functools.partial(_pack_kernel, bits=bits, length=length, stochastic=stochastic,
+                               col_groups=col_groups, normalize=normalize)
+    out_shape = (jax.ShapeDtypeStruct((words,), jnp.uint32), jax.ShapeDtypeStruct((slots,), jnp.float32),
+                 jax.ShapeDtypeStruct((slots,), jnp.float32))
+    call = pl.pallas_call(kernel, out_shape=out_shape, interpret=interpret, name="mesa_pack",
+                          compiler_params=TRITON)
+    packed, lo, hi = jax.vmap(call, in_axes=(0, None, None, 0, 0, None))(
         pad(x), pad(col_shift), pad(col_inv), row, row_base, jnp.asarray(seed, jnp.uint32).reshape(1)
     )
-    return packed[:, : -(-length // (32 // bits))]
+    return packed[:, : -(-length // (32 // bits))], lo[:, :col_groups], hi[:, :col_groups]
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "length", "dtype", "interpret"))
@@ -112,14 +136,28 @@ def rows_and_cols(values, shape, layout: str, identity: float):
     return row, jnp.repeat(values, length // values.shape[0])
 
 
-def pack(x, shift, inv_scale, seed, *, layout: str, bits: int, stochastic: bool, interpret: bool):
-    """Words of x ([..., C] -> [..., W]) packed with per-group ``shift`` and ``inv_scale``."""
+def pack(x, shift, inv_scale, seed, *, layout: str, bits: int, stochastic: bool, normalized_by=None,
+         interpret: bool):
+    """Words of x ([..., C] -> [..., W]) packed with per-group ``shift`` and ``inv_scale``, and
+    x's per-group [G] finite min and max (0 and 0 for a group with no finite entry).
+
+    ``normalized_by=(mean, rstd)`` ([..., 1] each) packs ``(x - mean) * rstd`` instead.
+    """
+    groups = shift.shape[0]
     row_shift, col_shift = rows_and_cols(shift, x.shape, layout, 0.0)
     row_inv, col_inv = rows_and_cols(inv_scale, x.shape, layout, 1.0)
     flat = x.reshape(-1, x.shape[-1])
-    words = pack_rows(flat, col_shift, col_inv, row_shift, row_inv, seed, bits=bits, stochastic=stochastic,
-                      interpret=interpret)
-    return words.reshape(*x.shape[:-1], words.shape[-1])
+    moments = () if normalized_by is None else tuple(m.reshape(-1) for m in normalized_by)
+    col_groups = 1 if layout == "heads" else groups
+    words, lo, hi = pack_rows(flat, col_shift, col_inv, row_shift, row_inv, seed, *moments, bits=bits,
+                              stochastic=stochastic, col_groups=col_groups, interpret=interpret)
+    rows_of_a_group = (0,)
+    if layout == "heads":  # [B, H, N, M]: the rows (b, h, n) of head h
+        lo, hi = (a.reshape(x.shape[0], groups, -1) for a in (lo, hi))
+        rows_of_a_group = (0, 2)
+    lo, hi = jnp.min(lo, axis=rows_of_a_group), jnp.max(hi, axis=rows_of_a_group)
+    empty = lo > hi
+    return words.reshape(*x.shape[:-1], words.shape[-1]), jnp.where(empty, 0.0, lo), jnp.where(empty, 0.0, hi)
 
 
 def unpack(words, shift, scale, *, shape, dtype, layout: str, bits: int, interpret: bool):

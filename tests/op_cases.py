@@ -28,7 +28,7 @@ def stats_of(t, layout="channels", config=quant.QuantConfig()):
 class OpCase:
     name: str
     shapes: tuple[tuple[int, ...], ...]
-    call: Callable  # (config, *inputs) -> output
+    call: Callable  # (config, *inputs) -> output (the op's y, without its statistics)
     reference: Callable  # (*inputs) -> output
     packed: tuple[tuple[int | str, str], ...]  # (argument index or "out", layout)
 
@@ -54,55 +54,55 @@ def _conv_reference(x, k, b):
 CASES = [
     OpCase(
         "dense", ((2, 5, 8), (8, 6), (6,)),
-        lambda c, x, k, b: ops.dense(x, k, b, stats_of(x), SEED, c),
+        lambda c, x, k, b: ops.dense(x, k, b, stats_of(x), SEED, c)[0],
         lambda x, k, b: x @ k + b.reshape(1, 1, -1),
         ((0, "channels"),),
     ),
     OpCase(
         "conv", ((2, 6, 6, 3), (2, 2, 3, 4), (4,)),
-        lambda c, x, k, b: ops.conv(x, k, b, stats_of(x), SEED, c, (2, 2), "VALID"),
+        lambda c, x, k, b: ops.conv(x, k, b, stats_of(x), SEED, c, (2, 2), "VALID")[0],
         _conv_reference,
         ((0, "channels"),),
     ),
     OpCase(
         "gelu", ((2, 5, 8),),
-        lambda c, x: ops.gelu(x, stats_of(x), SEED, c),
+        lambda c, x: ops.gelu(x, stats_of(x), SEED, c)[0],
         lambda x: jax.nn.gelu(x, approximate=False),
         ((0, "channels"),),
     ),
     OpCase(
         "gelu_tanh", ((2, 5, 8),),
-        lambda c, x: ops.gelu(x, stats_of(x), SEED, c, True),
+        lambda c, x: ops.gelu(x, stats_of(x), SEED, c, True)[0],
         lambda x: jax.nn.gelu(x, approximate=True),
         ((0, "channels"),),
     ),
     OpCase(
         "layer_norm", ((2, 5, 8), (8,), (8,)),
-        lambda c, x, s, b: ops.layer_norm(x, s, b, stats_of(ops.normalize(x)[0]), SEED, c),
+        lambda c, x, s, b: ops.layer_norm(x, s, b, stats_of(ops.normalize(x)[0]), SEED, c)[0],
         _ln_reference,
         (("normalized", "channels"),),
     ),
     OpCase(
         "softmax_heads", ((2, 3, 5, 5),),
-        lambda c, x: ops.softmax(x, stats_of(jax.nn.softmax(x), "heads"), SEED, c),
+        lambda c, x: ops.softmax(x, stats_of(jax.nn.softmax(x), "heads"), SEED, c)[0],
         lambda x: jax.nn.softmax(x, axis=-1),
         (("out", "heads"),),
     ),
     OpCase(
         "softmax_channels", ((2, 5, 8),),
-        lambda c, x: ops.softmax(x, stats_of(jax.nn.softmax(x)), SEED, c),
+        lambda c, x: ops.softmax(x, stats_of(jax.nn.softmax(x)), SEED, c)[0],
         lambda x: jax.nn.softmax(x, axis=-1),
         (("out", "channels"),),
     ),
     OpCase(
         "matmul_heads", ((2, 3, 5, 4), (2, 3, 4, 6)),
-        lambda c, a, b: ops.matmul(a, b, stats_of(a, "heads"), stats_of(b, "heads"), SEED, SEED_B, c),
+        lambda c, a, b: ops.matmul(a, b, stats_of(a, "heads"), stats_of(b, "heads"), SEED, SEED_B, c)[0],
         jnp.matmul,
         ((0, "heads"), (1, "heads")),
     ),
     OpCase(
         "matmul_3d", ((2, 5, 4), (2, 4, 6)),
-        lambda c, a, b: ops.matmul(a, b, stats_of(a), stats_of(b), SEED, SEED_B, c),
+        lambda c, a, b: ops.matmul(a, b, stats_of(a), stats_of(b), SEED, SEED_B, c)[0],
         jnp.matmul,
         ((0, "channels"), (1, "channels")),
     ),

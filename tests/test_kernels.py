@@ -49,20 +49,57 @@ def test_default_is_pallas_on_gpu_else_xla_and_names_are_checked(impl, monkeypat
         pallas_kernels.get_impl()
 
 
+def with_non_finite(x):
+    flat = x.reshape(-1)
+    return flat.at[1].set(jnp.nan).at[x.shape[-1] + 2].set(jnp.inf).at[-1].set(-jnp.inf).reshape(x.shape)
+
+
 @pytest.mark.parametrize("shape, layout", KERNEL_SHAPES, ids=str)
 @pytest.mark.parametrize("bits", [8, 4, 2])
-def test_kernel_codes_are_the_reference_s(shape, layout, bits, impl, key):
+def test_kernel_codes_and_statistics_are_the_reference_s(shape, layout, bits, impl, key):
+    """Words, and the running statistics updated with the range measured in the same read."""
     groups = 4 if layout == "channels" and shape[-1] % 4 == 0 else 1
     for stochastic in (True, False):
         config = QuantConfig(bits=bits, num_groups=groups, stochastic=stochastic)
-        x = jax.random.normal(key, shape) * 2
-        stats = stats_for(x, layout, config)
+        x = with_non_finite(jax.random.normal(key, shape) * 2)
+        stats = stats_for(x * 0.5 + 0.25, layout, config)  # an estimate that clamps some of x
         impl("xla")
-        want = quant.pack(x, stats, config, SEED, layout)
+        want, want_stats = quant.pack_and_update(x, stats, config, SEED, layout)
         impl(KERNELS)
-        got = quant.pack(x, stats, config, SEED, layout)
+        got, got_stats = quant.pack_and_update(x, stats, config, SEED, layout)
         np.testing.assert_array_equal(got.words, want.words)
         np.testing.assert_array_equal(got.scale, want.scale)
+        for a, b in zip(got_stats, want_stats):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 37), (1, 3, 197), (2, 4, 64)], ids=str)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_normalizes_rows_as_it_packs(shape, dtype, impl, key):
+    """LayerNorm's residual: (x - mean) * rstd packed, and its range measured, in one read."""
+    from mesa_jax import ops
+
+    config = QuantConfig(num_groups=2 if shape[-1] % 2 == 0 else 1)
+    x = (jax.random.normal(key, shape) * 3 + 1).astype(dtype)
+    moments = ops.row_moments(x)
+    stats = stats_for(ops.normalize(x)[0], "channels", config)
+    impl("xla")
+    want, want_stats = quant.pack_and_update(x, stats, config, SEED, normalized_by=moments)
+    impl(KERNELS)
+    got, got_stats = quant.pack_and_update(x, stats, config, SEED, normalized_by=moments)
+    assert got.dtype == want.dtype == jnp.float32
+    np.testing.assert_array_equal(got.words, want.words)
+    for a, b in zip(got_stats, want_stats):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_kernel_statistics_of_groups_without_finite_entries(impl):
+    config = QuantConfig(num_groups=2, stochastic=False)
+    x = jnp.array([[jnp.nan, jnp.inf, 1.0, 3.0], [-jnp.inf, jnp.nan, 2.0, -1.0]])
+    impl(KERNELS)
+    _, after = quant.pack_and_update(x, quant.init_stats(2), config, SEED)
+    np.testing.assert_array_equal(after.lo, [0.0, -1.0])
+    np.testing.assert_array_equal(after.span, [0.0, 4.0])
 
 
 @pytest.mark.parametrize("shape, layout", KERNEL_SHAPES, ids=str)
@@ -110,13 +147,15 @@ def test_whole_vit_gradients_are_the_same_under_the_kernels(impl):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("bits", [8, 2])
-def test_kernels_lower_to_triton_for_cuda(bits):
+@pytest.mark.parametrize("bits, col_groups, normalize", [(8, 1, False), (2, 3, True)])
+def test_kernels_lower_to_triton_for_cuda(bits, col_groups, normalize):
     """Cross-lowering on the CPU: the kernels are valid Triton programs (no GPU needed)."""
-    x = jnp.ones((4, 197), jnp.bfloat16)
-    ones, zeros = jnp.ones(197), jnp.zeros(197)
-    f = lambda x: kernels.pack_rows(x, zeros, ones, jnp.zeros(4), jnp.ones(4), 3, bits=bits, stochastic=True)
-    g = lambda w: kernels.unpack_rows(w, zeros, ones, jnp.zeros(4), jnp.ones(4), bits=bits, length=197,
+    x = jnp.ones((4, 195), jnp.bfloat16)
+    ones, zeros = jnp.ones(195), jnp.zeros(195)
+    moments = (jnp.zeros(4), jnp.ones(4)) if normalize else ()
+    f = lambda x: kernels.pack_rows(x, zeros, ones, jnp.zeros(4), jnp.ones(4), 3, *moments, bits=bits,
+                                    stochastic=True, col_groups=col_groups)[0]
+    g = lambda w: kernels.unpack_rows(w, zeros, ones, jnp.zeros(4), jnp.ones(4), bits=bits, length=195,
                                       dtype=jnp.bfloat16)
     words = jax.eval_shape(f, x)
     for fn, arg in ((f, x), (g, words)):
@@ -152,8 +191,8 @@ def test_fused_backward_kernels_match_the_xla_backward(op, shape, layout, bits, 
     x = jax.random.normal(key, shape) * 2
     kept = jax.nn.softmax(x) if op == "softmax" else x
     stats = stats_for(kept, layout, config)
-    f = (lambda x: ops.softmax(x, stats, SEED, config)) if op == "softmax" else (
-        lambda x: ops.gelu(x, stats, SEED, config))
+    f = (lambda x: ops.softmax(x, stats, SEED, config)[0]) if op == "softmax" else (
+        lambda x: ops.gelu(x, stats, SEED, config)[0])
     g = jax.random.normal(jax.random.key(7), shape)
     impl("xla")
     want = jax.vjp(f, x)[1](g)[0]

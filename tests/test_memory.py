@@ -28,11 +28,11 @@ def test_compiled_step_keeps_int8_not_float(name):
 
 def test_saved_residuals_reports_shapes_dtypes_bytes_and_sources():
     x = jnp.ones((2, 4, 8))
-    found = memory.saved_residuals(lambda x: ops.gelu(x, stats_of(x), SEED, QuantConfig()), x)
+    found = memory.saved_residuals(lambda x: ops.gelu(x, stats_of(x), SEED, QuantConfig())[0], x)
     words = [r for r in found if r.dtype == jnp.uint32 and r.shape == (2, 4, 2)]  # 8 codes -> 2 words a row
     assert len(words) == 1 and words[0].nbytes == 64
     assert all(isinstance(r.source, str) and r.source for r in found)
-    exact = memory.saved_residuals(lambda x: ops.gelu(x, None, SEED, None), x)
+    exact = memory.saved_residuals(lambda x: ops.gelu(x, None, SEED, None)[0], x)
     assert [(r.shape, r.nbytes) for r in exact] == [((2, 4, 8), 256)]
     assert "argument" in exact[0].source
 

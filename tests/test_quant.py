@@ -186,11 +186,44 @@ def test_first_update_initialises_then_ema(key):
     assert int(s2.count) == 2
 
 
-def test_for_packing_uses_the_batch_before_any_update(key):
-    x = jax.random.normal(key, (3, 4))
-    lo, hi = quant.group_min_max(x, "channels", 1)
-    fresh = quant.for_packing(quant.init_stats(1), lo, hi)
-    np.testing.assert_allclose(fresh.lo, [x.min()])
-    np.testing.assert_allclose(fresh.span, [x.max() - x.min()])
-    seen = quant.Stats(jnp.array([-9.0]), jnp.array([1.0]), jnp.array(3))
-    np.testing.assert_array_equal(quant.for_packing(seen, lo, hi).lo, [-9.0])
+def test_pack_and_update_packs_with_the_estimate_from_before_the_tensor(key):
+    config = QuantConfig(stochastic=False)
+    x = jax.random.normal(key, (3, 16))
+    before = quant.Stats(jnp.array([-0.5]), jnp.array([1.0]), jnp.array(3))
+    packed, after = quant.pack_and_update(x, before, config, SEED)
+    np.testing.assert_array_equal(packed.words, quant.pack(x, before, config, SEED).words)  # clamped to [-0.5, 0.5]
+    want = quant.update(before, x, config)
+    np.testing.assert_array_equal(after.lo, want.lo)
+    np.testing.assert_array_equal(after.span, want.span)
+    assert int(after.count) == 4
+
+
+def test_pack_and_update_measures_a_first_tensor_before_packing_it(key):
+    config = QuantConfig(stochastic=False)
+    x = jax.random.normal(key, (3, 16)) * 4
+    packed, after = jax.jit(quant.pack_and_update, static_argnums=2)(x, quant.init_stats(1), config, SEED)
+    own = quant.batch_stats(x, "channels", 1)
+    np.testing.assert_array_equal(packed.words, quant.pack(x, own, config, SEED).words)
+    np.testing.assert_array_equal(after.lo, own.lo)
+    np.testing.assert_array_equal(after.span, own.span)
+
+
+def test_update_first_is_mesa_s_order(key):
+    config = QuantConfig(stochastic=False, update_first=True)
+    x = jax.random.normal(key, (3, 16)) * 4
+    before = quant.Stats(jnp.array([-0.5]), jnp.array([1.0]), jnp.array(3))
+    packed, after = quant.pack_and_update(x, before, config, SEED)
+    want = quant.update(before, x, config)
+    np.testing.assert_array_equal(after.span, want.span)
+    np.testing.assert_array_equal(packed.words, quant.pack(x, want, config, SEED).words)
+
+
+def test_normalized_by_packs_the_normalized_rows(key):
+    config = QuantConfig(num_groups=2, stochastic=False)
+    x = jax.random.normal(key, (3, 5, 16)) * 3 + 1
+    moments = jnp.mean(x, -1, keepdims=True), jax.lax.rsqrt(jnp.var(x, -1, keepdims=True) + 1e-6)
+    xn = quant.normalized(x, moments)
+    stats = quant.batch_stats(xn, "channels", 2)
+    packed, after = quant.pack_and_update(x, stats, config, SEED, normalized_by=moments)
+    np.testing.assert_array_equal(packed.words, quant.pack(xn, stats, config, SEED).words)
+    np.testing.assert_array_equal(after.lo, quant.update(stats, xn, config).lo)
