@@ -68,8 +68,12 @@ def _fused_kernel(res) -> bool:
     return isinstance(res, Packed) and pallas_kernels.get_impl() != "xla"
 
 
+def _interpret() -> bool:
+    return pallas_kernels.get_impl() == "pallas_interpret"
+
+
 def _kernel_args(res: Packed) -> dict:
-    return dict(layout=res.layout, bits=res.bits, interpret=pallas_kernels.get_impl() == "pallas_interpret")
+    return dict(layout=res.layout, bits=res.bits, interpret=_interpret())
 
 
 def _materialize(y, *kept):
@@ -265,6 +269,12 @@ def _layer_norm_fwd(x, scale, bias, stats, seed, config, epsilon):
 def _layer_norm_bwd(config, epsilon, residuals, cotangents):
     res, rstd, scale, bias, x_dtype = residuals
     g, _ = cotangents
+    if _fused_kernel(res):
+        gamma = jnp.ones(g.shape[-1], jnp.float32) if scale is None else scale
+        dx, dscale, dbias = fused.layer_norm_backward(res.words, res.shift, res.scale, rstd, g, gamma,
+                                                      bits=res.bits, interpret=_interpret())
+        dscale = None if scale is None else dscale.astype(scale.dtype)
+        return dx.astype(x_dtype.dtype), dscale, None if bias is None else dbias.astype(bias.dtype), None, None
     xn, g = restore(res, g)
     xn, gf = _f32(xn), _f32(g)
     batch = tuple(range(g.ndim - 1))

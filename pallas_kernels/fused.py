@@ -2,8 +2,9 @@
 
 On a GPU each of these reads the packed words and the cotangent once and writes
 the input gradient once; the XLA path unpacks into a float tensor first. Rows of
-a [R, C] view, one per program, lanes strided as in pallas_kernels/pack.py; the
-references are the ``_bwd`` formulas of mesa_jax.ops.
+a [R, C] view, one per program (LayerNorm: a block of rows, whose parameter
+gradients are summed in the kernel), lanes strided as in pallas_kernels/pack.py;
+the references are the ``_bwd`` formulas of mesa_jax.ops.
 
 Triton has no erf: exact-GELU's derivative uses Abramowitz & Stegun 7.1.26
 (|error| < 1.5e-7), which only the backward pass ever sees.
@@ -38,7 +39,7 @@ def gelu_derivative(x, approximate: bool):
 
 
 def _gelu_bwd_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, g_ref, dx_ref, *, bits, approximate):
-    for lanes, x in dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_ref, bits):
+    for lanes, x in dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_ref[0], row_ref[1], bits):
         g = g_ref[lanes].astype(jnp.float32)
         dx_ref[lanes] = (g * gelu_derivative(x, approximate)).astype(dx_ref.dtype)
 
@@ -46,7 +47,8 @@ def _gelu_bwd_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, g_ref, dx
 def _softmax_bwd_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, g_ref, dx_ref, *, bits, length):
     per_word = 32 // bits
     ys, gs, total = [], [], jnp.float32(0.0)
-    for lane, (lanes, y) in enumerate(dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_ref, bits)):
+    lanes_of_row = dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_ref[0], row_ref[1], bits)
+    for lane, (lanes, y) in enumerate(lanes_of_row):
         valid = jnp.arange(words_ref.shape[0]) * per_word + lane < length
         g = jnp.where(valid, g_ref[lanes].astype(jnp.float32), 0.0)
         ys.append((lanes, y))
@@ -54,6 +56,22 @@ def _softmax_bwd_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, g_ref,
         total = total + jnp.sum(g * y)
     for (lanes, y), g in zip(ys, gs):
         dx_ref[lanes] = (y * (g - total)).astype(dx_ref.dtype)
+
+
+def _layer_norm_bwd_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, g_ref, gamma_ref,
+                           dx_ref, dgamma_ref, dbeta_ref, *, bits, length):
+    """A block of rows: dx = rstd * (gn - mean(gn) - xn * mean(gn * xn)), gn = g * gamma,
+    and the block's sums of g * xn and g (padded rows and columns have g = 0)."""
+    row_shift, row_scale, rstd = (row_ref[:, i : i + 1] for i in range(3))
+    lanes_of_block = list(dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_shift, row_scale, bits))
+    gs = [g_ref[:, lanes].astype(jnp.float32) for lanes, _ in lanes_of_block]
+    gns = [g * gamma_ref[lanes][None, :] for (lanes, _), g in zip(lanes_of_block, gs)]
+    mean_gn = sum(jnp.sum(gn, axis=1, keepdims=True) for gn in gns) / length
+    mean_gnx = sum(jnp.sum(gn * xn, axis=1, keepdims=True) for (_, xn), gn in zip(lanes_of_block, gns)) / length
+    for (lanes, xn), g, gn in zip(lanes_of_block, gs, gns):
+        dx_ref[:, lanes] = (rstd * (gn - mean_gn - xn * mean_gnx)).astype(dx_ref.dtype)
+        dgamma_ref[lanes] = jnp.sum(g * xn, axis=0)
+        dbeta_ref[lanes] = jnp.sum(g, axis=0)
 
 
 def _backward(kernel, words, shift, scale, g, *, layout, bits, interpret, **params):
@@ -92,3 +110,45 @@ def softmax_backward(words, shift, scale, g, *, layout, bits, interpret=False):
     """y_hat * (g - sum(g * y_hat)) over each row, y_hat unpacked in the same pass."""
     return _backward(_softmax_bwd_kernel, words, shift, scale, g, layout=layout, bits=bits, interpret=interpret,
                      length=g.shape[-1])
+
+
+LN_BLOCK_ROWS = 8  # rows per program: the parameter gradients are summed over them in registers
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "interpret"))
+def layer_norm_backward(words, shift, scale, rstd, g, gamma, *, bits, interpret=False):
+    """(dx, dgamma, dbeta) of LayerNorm from the packed normalized input, in float32.
+
+    ``words``/``shift``/``scale``: the channel-grouped residual of x_hat =
+    (x - mean) * rstd; ``rstd`` [..., 1]; ``gamma`` [C] (ones for no scale).
+    Each program reads a block of rows of words and cotangents once, writes dx,
+    and sums g * x_hat and g over its rows; a small XLA sum adds the blocks.
+    """
+    shape, length = g.shape, g.shape[-1]
+    padded = padded_words(length, bits)
+    width = padded * (32 // bits)
+    rows = math.prod(shape[:-1])
+    blocks = -(-rows // LN_BLOCK_ROWS)
+    row_shift, col_shift = rows_and_cols(shift, shape, "channels", 0.0)
+    row_scale, col_scale = rows_and_cols(scale, shape, "channels", 1.0)
+    row = jnp.stack([row_shift, row_scale, rstd.reshape(rows).astype(jnp.float32)], axis=1)  # padded to 4
+
+    def blocked(a, cols, value=0.0):  # [rows, n] -> [blocks, LN_BLOCK_ROWS, cols], zero padded
+        a = jnp.pad(a, ((0, blocks * LN_BLOCK_ROWS - rows), (0, cols - a.shape[1])), constant_values=value)
+        return a.reshape(blocks, LN_BLOCK_ROWS, cols)
+
+    pad_cols = lambda a, value: jnp.pad(a, (0, width - length), constant_values=value)
+    call = pl.pallas_call(
+        functools.partial(_layer_norm_bwd_kernel, bits=bits, length=length),
+        out_shape=(jax.ShapeDtypeStruct((LN_BLOCK_ROWS, width), g.dtype),
+                   jax.ShapeDtypeStruct((width,), jnp.float32), jax.ShapeDtypeStruct((width,), jnp.float32)),
+        interpret=interpret,
+        name="layer_norm_bwd_kernel",
+        compiler_params=TRITON,
+    )
+    dx, dgamma, dbeta = jax.vmap(call, in_axes=(0, None, None, 0, 0, None))(
+        blocked(words.reshape(rows, -1), padded), pad_cols(col_shift, 0.0), pad_cols(col_scale, 1.0),
+        blocked(row, 4), blocked(g.reshape(rows, length), width), pad_cols(gamma.astype(jnp.float32), 0.0),
+    )
+    dx = dx.reshape(blocks * LN_BLOCK_ROWS, width)[:rows, :length].reshape(shape)
+    return dx, jnp.sum(dgamma, axis=0)[:length], jnp.sum(dbeta, axis=0)[:length]

@@ -53,18 +53,23 @@ def _pack_kernel(x_ref, col_shift_ref, col_inv_ref, row_ref, base_ref, seed_ref,
     hi_ref[...] = hi
 
 
-def dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_ref, bits):
-    """(lane slice, dequantized float32 values) for each of the 32 // bits lanes of a row."""
-    per_word, words = 32 // bits, words_ref.shape[0]
+def dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_shift, row_scale, bits):
+    """(lane slice, dequantized float32 values) for each of the 32 // bits lanes of a row.
+
+    ``words_ref`` holds one row ([W], scalar row parameters) or a block of rows
+    ([rows, W], row parameters [rows, 1]); the lane slice indexes the last axis.
+    """
+    per_word, words = 32 // bits, words_ref.shape[-1]
     w = words_ref[...]
+    as_row = lambda v: v.reshape((1,) * (w.ndim - 1) + v.shape)  # [W] -> [1, W] for a block of rows
     for lane in range(per_word):
         lanes = pl.ds(lane, words, stride=per_word)
         code = ((w >> (bits * lane)) & (2**bits - 1)).astype(jnp.float32)
-        yield lanes, (row_ref[0] + col_shift_ref[lanes]) + code * (row_ref[1] * col_scale_ref[lanes])
+        yield lanes, (row_shift + as_row(col_shift_ref[lanes])) + code * (row_scale * as_row(col_scale_ref[lanes]))
 
 
 def _unpack_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, x_ref, *, bits):
-    for lanes, x in dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_ref, bits):
+    for lanes, x in dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_ref[0], row_ref[1], bits):
         x_ref[lanes] = x.astype(x_ref.dtype)
 
 

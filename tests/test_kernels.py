@@ -179,36 +179,56 @@ def test_kernel_erf_and_gelu_derivative_match_jax(approximate):
 FUSED_CASES = [
     ("gelu", (2, 5, 37), "channels"), ("gelu", (1, 3, 197), "channels"),
     ("softmax", (2, 3, 5, 5), "heads"), ("softmax", (1, 2, 197, 197), "heads"), ("softmax", (2, 5, 37), "channels"),
+    ("layer_norm", (2, 5, 37), "channels"), ("layer_norm", (3, 7, 64), "channels"),
+    ("layer_norm_no_scale", (1, 3, 197), "channels"),
 ]
+
+
+def fused_case(op, shape, key):
+    """(the op as a function of its differentiable inputs, those inputs, the tensor it keeps)."""
+    from mesa_jax import ops
+
+    x = jax.random.normal(key, shape) * 2 + 0.5
+    if op == "gelu":
+        return lambda stats, config: lambda x: ops.gelu(x, stats, SEED, config)[0], (x,), x
+    if op == "softmax":
+        return lambda stats, config: lambda x: ops.softmax(x, stats, SEED, config)[0], (x,), jax.nn.softmax(x)
+    params = jax.random.normal(jax.random.key(3), (2, shape[-1]))
+    if op == "layer_norm_no_scale":
+        make = lambda stats, config: lambda x: ops.layer_norm(x, None, None, stats, SEED, config)[0]
+        return make, (x,), ops.normalize(x)[0]
+    make = lambda stats, config: lambda x, scale, bias: ops.layer_norm(x, scale, bias, stats, SEED, config)[0]
+    return make, (x, *params), ops.normalize(x)[0]
 
 
 @pytest.mark.parametrize("op, shape, layout", FUSED_CASES, ids=str)
 @pytest.mark.parametrize("bits", [8, 4])
 def test_fused_backward_kernels_match_the_xla_backward(op, shape, layout, bits, impl, key):
-    from mesa_jax import ops
-
-    config = QuantConfig(bits=bits)
-    x = jax.random.normal(key, shape) * 2
-    kept = jax.nn.softmax(x) if op == "softmax" else x
-    stats = stats_for(kept, layout, config)
-    f = (lambda x: ops.softmax(x, stats, SEED, config)[0]) if op == "softmax" else (
-        lambda x: ops.gelu(x, stats, SEED, config)[0])
+    config = QuantConfig(bits=bits, num_groups=2 if op.startswith("layer_norm") and shape[-1] % 2 == 0 else 1)
+    make, inputs, kept = fused_case(op, shape, key)
+    f = make(stats_for(kept, layout, config), config)
     g = jax.random.normal(jax.random.key(7), shape)
     impl("xla")
-    want = jax.vjp(f, x)[1](g)[0]
+    want = jax.vjp(f, *inputs)[1](g)
     impl(KERNELS)
-    got = jax.vjp(f, x)[1](g)[0]
-    # same codes; float32 formulas in another order (and A&S erf): a few ulp of the result
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6 * float(jnp.max(jnp.abs(want))))
+    got = jax.vjp(f, *inputs)[1](g)
+    # same codes; float32 formulas in another order (and A&S erf): a few ulp of the result,
+    # and of each of the (at most 21) rows summed into a parameter gradient
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6 * float(jnp.max(jnp.abs(b))))
 
 
-@pytest.mark.parametrize("name", ["gelu_backward", "softmax_backward"])
+@pytest.mark.parametrize("name", ["gelu_backward", "softmax_backward", "layer_norm_backward"])
 def test_fused_kernels_lower_to_triton_for_cuda(name):
     from pallas_kernels import fused
 
     words = jax.ShapeDtypeStruct((4, 50), jnp.uint32)
     g = jax.ShapeDtypeStruct((4, 197), jnp.bfloat16)
-    extra = dict(approximate=False) if name == "gelu_backward" else {}
-    fn = lambda w, g: getattr(fused, name)(w, jnp.zeros(1), jnp.ones(1), g, layout="channels", bits=8, **extra)
+    if name == "layer_norm_backward":
+        fn = lambda w, g: fused.layer_norm_backward(w, jnp.zeros(1), jnp.ones(1), jnp.ones((4, 1)), g, jnp.ones(197),
+                                                    bits=8)
+    else:
+        extra = {"approximate": False} if name == "gelu_backward" else {}
+        fn = lambda w, g: getattr(fused, name)(w, jnp.zeros(1), jnp.ones(1), g, layout="channels", bits=8, **extra)
     text = jax.jit(fn).trace(words, g).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text.lower()
