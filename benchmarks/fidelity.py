@@ -7,7 +7,9 @@
 With ``--train-steps N``, vit-c100 is also trained for N steps with and without
 mesa (same seed, data and schedule; CIFAR-100 when prepared, else the synthetic
 set, which the table names), the final loss and accuracy are compared, and the
-per-parameter gradient fidelity is measured again at the trained parameters.
+per-parameter gradient fidelity is measured again at the trained parameters, for
+both packing orders (see QuantConfig.update_first). Runs already in the workdir
+are resumed, not retrained: delete it to start over.
 
 For each quantization config: the running statistics are warmed on a few
 batches (as in training), then the gradient of one held-out batch is compared
@@ -125,9 +127,10 @@ def train_curves(steps: int, workdir: str, batch: int):
         config = TrainConfig(mesa=mesa, steps=steps, batch_size=batch, eval_every=steps, log_every=10,
                              checkpoint_every=steps, warmup_epochs=0.5)
         path = os.path.join(workdir, method)
-        final = run.train_and_evaluate(config, path)
+        run.train_and_evaluate(config, path)
         with open(os.path.join(path, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
+        final = {k: v for row in rows if "step" in row for k, v in row.items()}  # the latest of each metric
         out[method] = (final, rows)
     return out
 
@@ -169,6 +172,7 @@ def configs(num_heads: int):
         "int8, group per head (default)": QuantConfig(num_groups=num_heads),
         "int8, 1 group": QuantConfig(num_groups=1),
         "int8, nearest rounding": QuantConfig(num_groups=num_heads, stochastic=False),
+        "int8, update then pack (Mesa's order)": QuantConfig(num_groups=num_heads, update_first=True),
         "int4, group per head": QuantConfig(bits=4, num_groups=num_heads),
         "int2, group per head": QuantConfig(bits=2, num_groups=num_heads),
     }
@@ -209,12 +213,17 @@ def report_training(args) -> None:
           f"accuracy difference: {100 * (mesa['eval_accuracy'] - base['eval_accuracy']):+.2f} points")
     params = trained_params(args.workdir, args.train_steps, args.train_batch)
     heads = vit.PRESETS["vit-c100"]["num_heads"]
-    approx, exact = fidelity_grads("vit-c100", QuantConfig(num_groups=heads), "structured", args.batch, params)
-    f = compare(approx, exact)
-    print(f"\nat the trained baseline parameters (int8, group per head): global cosine {f.global_cosine:.5f}, "
-          f"relative error {f.relative_error:.4f}; worst parameters:")
-    print("| parameter | cosine | relative error |\n|---|---:|---:|")
-    for name, c, e in compare_per_param(approx, exact)[:8]:
+    print("\nat the trained baseline parameters, int8, group per head, by packing order:")
+    print("| packing order | global cosine | worst param cosine | worst param | rel. error |\n|---|---:|---:|---|---:|")
+    worst = {}
+    for label, update_first in (("pack, then update (default)", False), ("update, then pack (Mesa)", True)):
+        config = QuantConfig(num_groups=heads, update_first=update_first)
+        approx, exact = fidelity_grads("vit-c100", config, "structured", args.batch, params)
+        f = compare(approx, exact)
+        worst[label] = compare_per_param(approx, exact)[:8]
+        print(f"| {label} | {f.global_cosine:.5f} | {f.worst_cosine:.4f} | {f.worst_param} | {f.relative_error:.4f} |")
+    print("\nworst parameters, pack then update (default):\n| parameter | cosine | relative error |\n|---|---:|---:|")
+    for name, c, e in worst["pack, then update (default)"]:
         print(f"| {name} | {c:.4f} | {e:.4f} |")
     if args.plot:
         plot_curves(curves, args.plot)

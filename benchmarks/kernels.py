@@ -3,9 +3,11 @@
     python -m benchmarks.kernels --peak-gbs 4800         # on a GPU (H200: 4.8 TB/s)
     python -m benchmarks.kernels --scale 0.05 --impl pallas_interpret   # a CPU smoke run
 
-Shapes are DeiT-S's at batch 128 (times ``--scale`` on the batch). For each
-kernel: median time over interleaved repeats, bytes read + written, GB/s, and
-the fraction of ``--peak-gbs``.
+Shapes are DeiT-S's at batch 128 (times ``--scale`` on the batch): the tensors
+LayerNorm, GELU and softmax keep. For each kernel (the forward's pack, which also
+measures the per-group range, LayerNorm's normalizing as well; unpack; the op's
+fused backward, timed alone on prepared residuals): median time over repeats,
+bytes read + written, GB/s, and the fraction of ``--peak-gbs``.
 """
 
 from __future__ import annotations
@@ -21,49 +23,56 @@ import jax.numpy as jnp
 import pallas_kernels
 from mesa_jax import QuantConfig, ops, quant
 
-SHAPES = {"mlp hidden [B, 197, 1536]": ((128, 197, 1536), "channels"),
-          "attention [B, 6, 197, 197]": ((128, 6, 197, 197), "heads")}
+SHAPES = {"block input [B, 197, 384]": ((128, 197, 384), "layer_norm"),
+          "mlp hidden [B, 197, 1536]": ((128, 197, 1536), "gelu"),
+          "attention [B, 6, 197, 197]": ((128, 6, 197, 197), "softmax")}
 
 
-def cases(shape, layout, dtype):
+def cases(shape, op_name, dtype):
+    """{kernel: (function, its arguments, bytes read + written)} for the tensor an op keeps."""
     x = jax.random.normal(jax.random.key(0), shape, dtype)
-    groups = 6 if layout == "channels" else shape[1]
-    config = QuantConfig(num_groups=groups if layout == "channels" else 1)
-    stats = quant.batch_stats(x, layout, groups)
+    layout = "heads" if op_name == "softmax" else "channels"
+    groups = shape[1] if layout == "heads" else 6
+    config = QuantConfig(num_groups=1 if layout == "heads" else groups)
+    moments = ops.row_moments(x) if op_name == "layer_norm" else None
+    kept = ops.normalize(x)[0] if op_name == "layer_norm" else jax.nn.softmax(x) if op_name == "softmax" else x
+    stats = quant.batch_stats(kept, layout, groups)
     seed = jnp.uint32(1)
-    packed = quant.pack(x, stats, config, seed, layout)
-    g = jnp.ones_like(x)
-    words = packed.words.nbytes
-    io = x.nbytes
-    op = (lambda t: ops.softmax(t, stats, seed, config)[0]) if layout == "heads" else (
-        lambda t: ops.gelu(t, stats, seed, config)[0])
+    op = {"gelu": lambda t: ops.gelu(t, stats, seed, config)[0],
+          "softmax": lambda t: ops.softmax(t, stats, seed, config)[0],
+          "layer_norm": lambda t: ops.layer_norm(t, None, None, stats, seed, config)[0]}[op_name]
+    pack = lambda t: quant.pack_and_update(t, stats, config, seed, layout, moments)
+    packed = jax.jit(pack)(x)[0]
+    backward = jax.vjp(op, x)[1]  # its residuals are arguments of the timed function
+    words, io = packed.words.nbytes, x.nbytes
     return {
-        "pack": (lambda: quant.pack(x, stats, config, seed, layout).words, io + words),
-        "unpack": (lambda: quant.unpack(packed), words + io),
-        ("softmax" if layout == "heads" else "gelu") + " backward": (
-            lambda: jax.vjp(op, x)[1](g)[0], words + 2 * io),
+        "pack + min/max" + (" (normalizing)" if moments else ""): (pack, (x,), io + words),
+        # a fresh function per implementation: jit caches traces by function, and the
+        # implementation is read when tracing
+        "unpack": (lambda p: quant.unpack(p), (packed,), words + io),
+        f"{op_name} backward": (lambda f, g: f(g), (backward, jnp.ones_like(x)), words + 2 * io),
     }
 
 
-def time_it(fn, repeats: int) -> list[float]:
+def time_it(fn, args, repeats: int) -> list[float]:
     jitted = jax.jit(fn)
-    jax.block_until_ready(jitted())
+    jax.block_until_ready(jitted(*args))
     out = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(jitted())
+        jax.block_until_ready(jitted(*args))
         out.append(time.perf_counter() - start)
     return out
 
 
 def run(impls, scale: float, dtype, repeats: int, peak_gbs: float):
     rows = []
-    for label, (shape, layout) in SHAPES.items():
+    for label, (shape, op_name) in SHAPES.items():
         shape = (max(1, round(shape[0] * scale)), *shape[1:])
         for impl in impls:
             pallas_kernels.set_impl(impl)
-            for name, (fn, nbytes) in cases(shape, layout, dtype).items():
-                seconds = statistics.median(time_it(fn, repeats))
+            for name, (fn, args, nbytes) in cases(shape, op_name, dtype).items():
+                seconds = statistics.median(time_it(fn, args, repeats))
                 gbs = nbytes / seconds / 1e9
                 rows.append(dict(tensor=label, shape=shape, kernel=name, impl=impl, ms=seconds * 1e3,
                                  gb_per_s=gbs, of_peak=gbs / peak_gbs))

@@ -72,3 +72,16 @@ def test_fidelity_compare_finds_the_worst_parameter():
     f = fidelity.compare(approx, exact)
     assert f.worst_param == "b" and f.worst_cosine == pytest.approx(2 / 5**0.5)
     assert fidelity.compare(exact, exact).relative_error == 0.0
+
+
+def test_kernel_benchmark_times_every_kernel_of_every_tensor(monkeypatch):
+    from benchmarks import kernels
+
+    tiny = {"layer_norm": (1, 5, 12), "gelu": (1, 5, 12), "softmax": (1, 6, 5, 5)}
+    monkeypatch.setattr(kernels, "SHAPES", {k: (tiny[op], op) for k, (_, op) in kernels.SHAPES.items()})
+    rows = kernels.run(["xla"], scale=1.0, dtype=jnp.float32, repeats=1, peak_gbs=1.0)
+    names = {r["kernel"] for r in rows}
+    assert names == {"pack + min/max (normalizing)", "pack + min/max", "unpack", "layer_norm backward",
+                     "gelu backward", "softmax backward"}
+    assert all(r["ms"] > 0 and r["of_peak"] == r["gb_per_s"] for r in rows)
+    assert "| softmax backward | xla |" in kernels.table(rows)
