@@ -1,5 +1,6 @@
 """mesa_jax.nn layers: drop-in for flax.linen, statistics in the "mesa" collection, Policy."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -202,3 +203,19 @@ def test_layers_work_under_vmap_and_jit(key):
     for i in range(3):
         one = grad_one(xs[i])
         np.testing.assert_allclose(batched["kernel"][i], one["kernel"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("update_first", [False, True])
+def test_later_steps_pack_with_the_running_range_or_mesa_s_updated_one(update_first, key):
+    config = dataclasses.replace(NEAREST, update_first=update_first)
+    layer = mnn.GELU(quant=config)
+    a, b = jax.random.normal(key, (2, 4, 8)) * jnp.array([1.0, 3.0]).reshape(2, 1, 1)
+    variables = layer.init(jax.random.key(0), a)
+    _, state = layer.apply(variables, a, mutable=["mesa"])  # step 1 sets the range to a's
+    g = jax.grad(lambda x: jnp.sum(layer.apply(state, x, mutable=["mesa"])[0]))(b)
+    running = state["mesa"]["inputs"]
+    packed_with = quant.update(running, b, config) if update_first else running
+    dgelu = jax.grad(lambda t: jnp.sum(jax.nn.gelu(t, approximate=False)))
+    np.testing.assert_allclose(g, dgelu(quant.fake_quantize(b, packed_with, NEAREST, 0)), rtol=1e-5, atol=1e-6)
+    _, after = layer.apply(state, b, mutable=["mesa"])
+    np.testing.assert_allclose(after["mesa"]["inputs"].span, quant.update(running, b, config).span, rtol=1e-6)
