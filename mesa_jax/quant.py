@@ -56,6 +56,9 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.num_groups must be an int >= 1, got {self.num_groups!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"QuantConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        for flag in ("stochastic", "update_first"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"QuantConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
 
     @property
     def levels(self) -> int:
@@ -196,14 +199,18 @@ def hash_uniform(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 # -------------------------------------------------------------- pack / unpack
 
 
-def _affine(x: jax.Array, stats: Stats, config: QuantConfig, layout: Layout):
-    """Per-group float32 (shift, inverse scale) of x; checks the statistics fit x."""
+def _check_groups(x: jax.Array, stats: Stats, config: QuantConfig, layout: Layout) -> None:
     groups = num_groups_for(x.shape, layout, config)
     if stats.lo.shape != (groups,):
         raise ValueError(
             f"statistics have {stats.lo.shape[0]} groups but a {layout} tensor of shape "
             f"{x.shape} needs {groups}"
         )
+
+
+def _affine(x: jax.Array, stats: Stats, config: QuantConfig, layout: Layout):
+    """Per-group float32 (shift, inverse scale) of x; checks the statistics fit x."""
+    _check_groups(x, stats, config, layout)
     shift = stats.lo.astype(jnp.float32)
     return shift, config.levels / jnp.maximum(stats.span.astype(jnp.float32), EPS)
 
@@ -253,6 +260,7 @@ def pack_and_update(x: jax.Array, stats: Stats, config: QuantConfig, seed, layou
     with its own range. ``config.update_first`` is Mesa's order instead: update
     the estimate with x, then pack with it (two passes).
     """
+    _check_groups(x, stats, config, layout)
     if config.update_first:
         new = update(stats, normalized(x, normalized_by), config, layout)
         return pack(x, new, config, seed, layout, normalized_by), new

@@ -30,7 +30,8 @@ def step_of(stats, config, layout, ndim):
 @pytest.mark.parametrize(
     "kwargs, field",
     [(dict(bits=3), "bits"), (dict(bits=16), "bits"), (dict(num_groups=0), "num_groups"),
-     (dict(ema_decay=1.0), "ema_decay"), (dict(ema_decay=-0.1), "ema_decay")],
+     (dict(ema_decay=1.0), "ema_decay"), (dict(ema_decay=-0.1), "ema_decay"),
+     (dict(update_first=1), "update_first")],
 )
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -57,6 +58,9 @@ def test_stats_with_wrong_group_count_are_rejected():
     x = jnp.ones((2, 8))
     with pytest.raises(ValueError, match="2 groups"):
         quant.pack(x, quant.init_stats(2), QuantConfig(num_groups=4), SEED)
+    for update_first in (False, True):
+        with pytest.raises(ValueError, match="2 groups.*needs 4"):
+            quant.pack_and_update(x, quant.init_stats(2), QuantConfig(num_groups=4, update_first=update_first), SEED)
 
 
 @pytest.mark.parametrize("shape", CHANNEL_SHAPES)
