@@ -6,6 +6,10 @@ is the identity (shift 0, scale 1), so the arithmetic is bit for bit the
 reference's (mesa_jax.quant), hash noise included: a kernel and the reference
 produce identical codes for the same seed.
 
+The pack kernel also emits each row's finite min and max per column group, from
+the same read: reduced over rows on the host (a [R, G] array), they are the
+tensor's per-group range, so the running estimate needs no second pass.
+
 Rows are padded on the host to a power-of-two number of words, so every strided
 lane load is in bounds (Triton blocks must be powers of two).
 """
