@@ -117,7 +117,8 @@ LN_BLOCK_ROWS = 8  # rows per program: the parameter gradients are summed over t
 
 @functools.partial(jax.jit, static_argnames=("bits", "interpret"))
 def layer_norm_backward(words, shift, scale, rstd, g, gamma, *, bits, interpret=False):
-    """(dx, dgamma, dbeta) of LayerNorm from the packed normalized input, in float32.
+    """(dx, dgamma, dbeta) of LayerNorm from the packed normalized input; dx in g's dtype,
+    the parameter gradients in float32.
 
     ``words``/``shift``/``scale``: the channel-grouped residual of x_hat =
     (x - mean) * rstd; ``rstd`` [..., 1]; ``gamma`` [C] (ones for no scale).
@@ -133,8 +134,8 @@ def layer_norm_backward(words, shift, scale, rstd, g, gamma, *, bits, interpret=
     row_scale, col_scale = rows_and_cols(scale, shape, "channels", 1.0)
     row = jnp.stack([row_shift, row_scale, rstd.reshape(rows).astype(jnp.float32)], axis=1)  # padded to 4
 
-    def blocked(a, cols, value=0.0):  # [rows, n] -> [blocks, LN_BLOCK_ROWS, cols], zero padded
-        a = jnp.pad(a, ((0, blocks * LN_BLOCK_ROWS - rows), (0, cols - a.shape[1])), constant_values=value)
+    def blocked(a, cols):  # [rows, n] -> [blocks, LN_BLOCK_ROWS, cols], zero padded
+        a = jnp.pad(a, ((0, blocks * LN_BLOCK_ROWS - rows), (0, cols - a.shape[1])))
         return a.reshape(blocks, LN_BLOCK_ROWS, cols)
 
     pad_cols = lambda a, value: jnp.pad(a, (0, width - length), constant_values=value)
