@@ -185,7 +185,8 @@ FUSED_CASES = [
 
 
 def fused_case(op, shape, key):
-    """(the op as a function of its differentiable inputs, those inputs, the tensor it keeps)."""
+    """((stats, config) -> the op as a function of its differentiable inputs, those inputs,
+    the tensor the op keeps)."""
     from mesa_jax import ops
 
     x = jax.random.normal(key, shape) * 2 + 0.5
