@@ -242,7 +242,8 @@ def normalized(x: jax.Array, normalized_by=None) -> jax.Array:
 
 def pack(x: jax.Array, stats: Stats, config: QuantConfig, seed, layout: Layout = "channels",
          normalized_by=None) -> Packed:
-    """Quantize x with the given statistics and pack the codes into uint32 words.
+    """Quantize x (or quant.normalized(x, normalized_by)) with the given statistics and
+    pack the codes into uint32 words.
 
     Runs the jnp reference or the Pallas kernel, as ``pallas_kernels.get_impl()`` says;
     both give identical words.

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.pack import TRITON, dequantized_lanes, padded_words, rows_and_cols
+from pallas_kernels.pack import TRITON, dequantization_params, dequantized_lanes, padded_words
 
 
 def erf(x):
@@ -79,9 +79,7 @@ def _backward(kernel, words, shift, scale, g, *, layout, bits, interpret, **para
     shape, length = g.shape, g.shape[-1]
     padded = padded_words(length, bits)
     width = padded * (32 // bits)
-    row_shift, col_shift = rows_and_cols(shift, shape, layout, 0.0)
-    row_scale, col_scale = rows_and_cols(scale, shape, layout, 1.0)
-    pad = lambda a, value=0.0: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - length)], constant_values=value)
+    row, col_shift, col_scale = dequantization_params(shift, scale, shape, layout, width)
     flat_words = words.reshape(-1, words.shape[-1])
     flat_words = jnp.pad(flat_words, ((0, 0), (0, padded - flat_words.shape[1])))
     call = pl.pallas_call(
@@ -91,9 +89,8 @@ def _backward(kernel, words, shift, scale, g, *, layout, bits, interpret, **para
         name=kernel.__name__.strip("_"),
         compiler_params=TRITON,
     )
-    row = jnp.stack([row_shift, row_scale], axis=1)
     dx = jax.vmap(call, in_axes=(0, None, None, 0, 0))(
-        flat_words, pad(col_shift), pad(col_scale, 1.0), row, pad(g.reshape(-1, length))
+        flat_words, col_shift, col_scale, row, jnp.pad(g.reshape(-1, length), ((0, 0), (0, width - length)))
     )
     return dx[:, :length].reshape(shape)
 
@@ -130,15 +127,13 @@ def layer_norm_backward(words, shift, scale, rstd, g, gamma, *, bits, interpret=
     width = padded * (32 // bits)
     rows = math.prod(shape[:-1])
     blocks = -(-rows // LN_BLOCK_ROWS)
-    row_shift, col_shift = rows_and_cols(shift, shape, "channels", 0.0)
-    row_scale, col_scale = rows_and_cols(scale, shape, "channels", 1.0)
-    row = jnp.stack([row_shift, row_scale, rstd.reshape(rows).astype(jnp.float32)], axis=1)  # padded to 4
+    row, col_shift, col_scale = dequantization_params(shift, scale, shape, "channels", width)
+    row = jnp.concatenate([row, rstd.reshape(rows, 1).astype(jnp.float32)], axis=1)  # blocked() pads it to 4
 
     def blocked(a, cols):  # [rows, n] -> [blocks, LN_BLOCK_ROWS, cols], zero padded
         a = jnp.pad(a, ((0, blocks * LN_BLOCK_ROWS - rows), (0, cols - a.shape[1])))
         return a.reshape(blocks, LN_BLOCK_ROWS, cols)
 
-    pad_cols = lambda a, value: jnp.pad(a, (0, width - length), constant_values=value)
     call = pl.pallas_call(
         functools.partial(_layer_norm_bwd_kernel, bits=bits, length=length),
         out_shape=(jax.ShapeDtypeStruct((LN_BLOCK_ROWS, width), g.dtype),
@@ -148,8 +143,8 @@ def layer_norm_backward(words, shift, scale, rstd, g, gamma, *, bits, interpret=
         compiler_params=TRITON,
     )
     dx, dgamma, dbeta = jax.vmap(call, in_axes=(0, None, None, 0, 0, None))(
-        blocked(words.reshape(rows, -1), padded), pad_cols(col_shift, 0.0), pad_cols(col_scale, 1.0),
-        blocked(row, 4), blocked(g.reshape(rows, length), width), pad_cols(gamma.astype(jnp.float32), 0.0),
+        blocked(words.reshape(rows, -1), padded), col_shift, col_scale, blocked(row, 4),
+        blocked(g.reshape(rows, length), width), jnp.pad(gamma.astype(jnp.float32), (0, width - length)),
     )
     dx = dx.reshape(blocks * LN_BLOCK_ROWS, width)[:rows, :length].reshape(shape)
     return dx, jnp.sum(dgamma, axis=0)[:length], jnp.sum(dbeta, axis=0)[:length]

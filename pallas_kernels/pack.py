@@ -145,6 +145,15 @@ def rows_and_cols(values, shape, layout: str, identity: float):
     return row, jnp.repeat(values, length // values.shape[0])
 
 
+def dequantization_params(shift, scale, shape, layout: str, width: int):
+    """What a row kernel reads to dequantize a packed [..., C] tensor: per-row [R, 2]
+    (shift, scale) and per-column [width] shift and scale, padded columns the identity."""
+    row_shift, col_shift = rows_and_cols(shift, shape, layout, 0.0)
+    row_scale, col_scale = rows_and_cols(scale, shape, layout, 1.0)
+    pad = lambda a, value: jnp.pad(a, (0, width - shape[-1]), constant_values=value)
+    return jnp.stack([row_shift, row_scale], axis=1), pad(col_shift, 0.0), pad(col_scale, 1.0)
+
+
 def pack(x, shift, inv_scale, seed, *, layout: str, bits: int, stochastic: bool, normalized_by=None,
          interpret: bool):
     """Words of x ([..., C] -> [..., W]) packed with per-group ``shift`` and ``inv_scale``, and
