@@ -28,15 +28,15 @@ SHAPES = {"block input [B, 197, 384]": ((128, 197, 384), "layer_norm"),
           "attention [B, 6, 197, 197]": ((128, 6, 197, 197), "softmax")}
 
 
-def cases(shape, op_name, dtype):
+def cases(shape, op_name, dtype, implementation: str):
     """{kernel: (function, its arguments, bytes read + written)} for the tensor an op keeps."""
     x = jax.random.normal(jax.random.key(0), shape, dtype)
     layout = "heads" if op_name == "softmax" else "channels"
     groups = shape[1] if layout == "heads" else 6
-    config = QuantConfig(num_groups=1 if layout == "heads" else groups)
+    config = QuantConfig(num_groups=1 if layout == "heads" else groups, implementation=implementation)
     moments = ops.row_moments(x) if op_name == "layer_norm" else None
-    kept = ops.normalize(x)[0] if op_name == "layer_norm" else jax.nn.softmax(x) if op_name == "softmax" else x
-    stats = quant.batch_stats(kept, layout, groups)
+    kept = ops.normalized_input(x)[0] if op_name == "layer_norm" else jax.nn.softmax(x) if op_name == "softmax" else x
+    stats = quant.stats_of(kept, layout, groups)
     seed = jnp.uint32(1)
     op = {"gelu": lambda t: ops.gelu(t, stats, seed, config)[0],
           "softmax": lambda t: ops.softmax(t, stats, seed, config)[0],
@@ -47,9 +47,7 @@ def cases(shape, op_name, dtype):
     words, io = packed.words.nbytes, x.nbytes
     return {
         "pack + min/max" + (" (normalizing)" if moments else ""): (pack, (x,), io + words),
-        # a fresh function per implementation: jit caches traces by function, and the
-        # implementation is read when tracing
-        "unpack": (lambda p: quant.unpack(p), (packed,), words + io),
+        "unpack": (quant.unpack, (packed,), words + io),
         f"{op_name} backward": (lambda f, g: f(g), (backward, jnp.ones_like(x)), words + 2 * io),
     }
 
@@ -70,13 +68,11 @@ def run(impls, scale: float, dtype, repeats: int, peak_gbs: float):
     for label, (shape, op_name) in SHAPES.items():
         shape = (max(1, round(shape[0] * scale)), *shape[1:])
         for impl in impls:
-            pallas_kernels.set_impl(impl)
-            for name, (fn, args, nbytes) in cases(shape, op_name, dtype).items():
+            for name, (fn, args, nbytes) in cases(shape, op_name, dtype, impl).items():
                 seconds = statistics.median(time_it(fn, args, repeats))
                 gbs = nbytes / seconds / 1e9
                 rows.append(dict(tensor=label, shape=shape, kernel=name, impl=impl, ms=seconds * 1e3,
                                  gb_per_s=gbs, of_peak=gbs / peak_gbs))
-    pallas_kernels.set_impl(None)
     return rows
 
 
@@ -89,7 +85,7 @@ def table(rows) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--impl", nargs="+", default=["xla", "pallas"], choices=pallas_kernels.IMPLS)
+    parser.add_argument("--impl", nargs="+", default=["xla", "pallas"], choices=pallas_kernels.IMPLEMENTATIONS)
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of batch 128 (default: 1)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=20)

@@ -19,7 +19,7 @@ HEADS = 4
 
 def _stats(t, layout="channels"):
     groups = t.shape[1] if layout == "heads" else 1
-    return quant.batch_stats(t, layout, groups)
+    return quant.stats_of(t, layout, groups)
 
 
 def link(name: str, shape: tuple[int, int, int]):

@@ -3,8 +3,5 @@
 from mesa_jax import memory, models, nn, ops, quant
 from mesa_jax.policy import Policy
 from mesa_jax.quant import Packed, QuantConfig, Stats
-from pallas_kernels import get_impl, set_impl
 
-__all__ = [
-    "QuantConfig", "Policy", "Stats", "Packed", "get_impl", "set_impl", "memory", "models", "nn", "ops", "quant",
-]
+__all__ = ["QuantConfig", "Policy", "Stats", "Packed", "memory", "models", "nn", "ops", "quant"]

@@ -5,13 +5,12 @@ constructor arguments, defaults and parameter names, plus ``quant`` (a
 QuantConfig, a Policy, or None for plain flax behaviour). Each compressed tensor
 has its running statistics in the ``"mesa"`` collection; they are updated only
 when that collection is mutable (``apply(..., mutable=["mesa"])`` in training),
-like ``batch_stats``.
+like flax's ``batch_stats``.
 """
 
 from __future__ import annotations
 
 import functools
-import zlib
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -67,8 +66,7 @@ class _Compressed(nn.Module):
         """From the "mesa" RNG stream when given, else from the layer path and step count."""
         if self.has_rng(COLLECTION):
             return jax.random.bits(self.make_rng(COLLECTION), (), jnp.uint32)
-        path = zlib.crc32("/".join((*self.path, name)).encode())
-        return jnp.uint32(path) ^ (count.astype(jnp.uint32) * jnp.uint32(0x9E3779B9))
+        return quant.layer_seed("/".join((*self.path, name)), count)
 
 
 class Dense(_Compressed):
@@ -147,7 +145,7 @@ class LayerNorm(_Compressed):
     bias_init: Initializer = nn.initializers.zeros_init()
     scale_init: Initializer = nn.initializers.ones_init()
     quant: Quant = DEFAULT
-    kind = "layernorm"
+    kind = "layer_norm"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -15,8 +15,8 @@ computation, differentiated by JAX: what ``quant=None`` layers run), ``_fwd``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 from typing import Sequence
 
 import jax
@@ -24,24 +24,23 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-import pallas_kernels
 from mesa_jax import quant
 from mesa_jax.quant import Layout, Packed, QuantConfig, Stats
-from pallas_kernels import fused
+from pallas_kernels import arithmetic, fused
 
 RESIDUAL_NAME = "mesa_residual"  # checkpoint_name of every kept activation
 
 
 def keep(x, stats: Stats | None, seed, config: QuantConfig | None, layout: Layout = "channels", normalized_by=None):
     """(what the backward pass keeps of x, the statistics updated with it): packed codes,
-    or x itself in exact mode. ``normalized_by``: keep quant.normalized(x, normalized_by)."""
+    or x itself in exact mode. ``normalized_by``: keep quant.normalize_rows(x, normalized_by)."""
     if config is None:
-        return quant.normalized(x, normalized_by), stats
+        return quant.normalize_rows(x, normalized_by), stats
     packed, stats = quant.pack_and_update(x, stats, config, seed, layout, normalized_by)
     return checkpoint_name(packed, RESIDUAL_NAME), stats
 
 
-def observed(stats: Stats | None, kept, config: QuantConfig | None, layout: Layout = "channels"):
+def updated(stats: Stats | None, kept, config: QuantConfig | None, layout: Layout = "channels"):
     """The statistics ``keep`` returns, without packing: what a primal (undifferentiated) op returns."""
     return stats if config is None else quant.update(stats, kept, config, layout)
 
@@ -52,28 +51,34 @@ def restore(res, g):
     Without a dependency on ``g`` XLA is free to unpack (and transpose, for a
     matmul) early in the forward pass, keeping float copies alive: exactly the
     memory mesa exists to save. The optimization barrier expresses the
-    dependency on GPU; XLA:CPU drops barriers, so the restored tensor also
-    carries a data dependency on the cotangent (a NaN cotangent makes it NaN, a
-    gradient that is poisoned anyway).
+    dependency on GPU; XLA:CPU drops barriers, so the words also get a data
+    dependency on the cotangent that changes no value (``_after``).
     """
     if not isinstance(res, Packed):
         return res, g
     res, g = lax.optimization_barrier((res, g))
-    x = quant.unpack(res)
-    return jnp.where(jnp.isnan(g.reshape(-1)[0]), jnp.nan, x).astype(x.dtype), g
+    return quant.unpack(_after(res, g)), g
+
+
+def _after(p: Packed, g) -> Packed:
+    """``p`` with words that depend on the cotangent ``g`` and equal ``p.words`` bit for bit.
+
+    ``min(w, w | b) == w`` for unsigned integers, whatever ``b`` (here the bits of
+    g's first element, 0 if g is empty), and XLA's simplifier does not know it.
+    """
+    first = g.reshape(-1)[:1]
+    bits = lax.bitcast_convert_type(first, jnp.dtype(f"uint{8 * first.dtype.itemsize}")).astype(jnp.uint32)
+    bits = jnp.sum(bits, dtype=jnp.uint32)  # a scalar; sharded g: a sum all-reduce (no OR one on CPU)
+    return dataclasses.replace(p, words=jnp.minimum(p.words, p.words | bits))
 
 
 def _fused_kernel(res) -> bool:
-    """Whether the backward of a packed residual runs a fused Pallas kernel (unpack + formula)."""
-    return isinstance(res, Packed) and pallas_kernels.get_impl() != "xla"
-
-
-def _interpret() -> bool:
-    return pallas_kernels.get_impl() == "pallas_interpret"
+    """Whether the backward of a residual runs a fused Pallas kernel (unpack + formula)."""
+    return isinstance(res, Packed) and res.implementation != "xla"
 
 
 def _kernel_args(res: Packed) -> dict:
-    return dict(layout=res.layout, bits=res.bits, interpret=_interpret())
+    return dict(bits=res.bits, interpret=res.implementation == "pallas_interpret")
 
 
 def _materialize(y, *kept):
@@ -99,7 +104,7 @@ def _channels_last(v, ndim):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def dense(x, kernel, bias, stats, seed, config, precision=None):
     """x @ kernel + bias over the last axis of x (any leading dims); bias may be None."""
-    return dense_reference(x, kernel, bias, precision), observed(stats, x, config)
+    return dense_reference(x, kernel, bias, precision), updated(stats, x, config)
 
 
 def dense_reference(x, kernel, bias, precision=None):
@@ -134,7 +139,7 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def conv(x, kernel, bias, stats, seed, config, strides: Sequence[int], padding):
     """N-D convolution, channels last (``x: [B, *spatial, C]``, ``kernel: [*window, C, F]``)."""
-    return conv_reference(x, kernel, bias, strides, padding), observed(stats, x, config)
+    return conv_reference(x, kernel, bias, strides, padding), updated(stats, x, config)
 
 
 def conv_reference(x, kernel, bias, strides, padding):
@@ -174,7 +179,7 @@ conv.defvjp(_conv_fwd, _conv_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def gelu(x, stats, seed, config, approximate: bool = False):
     """GELU, exact (erf) or with the tanh approximation."""
-    return gelu_reference(x, approximate), observed(stats, x, config)
+    return gelu_reference(x, approximate), updated(stats, x, config)
 
 
 def gelu_reference(x, approximate: bool = False):
@@ -190,22 +195,11 @@ def _gelu_fwd(x, stats, seed, config, approximate):
 def _gelu_bwd(config, approximate, res, cotangents):
     (res,), (g, _) = res, cotangents
     if _fused_kernel(res):
-        dx = fused.gelu_backward(res.words, res.shift, res.scale, g, approximate=approximate, **_kernel_args(res))
+        dx = fused.gelu_backward(res.words, res.shift, res.scale, g, approximate=approximate, layout=res.layout,
+                                 **_kernel_args(res))
         return dx.astype(res.dtype), None, None
     x, g = restore(res, g)
-    return (g * gelu_derivative(x, approximate)).astype(x.dtype), None, None
-
-
-def gelu_derivative(x, approximate: bool):
-    """d gelu / dx, computed in at least float32."""
-    x = _f32(x)
-    if approximate:
-        c = math.sqrt(2 / math.pi)
-        inner = c * (x + 0.044715 * x**3)
-        t = jnp.tanh(inner)
-        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
-    cdf = 0.5 * (1 + lax.erf(x / math.sqrt(2)))
-    return cdf + x * jnp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    return (g * arithmetic.gelu_derivative(_f32(x), approximate)).astype(x.dtype), None, None
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
@@ -221,9 +215,9 @@ def layer_norm(x, scale, bias, stats, seed, config, epsilon: float = 1e-6):
     Keeps the *normalized* input, packed, and the per-row rstd: every row then has
     unit scale, so one range per group fits all rows (the raw input's rows differ
     by orders of magnitude, e.g. the class token against the patches).
-    ``stats`` describe the normalized input (see ``normalize``).
+    ``stats`` describe the normalized input (see ``normalized_input``).
     """
-    return layer_norm_reference(x, scale, bias, epsilon), observed(stats, normalize(x, epsilon)[0], config)
+    return layer_norm_reference(x, scale, bias, epsilon), updated(stats, normalized_input(x, epsilon)[0], config)
 
 
 def layer_norm_reference(x, scale, bias, epsilon=1e-6):
@@ -252,10 +246,10 @@ def row_moments(x, epsilon=1e-6):
     return mean, lax.rsqrt(var + epsilon)
 
 
-def normalize(x, epsilon=1e-6):
-    """(x - mean) * rstd over the last axis and rstd ([..., 1]), in >= float32."""
+def normalized_input(x, epsilon=1e-6):
+    """LayerNorm's normalized input (x - mean) * rstd over the last axis, and rstd ([..., 1]), in >= float32."""
     mean, rstd = row_moments(x, epsilon)
-    return quant.normalized(x, (mean, rstd)), rstd
+    return quant.normalize_rows(x, (mean, rstd)), rstd
 
 
 def _layer_norm_fwd(x, scale, bias, stats, seed, config, epsilon):
@@ -272,7 +266,7 @@ def _layer_norm_bwd(config, epsilon, residuals, cotangents):
     if _fused_kernel(res):
         gamma = jnp.ones(g.shape[-1], jnp.float32) if scale is None else scale
         dx, dscale, dbias = fused.layer_norm_backward(res.words, res.shift, res.scale, rstd, g, gamma,
-                                                      bits=res.bits, interpret=_interpret())
+                                                      **_kernel_args(res))
         dscale = None if scale is None else dscale.astype(scale.dtype)
         return dx.astype(x_dtype.dtype), dscale, None if bias is None else dbias.astype(bias.dtype), None, None
     xn, g = restore(res, g)
@@ -281,7 +275,8 @@ def _layer_norm_bwd(config, epsilon, residuals, cotangents):
     dscale = None if scale is None else jnp.sum(gf * xn, axis=batch).astype(scale.dtype)
     dbias = None if bias is None else jnp.sum(gf, axis=batch).astype(bias.dtype)
     gn = gf if scale is None else gf * _channels_last(scale, gf.ndim)
-    dx = rstd * (gn - jnp.mean(gn, -1, keepdims=True) - xn * jnp.mean(gn * xn, -1, keepdims=True))
+    dx = arithmetic.layer_norm_input_grad(xn, gn, rstd, jnp.mean(gn, -1, keepdims=True),
+                                          jnp.mean(gn * xn, -1, keepdims=True))
     return dx.astype(x_dtype.dtype), dscale, dbias, None, None
 
 
@@ -300,7 +295,7 @@ def attention_layout(ndim: int) -> Layout:
 def softmax(x, stats, seed, config):
     """Softmax over the last axis. Keeps only its output: the backward needs nothing else."""
     y = softmax_reference(x)
-    return y, observed(stats, y, config, attention_layout(y.ndim))
+    return y, updated(stats, y, config, attention_layout(y.ndim))
 
 
 def softmax_reference(x):
@@ -317,11 +312,11 @@ def _softmax_fwd(x, stats, seed, config):
 def _softmax_bwd(config, res, cotangents):
     (res,), (g, _) = res, cotangents
     if _fused_kernel(res):
-        dx = fused.softmax_backward(res.words, res.shift, res.scale, g, **_kernel_args(res))
+        dx = fused.softmax_backward(res.words, res.shift, res.scale, g, layout=res.layout, **_kernel_args(res))
         return dx.astype(res.dtype), None, None
     y, g = restore(res, g)
     yf, gf = _f32(y), _f32(g)
-    dx = yf * (gf - jnp.sum(gf * yf, axis=-1, keepdims=True))
+    dx = arithmetic.softmax_input_grad(yf, gf, jnp.sum(gf * yf, axis=-1, keepdims=True))
     return dx.astype(y.dtype), None, None
 
 
@@ -337,8 +332,8 @@ def matmul(a, b, stats_a, stats_b, seed_a, seed_b, config):
 
     Returns ``(y, (stats_a, stats_b))``.
     """
-    stats_a = observed(stats_a, a, config, attention_layout(a.ndim))
-    stats_b = observed(stats_b, b, config, attention_layout(b.ndim))
+    stats_a = updated(stats_a, a, config, attention_layout(a.ndim))
+    stats_b = updated(stats_b, b, config, attention_layout(b.ndim))
     return matmul_reference(a, b), (stats_a, stats_b)
 
 

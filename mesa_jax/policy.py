@@ -14,7 +14,7 @@ from typing import Iterable, Mapping, Union
 
 from mesa_jax.quant import QuantConfig
 
-KINDS = ("dense", "conv", "layernorm", "gelu", "softmax", "matmul")
+KINDS = ("dense", "conv", "layer_norm", "gelu", "softmax", "matmul")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,9 @@
-"""Per-group integer quantization of activations: the heart of mesa_jax.
+"""Per-group integer quantization of activations: the readable reference of mesa_jax.
 
 A tensor kept for the backward pass is stored as ``bits``-bit codes plus a
 float32 ``scale`` and ``shift`` per group::
 
-    code = clip(floor((x - shift) / scale + u), 0, 2**bits - 1)    # u ~ U[0, 1)
+    code  = clip(floor((x - shift) / scale + u), 0, 2**bits - 1)    # u ~ U[0, 1), or 0.5
     x_hat = shift + code * scale
 
 with ``shift`` the group's running minimum and ``scale = max(span, EPS) /
@@ -12,14 +12,21 @@ overflowing values around) and packed ``32 // bits`` to a uint32 word along the
 last axis, so 4- and 2-bit residuals really take a half or a quarter of a byte
 per element.
 
-Everything here is plain ``jnp`` and defines what the Pallas kernels must
-reproduce bit for bit, including the counter-based hash behind stochastic
-rounding.
+This module is plain jnp and defines what the Pallas kernels must reproduce bit
+for bit. The per-element rules (the code formula above, the dequantization,
+LayerNorm's normalization, "a group with no finite entry has range 0", the word
+layout) are the small functions of pallas_kernels.arithmetic, and the noise ``u``
+is pallas_kernels.hashing's counter-based hash of (seed, flat element index):
+the reference here and the kernels call the same functions. Which of the two
+runs is ``QuantConfig.implementation``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import zlib
 from typing import Literal, NamedTuple
 
 import jax
@@ -27,8 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
+from pallas_kernels import arithmetic
 from pallas_kernels import pack as kernels
-from pallas_kernels.hashing import uniform_from_index
+from pallas_kernels.hashing import combine, uniform
 
 Layout = Literal["channels", "heads"]
 
@@ -48,17 +56,30 @@ class QuantConfig:
     # (two reads of the tensor). False packs with the estimate from before the tensor and
     # measures its range in the same read (see pack_and_update).
     update_first: bool = False
+    # "xla" (this module's jnp), "pallas" (Triton kernels) or "pallas_interpret"; None:
+    # the process default (pallas_kernels.default: MESA_JAX_IMPL, else by backend).
+    implementation: str | None = None
 
     def __post_init__(self):
+        def integer(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"QuantConfig.{name} must be an int, got {value!r}")
+            object.__setattr__(self, name, int(value))
+
+        integer("bits")
         if self.bits not in VALID_BITS:
             raise ValueError(f"QuantConfig.bits must be one of {VALID_BITS}, got {self.bits!r}")
-        if not isinstance(self.num_groups, int) or self.num_groups < 1:
+        integer("num_groups")
+        if self.num_groups < 1:
             raise ValueError(f"QuantConfig.num_groups must be an int >= 1, got {self.num_groups!r}")
-        if not 0.0 <= self.ema_decay < 1.0:
+        if not isinstance(self.ema_decay, numbers.Real) or not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"QuantConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
         for flag in ("stochastic", "update_first"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"QuantConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
+        if self.implementation is not None:
+            pallas_kernels.check(self.implementation)
 
     @property
     def levels(self) -> int:
@@ -85,6 +106,7 @@ class Packed:
     dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
     bits: int = dataclasses.field(metadata=dict(static=True))
     layout: Layout = dataclasses.field(metadata=dict(static=True))
+    implementation: str = dataclasses.field(metadata=dict(static=True))  # resolved: unpack runs the same
 
     @property
     def nbytes(self) -> int:
@@ -112,18 +134,23 @@ def num_groups_for(shape: tuple[int, ...], layout: Layout, config: QuantConfig) 
     return groups
 
 
-def _group_shape(shape: tuple[int, ...], layout: Layout, groups: int) -> tuple[int, ...]:
-    """Shape to view x as, so that a per-group [G] vector broadcasts after a reshape."""
-    if layout == "heads":
-        return shape
-    return (*shape[:-1], groups, shape[-1] // groups)
+def grouped_shape(shape: tuple[int, ...], layout: Layout, groups: int) -> tuple[int, int, int]:
+    """The [outer, G, inner] view of a tensor (a reshape) in which group g is [:, g, :]."""
+    if layout == "heads":  # [B, H, N, M]
+        return shape[0], groups, math.prod(shape[2:])
+    return math.prod(shape[:-1]), groups, shape[-1] // groups  # [..., C]: contiguous channel chunks
 
 
-def _per_group(v: jax.Array, layout: Layout, ndim: int) -> jax.Array:
-    """Reshape a [G] vector to broadcast against the grouped view of an ndim tensor."""
-    if layout == "heads":
-        return v.reshape(1, -1, 1, 1)
-    return v.reshape((1,) * (ndim - 2) + (-1, 1))
+def _per_group(v: jax.Array) -> jax.Array:
+    """A [G] vector, to broadcast against a grouped view."""
+    return v.reshape(1, -1, 1)
+
+
+def _group_range(lo: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[G] min of ``lo`` and max of ``hi``, grouped views holding +-inf where nothing counts."""
+    lo = jnp.min(lo, axis=(0, 2), initial=jnp.inf)
+    hi = jnp.max(hi, axis=(0, 2), initial=-jnp.inf)
+    return arithmetic.range_or_zero(lo, hi)
 
 
 def group_min_max(x: jax.Array, layout: Layout, groups: int) -> tuple[jax.Array, jax.Array]:
@@ -132,14 +159,9 @@ def group_min_max(x: jax.Array, layout: Layout, groups: int) -> tuple[jax.Array,
     Under stop_gradient: autodiff must not keep the float input for their VJP.
     """
     x = jax.lax.stop_gradient(x)
-    xg = x.reshape(_group_shape(x.shape, layout, groups)).astype(jnp.float32)
-    group_axis = 1 if layout == "heads" else xg.ndim - 2
-    axes = tuple(a for a in range(xg.ndim) if a != group_axis)
+    xg = x.reshape(grouped_shape(x.shape, layout, groups)).astype(jnp.float32)
     finite = jnp.isfinite(xg)
-    lo = jnp.min(jnp.where(finite, xg, jnp.inf), axis=axes)
-    hi = jnp.max(jnp.where(finite, xg, -jnp.inf), axis=axes)
-    empty = lo > hi
-    return jnp.where(empty, 0.0, lo), jnp.where(empty, 0.0, hi)
+    return _group_range(jnp.where(finite, xg, jnp.inf), jnp.where(finite, xg, -jnp.inf))
 
 
 # ----------------------------------------------------------------- statistics
@@ -153,14 +175,14 @@ def init_stats(groups: int) -> Stats:
     )
 
 
-def batch_stats(x: jax.Array, layout: Layout, groups: int) -> Stats:
-    """The statistics of x alone, as a first observation would set them."""
+def stats_of(x: jax.Array, layout: Layout, groups: int) -> Stats:
+    """The statistics of x alone, as a first observation sets them."""
     lo, hi = group_min_max(x, layout, groups)
     return Stats(lo, _finite_span(lo, hi), jnp.ones((), jnp.int32))
 
 
-def observe(stats: Stats, lo: jax.Array, hi: jax.Array, config: QuantConfig) -> Stats:
-    """EMA update with an observed per-group min and max; the first one initialises."""
+def fold_range(stats: Stats, lo: jax.Array, hi: jax.Array, config: QuantConfig) -> Stats:
+    """EMA update of the running estimate with a measured per-group min and max; the first initialises."""
     decay = jnp.where(stats.count > 0, config.ema_decay, 0.0)
     return Stats(
         lo=decay * stats.lo + (1 - decay) * lo,
@@ -171,7 +193,7 @@ def observe(stats: Stats, lo: jax.Array, hi: jax.Array, config: QuantConfig) -> 
 
 def update(stats: Stats, x: jax.Array, config: QuantConfig, layout: Layout = "channels") -> Stats:
     """Pure running-estimate update of ``stats`` with the tensor ``x``."""
-    return observe(stats, *group_min_max(x, layout, stats.lo.shape[0]), config)
+    return fold_range(stats, *group_min_max(x, layout, stats.lo.shape[0]), config)
 
 
 def _finite_span(lo: jax.Array, hi: jax.Array) -> jax.Array:
@@ -182,18 +204,14 @@ def _finite_span(lo: jax.Array, hi: jax.Array) -> jax.Array:
 # ------------------------------------------------------- stochastic rounding
 
 
-def hash_uniform(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """U[0, 1) float32 noise from a counter-based hash of (seed, flat element index).
+def noise(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """U[0, 1) float32 noise of every element: the hash of (seed, flat element index)."""
+    return uniform(seed, jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape))
 
-    Integer-only (mul, xor, shift on uint32), so a Pallas kernel that knows an
-    element's flat index reproduces the same number without a PRNG.
-    """
-    index = jnp.zeros(shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(len(shape))):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
-        stride *= shape[axis]
-    return uniform_from_index(index, seed)
+
+def layer_seed(path: str, count: jax.Array) -> jax.Array:
+    """The seed a layer at module ``path`` packs with at its ``count``-th update."""
+    return combine(jnp.uint32(zlib.crc32(path.encode())), jnp.asarray(count).astype(jnp.uint32))
 
 
 # -------------------------------------------------------------- pack / unpack
@@ -209,46 +227,44 @@ def _check_groups(x: jax.Array, stats: Stats, config: QuantConfig, layout: Layou
 
 
 def _affine(x: jax.Array, stats: Stats, config: QuantConfig, layout: Layout):
-    """Per-group float32 (shift, inverse scale) of x; checks the statistics fit x."""
+    """Per-group float32 (shift, scale, inverse scale) of x; checks the statistics fit x.
+
+    No reciprocal of a quotient and no division by a constant: XLA's simplifier
+    rewrites those (``a / c`` into ``a * (1 / c)``) inside some programs and not in
+    others, and the codes must not depend on which program packs.
+    """
     _check_groups(x, stats, config, layout)
-    shift = stats.lo.astype(jnp.float32)
-    return shift, config.levels / jnp.maximum(stats.span.astype(jnp.float32), EPS)
+    span = jnp.maximum(stats.span.astype(jnp.float32), EPS)
+    return stats.lo.astype(jnp.float32), span * (1.0 / config.levels), config.levels / span
 
 
 def quantize(x: jax.Array, stats: Stats, config: QuantConfig, seed, layout: Layout):
     """Codes (uint32, one per element) and the per-group (scale, shift) of x."""
-    shift, inv_scale = _affine(x, stats, config, layout)
-    groups = shift.shape[0]
-    xg = x.reshape(_group_shape(x.shape, layout, groups)).astype(jnp.float32)
-    v = (xg - _per_group(shift, layout, xg.ndim)) * _per_group(inv_scale, layout, xg.ndim)
-    noise = hash_uniform(seed, xg.shape) if config.stochastic else 0.5
-    v = jnp.floor(v + noise)
-    v = jnp.where(jnp.isnan(v), 0.0, jnp.clip(v, 0.0, config.levels))
-    codes = v.astype(jnp.uint32).reshape(x.shape)
-    return codes, 1.0 / inv_scale, shift
+    shift, scale, inv_scale = _affine(x, stats, config, layout)
+    xg = x.reshape(grouped_shape(x.shape, layout, shift.shape[0])).astype(jnp.float32)
+    u = noise(seed, xg.shape) if config.stochastic else 0.5
+    codes = arithmetic.quantize(xg, _per_group(shift), _per_group(inv_scale), u, config.levels)
+    return codes.astype(jnp.uint32).reshape(x.shape), scale, shift
 
 
-def normalized(x: jax.Array, normalized_by=None) -> jax.Array:
-    """x, or ``(x - mean) * rstd`` row by row (in >= float32) for ``normalized_by=(mean, rstd)``.
+def normalize_rows(x: jax.Array, moments=None) -> jax.Array:
+    """x, or ``(x - mean) * rstd`` row by row (in >= float32) for ``moments=(mean, rstd)``.
 
     LayerNorm keeps its normalized input; passing the row moments instead of the
     normalized tensor lets a kernel normalize in the read it packs with.
     """
-    if normalized_by is None:
+    if moments is None:
         return x
-    mean, rstd = normalized_by
-    return (x.astype(jnp.promote_types(x.dtype, jnp.float32)) - mean) * rstd
+    mean, rstd = moments
+    return arithmetic.normalize(x.astype(jnp.promote_types(x.dtype, jnp.float32)), mean, rstd)
 
 
 def pack(x: jax.Array, stats: Stats, config: QuantConfig, seed, layout: Layout = "channels",
          normalized_by=None) -> Packed:
-    """Quantize x (or quant.normalized(x, normalized_by)) with the given statistics and
-    pack the codes into uint32 words.
-
-    Runs the jnp reference or the Pallas kernel, as ``pallas_kernels.get_impl()`` says;
-    both give identical words.
-    """
-    return _pack_observe(x, stats, config, seed, layout, normalized_by)[0]
+    """Quantize x (or normalize_rows(x, normalized_by)) with the given statistics and pack
+    the codes into uint32 words, with the reference or the kernels (config.implementation):
+    both give identical words."""
+    return _pack_measure(x, stats, config, seed, layout, normalized_by)[0]
 
 
 def pack_and_update(x: jax.Array, stats: Stats, config: QuantConfig, seed, layout: Layout = "channels",
@@ -263,48 +279,49 @@ def pack_and_update(x: jax.Array, stats: Stats, config: QuantConfig, seed, layou
     """
     _check_groups(x, stats, config, layout)
     if config.update_first:
-        new = update(stats, normalized(x, normalized_by), config, layout)
+        new = update(stats, normalize_rows(x, normalized_by), config, layout)
         return pack(x, new, config, seed, layout, normalized_by), new
 
     def measure_first():
-        lo, hi = group_min_max(normalized(x, normalized_by), layout, stats.lo.shape[0])
+        lo, hi = group_min_max(normalize_rows(x, normalized_by), layout, stats.lo.shape[0])
         own = Stats(lo, _finite_span(lo, hi), stats.count)
         return pack(x, own, config, seed, layout, normalized_by), lo, hi
 
-    running = lambda: _pack_observe(x, stats, config, seed, layout, normalized_by)
+    running = lambda: _pack_measure(x, stats, config, seed, layout, normalized_by)
     packed, lo, hi = jax.lax.cond(stats.count > 0, running, measure_first)
-    return packed, observe(stats, lo, hi, config)
+    return packed, fold_range(stats, lo, hi, config)
 
 
-def _pack_observe(x, stats: Stats, config: QuantConfig, seed, layout: Layout, normalized_by):
+def _pack_measure(x, stats: Stats, config: QuantConfig, seed, layout: Layout, normalized_by):
     """(x packed with ``stats``, x's per-group min, max): one read of x under the kernels."""
-    impl = pallas_kernels.get_impl()
     groups = stats.lo.shape[0]
-    if impl == "xla":
-        xn = normalized(x, normalized_by)
+    # the kernels need a non-empty grid; an empty tensor has nothing to pack anyway
+    implementation = "xla" if x.size == 0 else pallas_kernels.resolve(config.implementation)
+    if implementation == "xla":
+        xn = normalize_rows(x, normalized_by)
         codes, scale, shift = quantize(xn, stats, config, seed, layout)
         words = pack_codes(codes, config.bits)
         lo, hi = group_min_max(xn, layout, groups)
     else:
-        shift, inv_scale = _affine(x, stats, config, layout)
-        words, lo, hi = kernels.pack(x, shift, inv_scale, seed, layout=layout, bits=config.bits,
-                                     stochastic=config.stochastic, normalized_by=normalized_by,
-                                     interpret=impl == "pallas_interpret")
-        scale = 1.0 / inv_scale
+        shift, scale, inv_scale = _affine(x, stats, config, layout)
+        words, row_lo, row_hi = kernels.pack(x, shift, inv_scale, seed, layout=layout, bits=config.bits,
+                                             stochastic=config.stochastic, normalized_by=normalized_by,
+                                             interpret=implementation == "pallas_interpret")
+        view = grouped_shape(row_lo.shape, layout, groups)  # [..., 1] per head-row, [..., G] per row
+        lo, hi = _group_range(row_lo.reshape(view), row_hi.reshape(view))
     dtype = x.dtype if normalized_by is None else jnp.promote_types(x.dtype, jnp.float32)
-    return Packed(words, scale, shift, x.shape, jnp.dtype(dtype), config.bits, layout), lo, hi
+    return Packed(words, scale, shift, x.shape, jnp.dtype(dtype), config.bits, layout, implementation), lo, hi
 
 
 def unpack(p: Packed) -> jax.Array:
-    """The dequantized tensor, in the original shape and dtype."""
-    impl = pallas_kernels.get_impl()
-    if impl != "xla":
+    """The dequantized tensor, in the original shape and dtype, by the implementation that packed it."""
+    if p.implementation != "xla":
         return kernels.unpack(p.words, p.shift, p.scale, shape=p.shape, dtype=p.dtype, layout=p.layout,
-                              bits=p.bits, interpret=impl == "pallas_interpret")
+                              bits=p.bits, interpret=p.implementation == "pallas_interpret")
     codes = unpack_codes(p.words, p.bits, p.shape[-1])
-    groups = p.scale.shape[0]
-    cg = codes.reshape(_group_shape(p.shape, p.layout, groups)).astype(jnp.float32)
-    x = _per_group(p.shift, p.layout, cg.ndim) + cg * _per_group(p.scale, p.layout, cg.ndim)
+    compute = jnp.promote_types(p.dtype, jnp.float32)  # float64 stays exact: code * scale has < 53 bits
+    cg = codes.reshape(grouped_shape(p.shape, p.layout, p.scale.shape[0])).astype(compute)
+    x = arithmetic.dequantize(cg, _per_group(p.shift).astype(compute), _per_group(p.scale).astype(compute))
     return x.reshape(p.shape).astype(p.dtype)
 
 
@@ -314,22 +331,23 @@ def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
     Words never straddle rows (each row is padded to whole words), so a kernel
     working on rows writes its words independently of its neighbours.
     """
-    per_word = 32 // bits
-    c = codes.astype(jnp.uint32)
-    c = jnp.pad(c, [(0, 0)] * (c.ndim - 1) + [(0, -c.shape[-1] % per_word)])
-    lanes = c.reshape(*c.shape[:-1], -1, per_word) << _lane_shifts(bits, c.ndim + 1)
+    length, per_word = codes.shape[-1], arithmetic.codes_per_word(bits)
+    words = arithmetic.words_per_row(length, bits)
+    c = jnp.pad(codes.astype(jnp.uint32), [(0, 0)] * (codes.ndim - 1) + [(0, words * per_word - length)])
+    lanes = c.reshape(*c.shape[:-1], words, per_word) << _lane_shifts(bits, c.ndim + 1)
     return jnp.bitwise_or.reduce(lanes, axis=-1)
 
 
 def unpack_codes(words: jax.Array, bits: int, length: int) -> jax.Array:
     """Inverse of pack_codes: [..., W] words -> [..., length] uint32 codes."""
     lanes = (words[..., None] >> _lane_shifts(bits, words.ndim + 1)) & jnp.uint32(2**bits - 1)
-    return lanes.reshape(*words.shape[:-1], -1)[..., :length]
+    return lanes.reshape(*words.shape[:-1], words.shape[-1] * arithmetic.codes_per_word(bits))[..., :length]
 
 
 def _lane_shifts(bits: int, ndim: int) -> jax.Array:
     """Bit offsets of the codes within a word, on the last of ``ndim`` axes."""
-    return (jnp.arange(32 // bits, dtype=jnp.uint32) * bits).reshape((1,) * (ndim - 1) + (-1,))
+    lanes = jnp.arange(arithmetic.codes_per_word(bits), dtype=jnp.uint32)
+    return arithmetic.lane_shift(bits, lanes).reshape((1,) * (ndim - 1) + (-1,))
 
 
 def fake_quantize(x, stats: Stats, config: QuantConfig, seed, layout: Layout = "channels"):

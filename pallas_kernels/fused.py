@@ -4,7 +4,7 @@ On a GPU each of these reads the packed words and the cotangent once and writes
 the input gradient once; the XLA path unpacks into a float tensor first. Rows of
 a [R, C] view, one per program (LayerNorm: a block of rows, whose parameter
 gradients are summed in the kernel), lanes strided as in pallas_kernels/pack.py;
-the references are the ``_bwd`` formulas of mesa_jax.ops.
+the formulas are pallas_kernels.arithmetic's, as in the ``_bwd`` of mesa_jax.ops.
 
 Triton has no erf: exact-GELU's derivative uses Abramowitz & Stegun 7.1.26
 (|error| < 1.5e-7), which only the backward pass ever sees.
@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.pack import TRITON, dequantization_params, dequantized_lanes, padded_words
+from pallas_kernels import arithmetic
+from pallas_kernels.pack import TRITON, dequantization_params, dequantized_lanes, pad_columns
 
 
 def erf(x):
@@ -30,22 +31,14 @@ def erf(x):
     return jnp.sign(x) * (1.0 - poly * jnp.exp(-a * a))
 
 
-def gelu_derivative(x, approximate: bool):
-    if approximate:
-        c = math.sqrt(2 / math.pi)
-        t = jnp.tanh(c * (x + 0.044715 * x**3))
-        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
-    return 0.5 * (1 + erf(x / math.sqrt(2))) + x * jnp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-
-
 def _gelu_bwd_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, g_ref, dx_ref, *, bits, approximate):
     for lanes, x in dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_ref[0], row_ref[1], bits):
         g = g_ref[lanes].astype(jnp.float32)
-        dx_ref[lanes] = (g * gelu_derivative(x, approximate)).astype(dx_ref.dtype)
+        dx_ref[lanes] = (g * arithmetic.gelu_derivative(x, approximate, erf)).astype(dx_ref.dtype)
 
 
 def _softmax_bwd_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, g_ref, dx_ref, *, bits, length):
-    per_word = 32 // bits
+    per_word = arithmetic.codes_per_word(bits)
     ys, gs, total = [], [], jnp.float32(0.0)
     lanes_of_row = dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_ref[0], row_ref[1], bits)
     for lane, (lanes, y) in enumerate(lanes_of_row):
@@ -55,13 +48,12 @@ def _softmax_bwd_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, g_ref,
         gs.append(g)
         total = total + jnp.sum(g * y)
     for (lanes, y), g in zip(ys, gs):
-        dx_ref[lanes] = (y * (g - total)).astype(dx_ref.dtype)
+        dx_ref[lanes] = arithmetic.softmax_input_grad(y, g, total).astype(dx_ref.dtype)
 
 
 def _layer_norm_bwd_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, g_ref, gamma_ref,
                            dx_ref, dgamma_ref, dbeta_ref, *, bits, length):
-    """A block of rows: dx = rstd * (gn - mean(gn) - xn * mean(gn * xn)), gn = g * gamma,
-    and the block's sums of g * xn and g (padded rows and columns have g = 0)."""
+    """A block of rows: dx, and the block's sums of g * x_hat and g (padded rows and columns have g = 0)."""
     row_shift, row_scale, rstd = (row_ref[:, i : i + 1] for i in range(3))
     lanes_of_block = list(dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_shift, row_scale, bits))
     gs = [g_ref[:, lanes].astype(jnp.float32) for lanes, _ in lanes_of_block]
@@ -69,7 +61,7 @@ def _layer_norm_bwd_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, g_r
     mean_gn = sum(jnp.sum(gn, axis=1, keepdims=True) for gn in gns) / length
     mean_gnx = sum(jnp.sum(gn * xn, axis=1, keepdims=True) for (_, xn), gn in zip(lanes_of_block, gns)) / length
     for (lanes, xn), g, gn in zip(lanes_of_block, gs, gns):
-        dx_ref[:, lanes] = (rstd * (gn - mean_gn - xn * mean_gnx)).astype(dx_ref.dtype)
+        dx_ref[:, lanes] = arithmetic.layer_norm_input_grad(xn, gn, rstd, mean_gn, mean_gnx).astype(dx_ref.dtype)
         dgamma_ref[lanes] = jnp.sum(g * xn, axis=0)
         dbeta_ref[lanes] = jnp.sum(g, axis=0)
 
@@ -77,11 +69,8 @@ def _layer_norm_bwd_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, g_r
 def _backward(kernel, words, shift, scale, g, *, layout, bits, interpret, **params):
     """Run a row kernel over [..., C] cotangents ``g`` and the packed words of the residual."""
     shape, length = g.shape, g.shape[-1]
-    padded = padded_words(length, bits)
-    width = padded * (32 // bits)
-    row, col_shift, col_scale = dequantization_params(shift, scale, shape, layout, width)
-    flat_words = words.reshape(-1, words.shape[-1])
-    flat_words = jnp.pad(flat_words, ((0, 0), (0, padded - flat_words.shape[1])))
+    padded, width = arithmetic.padded_row(length, bits)
+    row, col_shift, col_scale = dequantization_params(shift, scale, shape, layout, bits)
     call = pl.pallas_call(
         functools.partial(kernel, bits=bits, **params),
         out_shape=jax.ShapeDtypeStruct((width,), g.dtype),
@@ -90,7 +79,8 @@ def _backward(kernel, words, shift, scale, g, *, layout, bits, interpret, **para
         compiler_params=TRITON,
     )
     dx = jax.vmap(call, in_axes=(0, None, None, 0, 0))(
-        flat_words, col_shift, col_scale, row, jnp.pad(g.reshape(-1, length), ((0, 0), (0, width - length)))
+        pad_columns(words.reshape(-1, words.shape[-1]), padded), col_shift, col_scale, row,
+        pad_columns(g.reshape(-1, length), width),
     )
     return dx[:, :length].reshape(shape)
 
@@ -123,11 +113,10 @@ def layer_norm_backward(words, shift, scale, rstd, g, gamma, *, bits, interpret=
     and sums g * x_hat and g over its rows; a small XLA sum adds the blocks.
     """
     shape, length = g.shape, g.shape[-1]
-    padded = padded_words(length, bits)
-    width = padded * (32 // bits)
+    padded, width = arithmetic.padded_row(length, bits)
     rows = math.prod(shape[:-1])
     blocks = -(-rows // LN_BLOCK_ROWS)
-    row, col_shift, col_scale = dequantization_params(shift, scale, shape, "channels", width)
+    row, col_shift, col_scale = dequantization_params(shift, scale, shape, "channels", bits)
     row = jnp.concatenate([row, rstd.reshape(rows, 1).astype(jnp.float32)], axis=1)  # blocked() pads it to 4
 
     def blocked(a, cols):  # [rows, n] -> [blocks, LN_BLOCK_ROWS, cols], zero padded
@@ -144,7 +133,7 @@ def layer_norm_backward(words, shift, scale, rstd, g, gamma, *, bits, interpret=
     )
     dx, dgamma, dbeta = jax.vmap(call, in_axes=(0, None, None, 0, 0, None))(
         blocked(words.reshape(rows, -1), padded), col_shift, col_scale, blocked(row, 4),
-        blocked(g.reshape(rows, length), width), jnp.pad(gamma.astype(jnp.float32), (0, width - length)),
+        blocked(g.reshape(rows, length), width), pad_columns(gamma.astype(jnp.float32), width),
     )
     dx = dx.reshape(blocks * LN_BLOCK_ROWS, width)[:rows, :length].reshape(shape)
     return dx, jnp.sum(dgamma, axis=0)[:length], jnp.sum(dbeta, axis=0)[:length]

@@ -2,16 +2,13 @@
 
 Per-group parameters reach a row as a per-row pair (heads: the row's head) and a
 per-column pair (channel groups: the column's group); the unused one of each pair
-is the identity (shift 0, scale 1), so the arithmetic is bit for bit the
-reference's (mesa_jax.quant), hash noise included: a kernel and the reference
-produce identical codes for the same seed.
+is the identity (shift 0, scale 1), so with the rules of pallas_kernels.arithmetic
+and the hash of pallas_kernels.hashing a kernel produces exactly the reference's
+codes (mesa_jax.quant) for the same seed.
 
 The pack kernel also emits each row's finite min and max per column group, from
-the same read: reduced over rows on the host (a [R, G] array), they are the
-tensor's per-group range, so the running estimate needs no second pass.
-
-Rows are padded on the host to a power-of-two number of words, so every strided
-lane load is in bounds (Triton blocks must be powers of two).
+the same read: reduced over rows by the caller, they are the tensor's per-group
+range, so the running estimate needs no second pass.
 """
 
 from __future__ import annotations
@@ -24,13 +21,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.hashing import uniform_from_index
+from pallas_kernels import arithmetic
+from pallas_kernels.hashing import uniform
+
+TRITON = plgpu.CompilerParams(num_warps=4, num_stages=1)  # not Mosaic GPU: these are Triton kernels
 
 
 def _pack_kernel(x_ref, col_shift_ref, col_inv_ref, row_ref, base_ref, seed_ref, words_ref, lo_ref, hi_ref, *,
                  bits, length, stochastic, col_groups, normalize):
     """Codes of one row, and the row's finite min and max per column group, from one read."""
-    per_word, words = 32 // bits, words_ref.shape[0]
+    per_word, words = arithmetic.codes_per_word(bits), words_ref.shape[0]
     row_shift, row_inv, row_base = row_ref[0], row_ref[1], base_ref[0]  # base: the row's flat index
     group_of = jnp.arange(lo_ref.shape[0], dtype=jnp.uint32)[:, None]
     acc = jnp.zeros((words,), jnp.uint32)
@@ -40,14 +40,12 @@ def _pack_kernel(x_ref, col_shift_ref, col_inv_ref, row_ref, base_ref, seed_ref,
         lanes = pl.ds(lane, words, stride=per_word)
         col = jnp.arange(words, dtype=jnp.uint32) * per_word + lane
         x = x_ref[lanes].astype(jnp.float32)
-        if normalize:  # LayerNorm's (x - mean) * rstd, as quant.normalized computes it
-            x = (x - row_ref[2]) * row_ref[3]
-        v = (x - (row_shift + col_shift_ref[lanes])) * (row_inv * col_inv_ref[lanes])
-        noise = uniform_from_index(row_base + col, seed_ref[0]) if stochastic else 0.5
-        v = jnp.floor(v + noise)
-        v = jnp.where(jnp.isnan(v), 0.0, jnp.clip(v, 0.0, 2.0**bits - 1))
-        code = jnp.where(col < length, v.astype(jnp.uint32), 0)
-        acc = acc | (code << (bits * lane))
+        if normalize:
+            x = arithmetic.normalize(x, row_ref[2], row_ref[3])
+        noise = uniform(seed_ref[0], row_base + col) if stochastic else 0.5
+        code = arithmetic.quantize(x, row_shift + col_shift_ref[lanes], row_inv * col_inv_ref[lanes], noise,
+                                   2**bits - 1)
+        acc = acc | (jnp.where(col < length, code.astype(jnp.uint32), 0) << arithmetic.lane_shift(bits, lane))
         counted = (col < length) & (jnp.abs(x) < jnp.inf)  # finite entries of the row only
         in_group = counted[None, :] & (col[None, :] // (length // col_groups) == group_of)
         lo = jnp.minimum(lo, jnp.min(jnp.where(in_group, x[None, :], jnp.inf), axis=1))
@@ -63,13 +61,14 @@ def dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_shift, row_sc
     ``words_ref`` holds one row ([W], scalar row parameters) or a block of rows
     ([rows, W], row parameters [rows, 1]); the lane slice indexes the last axis.
     """
-    per_word, words = 32 // bits, words_ref.shape[-1]
+    per_word, words = arithmetic.codes_per_word(bits), words_ref.shape[-1]
     w = words_ref[...]
     as_row = lambda v: v.reshape((1,) * (w.ndim - 1) + v.shape)  # [W] -> [1, W] for a block of rows
     for lane in range(per_word):
         lanes = pl.ds(lane, words, stride=per_word)
-        code = ((w >> (bits * lane)) & (2**bits - 1)).astype(jnp.float32)
-        yield lanes, (row_shift + as_row(col_shift_ref[lanes])) + code * (row_scale * as_row(col_scale_ref[lanes]))
+        code = ((w >> arithmetic.lane_shift(bits, lane)) & (2**bits - 1)).astype(jnp.float32)
+        shift = row_shift + as_row(col_shift_ref[lanes])
+        yield lanes, arithmetic.dequantize(code, shift, row_scale * as_row(col_scale_ref[lanes]))
 
 
 def _unpack_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, x_ref, *, bits):
@@ -77,28 +76,24 @@ def _unpack_kernel(words_ref, col_shift_ref, col_scale_ref, row_ref, x_ref, *, b
         x_ref[lanes] = x.astype(x_ref.dtype)
 
 
-TRITON = plgpu.CompilerParams(num_warps=4, num_stages=1)  # not Mosaic GPU: these are Triton kernels
-
-
-def padded_words(length: int, bits: int) -> int:
-    return pl.next_power_of_2(-(-length // (32 // bits)))
+def pad_columns(a, width: int, value=0.0):
+    """[..., C] -> [..., width], padded on the right with ``value``."""
+    return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])], constant_values=value)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "stochastic", "col_groups", "interpret"))
 def pack_rows(x, col_shift, col_inv, row_shift, row_inv, seed, row_mean=None, row_rstd=None, *, bits, stochastic,
               col_groups=1, interpret=False):
-    """[R, C] -> ([R, ceil(C * bits / 32)] uint32 words, [R, col_groups] row min, row max).
+    """[R, C] -> ([R, words_per_row] uint32 words, [R, col_groups] row min, row max).
 
-    The words are quant.pack_codes(quantize(x)); the minima and maxima are over
+    The words are the reference's packed codes; the minima and maxima are over
     the finite entries of each row's ``col_groups`` contiguous column groups
     (+inf and -inf where there are none). With ``row_mean`` and ``row_rstd`` the
     row is first normalized, ``(x - mean) * rstd``, in the same read.
     """
     rows, length = x.shape
-    words = padded_words(length, bits)
-    width = words * (32 // bits)
+    words, width = arithmetic.padded_row(length, bits)
     slots = pl.next_power_of_2(col_groups)
-    pad = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - length)])
     row_base = (jnp.arange(rows, dtype=jnp.uint32) * jnp.uint32(length)).reshape(rows, 1)
     normalize = row_mean is not None
     if not normalize:
@@ -111,17 +106,20 @@ def pack_rows(x, col_shift, col_inv, row_shift, row_inv, seed, row_mean=None, ro
     call = pl.pallas_call(kernel, out_shape=out_shape, interpret=interpret, name="mesa_pack",
                           compiler_params=TRITON)
     packed, lo, hi = jax.vmap(call, in_axes=(0, None, None, 0, 0, None))(
-        pad(x), pad(col_shift), pad(col_inv), row, row_base, jnp.asarray(seed, jnp.uint32).reshape(1)
+        pad_columns(x, width), pad_columns(col_shift, width), pad_columns(col_inv, width), row, row_base,
+        jnp.asarray(seed, jnp.uint32).reshape(1),
     )
-    return packed[:, : -(-length // (32 // bits))], lo[:, :col_groups], hi[:, :col_groups]
+    return packed[:, : arithmetic.words_per_row(length, bits)], lo[:, :col_groups], hi[:, :col_groups]
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "length", "dtype", "interpret"))
-def unpack_rows(words, col_shift, col_scale, row_shift, row_scale, *, bits, length, dtype, interpret=False):
-    """[R, W] words -> [R, length] values, as the dequantization of quant.unpack."""
-    padded = padded_words(length, bits)
-    width = padded * (32 // bits)
-    pad_cols = lambda a, value: jnp.pad(a, (0, width - length), constant_values=value)
+def unpack_rows(words, row, col_shift, col_scale, *, bits, length, dtype, interpret=False):
+    """[R, W] words -> [R, length] values, as the dequantization of quant.unpack.
+
+    ``row`` [R, 2]: per-row (shift, scale); ``col_shift``/``col_scale`` padded to the
+    kernel's row width (see dequantization_params).
+    """
+    padded, width = arithmetic.padded_row(length, bits)
     call = pl.pallas_call(
         functools.partial(_unpack_kernel, bits=bits),
         out_shape=jax.ShapeDtypeStruct((width,), dtype),
@@ -129,9 +127,7 @@ def unpack_rows(words, col_shift, col_scale, row_shift, row_scale, *, bits, leng
         name="mesa_unpack",
         compiler_params=TRITON,
     )
-    row = jnp.stack([row_shift, row_scale], axis=1)
-    full = jnp.pad(words, ((0, 0), (0, padded - words.shape[1])))
-    out = jax.vmap(call, in_axes=(0, None, None, 0))(full, pad_cols(col_shift, 0.0), pad_cols(col_scale, 1.0), row)
+    out = jax.vmap(call, in_axes=(0, None, None, 0))(pad_columns(words, padded), col_shift, col_scale, row)
     return out[:, :length]
 
 
@@ -145,44 +141,38 @@ def rows_and_cols(values, shape, layout: str, identity: float):
     return row, jnp.repeat(values, length // values.shape[0])
 
 
-def dequantization_params(shift, scale, shape, layout: str, width: int):
+def dequantization_params(shift, scale, shape, layout: str, bits: int):
     """What a row kernel reads to dequantize a packed [..., C] tensor: per-row [R, 2]
-    (shift, scale) and per-column [width] shift and scale, padded columns the identity."""
+    (shift, scale) and per-column shift and scale, padded to the kernel's row width
+    with the identity."""
+    _, width = arithmetic.padded_row(shape[-1], bits)
     row_shift, col_shift = rows_and_cols(shift, shape, layout, 0.0)
     row_scale, col_scale = rows_and_cols(scale, shape, layout, 1.0)
-    pad = lambda a, value: jnp.pad(a, (0, width - shape[-1]), constant_values=value)
-    return jnp.stack([row_shift, row_scale], axis=1), pad(col_shift, 0.0), pad(col_scale, 1.0)
+    return (jnp.stack([row_shift, row_scale], axis=1), pad_columns(col_shift, width, 0.0),
+            pad_columns(col_scale, width, 1.0))
 
 
 def pack(x, shift, inv_scale, seed, *, layout: str, bits: int, stochastic: bool, normalized_by=None,
          interpret: bool):
     """Words of x ([..., C] -> [..., W]) packed with per-group ``shift`` and ``inv_scale``, and
-    x's per-group [G] finite min and max (0 and 0 for a group with no finite entry).
+    each row's finite min and max per column group ([..., 1] for heads, [..., G] for
+    channel groups; +inf and -inf where a row's group has no finite entry).
 
     ``normalized_by=(mean, rstd)`` ([..., 1] each) packs ``(x - mean) * rstd`` instead.
     """
-    groups = shift.shape[0]
     row_shift, col_shift = rows_and_cols(shift, x.shape, layout, 0.0)
     row_inv, col_inv = rows_and_cols(inv_scale, x.shape, layout, 1.0)
-    flat = x.reshape(-1, x.shape[-1])
     moments = () if normalized_by is None else tuple(m.reshape(-1) for m in normalized_by)
-    col_groups = 1 if layout == "heads" else groups
-    words, lo, hi = pack_rows(flat, col_shift, col_inv, row_shift, row_inv, seed, *moments, bits=bits,
-                              stochastic=stochastic, col_groups=col_groups, interpret=interpret)
-    rows_of_a_group = (0,)
-    if layout == "heads":  # [B, H, N, M]: the rows (b, h, n) of head h
-        lo, hi = (a.reshape(x.shape[0], groups, -1) for a in (lo, hi))
-        rows_of_a_group = (0, 2)
-    lo, hi = jnp.min(lo, axis=rows_of_a_group), jnp.max(hi, axis=rows_of_a_group)
-    empty = lo > hi
-    return words.reshape(*x.shape[:-1], words.shape[-1]), jnp.where(empty, 0.0, lo), jnp.where(empty, 0.0, hi)
+    col_groups = 1 if layout == "heads" else shift.shape[0]
+    words, lo, hi = pack_rows(x.reshape(-1, x.shape[-1]), col_shift, col_inv, row_shift, row_inv, seed, *moments,
+                              bits=bits, stochastic=stochastic, col_groups=col_groups, interpret=interpret)
+    rows_shape = lambda a: a.reshape(*x.shape[:-1], a.shape[-1])
+    return rows_shape(words), rows_shape(lo), rows_shape(hi)
 
 
 def unpack(words, shift, scale, *, shape, dtype, layout: str, bits: int, interpret: bool):
     """The dequantized [..., C] tensor of ``shape`` from its words and per-group parameters."""
-    row_shift, col_shift = rows_and_cols(shift, shape, layout, 0.0)
-    row_scale, col_scale = rows_and_cols(scale, shape, layout, 1.0)
-    flat = words.reshape(-1, words.shape[-1])
-    out = unpack_rows(flat, col_shift, col_scale, row_shift, row_scale, bits=bits, length=shape[-1],
+    row, col_shift, col_scale = dequantization_params(shift, scale, shape, layout, bits)
+    out = unpack_rows(words.reshape(-1, words.shape[-1]), row, col_shift, col_scale, bits=bits, length=shape[-1],
                       dtype=jnp.dtype(dtype), interpret=interpret)
     return out.reshape(shape)

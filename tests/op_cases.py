@@ -21,7 +21,7 @@ SEED_B = jnp.uint32(12)
 
 
 def stats_of(t, layout="channels", config=quant.QuantConfig()):
-    return quant.batch_stats(t, layout, quant.num_groups_for(t.shape, layout, config))
+    return quant.stats_of(t, layout, quant.num_groups_for(t.shape, layout, config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +78,7 @@ CASES = [
     ),
     OpCase(
         "layer_norm", ((2, 5, 8), (8,), (8,)),
-        lambda c, x, s, b: ops.layer_norm(x, s, b, stats_of(ops.normalize(x)[0]), SEED, c)[0],
+        lambda c, x, s, b: ops.layer_norm(x, s, b, stats_of(ops.normalized_input(x)[0]), SEED, c)[0],
         _ln_reference,
         (("normalized", "channels"),),
     ),

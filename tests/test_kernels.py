@@ -1,5 +1,6 @@
-"""Pallas pack/unpack kernels in interpret mode against the jnp reference, and the impl switch."""
+"""Pallas pack/unpack kernels in interpret mode against the jnp reference, and the implementation choice."""
 
+import dataclasses
 import os
 
 import jax
@@ -10,7 +11,7 @@ import pytest
 import pallas_kernels
 from mesa_jax import QuantConfig, quant
 from mesa_jax.models import vit
-from pallas_kernels import pack as kernels
+from pallas_kernels import arithmetic, pack as kernels
 
 from conftest import CHANNEL_SHAPES, HEAD_SHAPES
 
@@ -23,30 +24,46 @@ KERNEL_SHAPES = [(s, "channels") for s in CHANNEL_SHAPES + [(2, 5, 37), (1, 3, 1
 ]
 
 
-@pytest.fixture
-def impl():
-    """Set an implementation for one test, and restore the default after it."""
-    yield pallas_kernels.set_impl
-    pallas_kernels.set_impl(None)
-
-
 def stats_for(x, layout, config):
-    return quant.batch_stats(x, layout, quant.num_groups_for(x.shape, layout, config))
+    return quant.stats_of(x, layout, quant.num_groups_for(x.shape, layout, config))
 
 
-def test_default_is_pallas_on_gpu_else_xla_and_names_are_checked(impl, monkeypatch):
+def both(config):
+    """(config on the jnp reference, config on the kernels under test)."""
+    return dataclasses.replace(config, implementation="xla"), dataclasses.replace(config, implementation=KERNELS)
+
+
+@pytest.fixture
+def fresh_default():
+    """The process default is read once: forget it around a test that changes the environment."""
+    pallas_kernels.default.cache_clear()
+    yield
+    pallas_kernels.default.cache_clear()
+
+
+def test_default_is_pallas_on_gpu_else_xla_read_once(fresh_default, monkeypatch):
     monkeypatch.delenv(pallas_kernels.ENV, raising=False)
-    assert pallas_kernels.get_impl() == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    assert pallas_kernels.resolve(None) == ("pallas" if jax.default_backend() == "gpu" else "xla")
     monkeypatch.setenv(pallas_kernels.ENV, "pallas_interpret")
-    assert pallas_kernels.get_impl() == "pallas_interpret"
-    impl("xla")
-    assert pallas_kernels.get_impl() == "xla"  # an explicit choice beats the environment
-    with pytest.raises(ValueError, match="unknown mesa_jax implementation 'triton'"):
-        impl("triton")
+    assert pallas_kernels.resolve(None) != "pallas_interpret"  # read once per process: nothing changes
+    pallas_kernels.default.cache_clear()
+    assert pallas_kernels.resolve(None) == "pallas_interpret"
+    assert pallas_kernels.resolve("xla") == "xla"  # an explicit choice beats the environment
     monkeypatch.setenv(pallas_kernels.ENV, "cuda")
-    impl(None)
-    with pytest.raises(ValueError, match="'cuda'"):
-        pallas_kernels.get_impl()
+    pallas_kernels.default.cache_clear()
+    with pytest.raises(ValueError, match="unknown mesa_jax implementation 'cuda'"):
+        pallas_kernels.resolve(None)
+
+
+def test_the_residual_records_the_implementation_that_packed_it(key):
+    """Unpacking (and the fused backward) follow the residual, never a setting read later."""
+    x = jax.random.normal(key, (2, 5, 8))
+    for config in both(QuantConfig()):
+        packed = quant.pack(x, stats_for(x, "channels", config), config, SEED)
+        assert packed.implementation == config.implementation
+    empty = jnp.zeros((0, 5, 8))
+    packed = quant.pack(empty, quant.init_stats(1), both(QuantConfig())[1], SEED)
+    assert packed.implementation == "xla" and quant.unpack(packed).shape == empty.shape  # no kernel grid of 0
 
 
 def with_non_finite(x):
@@ -56,17 +73,15 @@ def with_non_finite(x):
 
 @pytest.mark.parametrize("shape, layout", KERNEL_SHAPES, ids=str)
 @pytest.mark.parametrize("bits", [8, 4, 2])
-def test_kernel_codes_and_statistics_are_the_reference_s(shape, layout, bits, impl, key):
+def test_kernel_codes_and_statistics_are_the_reference_s(shape, layout, bits, key):
     """Words, and the running statistics updated with the range measured in the same read."""
     groups = 4 if layout == "channels" and shape[-1] % 4 == 0 else 1
     for stochastic in (True, False):
-        config = QuantConfig(bits=bits, num_groups=groups, stochastic=stochastic)
+        reference, kernel = both(QuantConfig(bits=bits, num_groups=groups, stochastic=stochastic))
         x = with_non_finite(jax.random.normal(key, shape) * 2)
-        stats = stats_for(x * 0.5 + 0.25, layout, config)  # an estimate that clamps some of x
-        impl("xla")
-        want, want_stats = quant.pack_and_update(x, stats, config, SEED, layout)
-        impl(KERNELS)
-        got, got_stats = quant.pack_and_update(x, stats, config, SEED, layout)
+        stats = stats_for(x * 0.5 + 0.25, layout, reference)  # an estimate that clamps some of x
+        want, want_stats = quant.pack_and_update(x, stats, reference, SEED, layout)
+        got, got_stats = quant.pack_and_update(x, stats, kernel, SEED, layout)
         np.testing.assert_array_equal(got.words, want.words)
         np.testing.assert_array_equal(got.scale, want.scale)
         for a, b in zip(got_stats, want_stats):
@@ -75,28 +90,25 @@ def test_kernel_codes_and_statistics_are_the_reference_s(shape, layout, bits, im
 
 @pytest.mark.parametrize("shape", [(2, 5, 37), (1, 3, 197), (2, 4, 64)], ids=str)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernel_normalizes_rows_as_it_packs(shape, dtype, impl, key):
+def test_kernel_normalizes_rows_as_it_packs(shape, dtype, key):
     """LayerNorm's residual: (x - mean) * rstd packed, and its range measured, in one read."""
     from mesa_jax import ops
 
-    config = QuantConfig(num_groups=2 if shape[-1] % 2 == 0 else 1)
+    reference, kernel = both(QuantConfig(num_groups=2 if shape[-1] % 2 == 0 else 1))
     x = (jax.random.normal(key, shape) * 3 + 1).astype(dtype)
     moments = ops.row_moments(x)
-    stats = stats_for(ops.normalize(x)[0], "channels", config)
-    impl("xla")
-    want, want_stats = quant.pack_and_update(x, stats, config, SEED, normalized_by=moments)
-    impl(KERNELS)
-    got, got_stats = quant.pack_and_update(x, stats, config, SEED, normalized_by=moments)
+    stats = stats_for(ops.normalized_input(x)[0], "channels", reference)
+    want, want_stats = quant.pack_and_update(x, stats, reference, SEED, normalized_by=moments)
+    got, got_stats = quant.pack_and_update(x, stats, kernel, SEED, normalized_by=moments)
     assert got.dtype == want.dtype == jnp.float32
     np.testing.assert_array_equal(got.words, want.words)
     for a, b in zip(got_stats, want_stats):
         np.testing.assert_array_equal(a, b)
 
 
-def test_kernel_statistics_of_groups_without_finite_entries(impl):
-    config = QuantConfig(num_groups=2, stochastic=False)
+def test_kernel_statistics_of_groups_without_finite_entries():
+    config = QuantConfig(num_groups=2, stochastic=False, implementation=KERNELS)
     x = jnp.array([[jnp.nan, jnp.inf, 1.0, 3.0], [-jnp.inf, jnp.nan, 2.0, -1.0]])
-    impl(KERNELS)
     _, after = quant.pack_and_update(x, quant.init_stats(2), config, SEED)
     np.testing.assert_array_equal(after.lo, [0.0, -1.0])
     np.testing.assert_array_equal(after.span, [0.0, 4.0])
@@ -104,45 +116,41 @@ def test_kernel_statistics_of_groups_without_finite_entries(impl):
 
 @pytest.mark.parametrize("shape, layout", KERNEL_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernel_unpack_matches_the_reference(shape, layout, dtype, impl, key):
-    config = QuantConfig(bits=4)
+def test_kernel_unpack_matches_the_reference(shape, layout, dtype, key):
+    reference, kernel = both(QuantConfig(bits=4))
     x = (jax.random.normal(key, shape) * 3).astype(dtype)
-    impl("xla")
-    packed = quant.pack(x, stats_for(x, layout, config), config, SEED, layout)
+    packed = quant.pack(x, stats_for(x, layout, reference), reference, SEED, layout)
     want = quant.unpack(packed)
-    impl(KERNELS)
-    got = quant.unpack(packed)
+    got = quant.unpack(dataclasses.replace(packed, implementation=KERNELS))
     assert got.dtype == want.dtype == dtype and got.shape == shape
     # shift + code * scale: identical up to XLA contracting it into a fused multiply-add
     tolerance = 2 * float(jnp.finfo(dtype).eps) * float(jnp.max(jnp.abs(want.astype(jnp.float32))))
     np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), atol=tolerance, rtol=0)
 
 
-def test_kernels_clamp_out_of_range_values(impl):
-    config = QuantConfig(stochastic=False)
+def test_kernels_clamp_out_of_range_values():
+    config = QuantConfig(stochastic=False, implementation=KERNELS)
     stats = quant.Stats(jnp.array([0.0]), jnp.array([1.0]), jnp.array(3))
     x = jnp.array([[-5.0, 0.5, 7.0, jnp.nan, jnp.inf]])
-    impl(KERNELS)
     xh = quant.unpack(quant.pack(x, stats, config, SEED))
     np.testing.assert_allclose(xh[0, [0, 2, 3, 4]], [0.0, 1.0, 0.0, 1.0])
 
 
-def test_whole_vit_gradients_are_the_same_under_the_kernels(impl):
-    model = vit.create("vit-c100", num_classes=10, width=24, depth=1, num_heads=2, mlp_dim=48, drop_path=0.0)
+def test_whole_vit_gradients_are_the_same_under_the_kernels():
     images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    variables = model.init(jax.random.key(1), images)
 
-    def grads():
+    def grads(config):
+        model = vit.create("vit-c100", num_classes=10, width=24, depth=1, num_heads=2, mlp_dim=48, drop_path=0.0,
+                           patch_size=8, quant=config)  # 17 tokens: the interpreter runs row by row
+        variables = jax.jit(model.init)(jax.random.key(1), images)
+
         def loss(params):
             logits, _ = model.apply({**variables, "params": params}, images, mutable=["mesa"])
             return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
 
-        return jax.grad(loss)(variables["params"])
+        return jax.jit(jax.grad(loss))(variables["params"])
 
-    impl("xla")
-    want = grads()
-    impl(KERNELS)
-    got = grads()
+    want, got = (grads(config) for config in both(QuantConfig(num_groups=2)))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
@@ -155,8 +163,8 @@ def test_kernels_lower_to_triton_for_cuda(bits, col_groups, normalize):
     moments = (jnp.zeros(4), jnp.ones(4)) if normalize else ()
     f = lambda x: kernels.pack_rows(x, zeros, ones, jnp.zeros(4), jnp.ones(4), 3, *moments, bits=bits,
                                     stochastic=True, col_groups=col_groups)[0]
-    g = lambda w: kernels.unpack_rows(w, zeros, ones, jnp.zeros(4), jnp.ones(4), bits=bits, length=195,
-                                      dtype=jnp.bfloat16)
+    row, col_shift, col_scale = kernels.dequantization_params(jnp.zeros(1), jnp.ones(1), (4, 195), "channels", bits)
+    g = lambda w: kernels.unpack_rows(w, row, col_shift, col_scale, bits=bits, length=195, dtype=jnp.bfloat16)
     words = jax.eval_shape(f, x)
     for fn, arg in ((f, x), (g, words)):
         text = jax.jit(fn).trace(arg).lower(lowering_platforms=("cuda",)).as_text()
@@ -173,7 +181,7 @@ def test_kernel_erf_and_gelu_derivative_match_jax(approximate):
     want = jax.vmap(jax.grad(lambda t: jax.nn.gelu(t, approximate=approximate)))(x)
     # the derivative sums terms as large as 1 + |x|: a few float32 ulp of that, either way
     term_bound = bound + 3 * float(jnp.finfo(jnp.float32).eps) * (1 + jnp.abs(x))
-    assert jnp.all(jnp.abs(fused.gelu_derivative(x, approximate) - want) <= term_bound)
+    assert jnp.all(jnp.abs(arithmetic.gelu_derivative(x, approximate, fused.erf) - want) <= term_bound)
 
 
 FUSED_CASES = [
@@ -197,22 +205,19 @@ def fused_case(op, shape, key):
     params = jax.random.normal(jax.random.key(3), (2, shape[-1]))
     if op == "layer_norm_no_scale":
         make = lambda stats, config: lambda x: ops.layer_norm(x, None, None, stats, SEED, config)[0]
-        return make, (x,), ops.normalize(x)[0]
+        return make, (x,), ops.normalized_input(x)[0]
     make = lambda stats, config: lambda x, scale, bias: ops.layer_norm(x, scale, bias, stats, SEED, config)[0]
-    return make, (x, *params), ops.normalize(x)[0]
+    return make, (x, *params), ops.normalized_input(x)[0]
 
 
 @pytest.mark.parametrize("op, shape, layout", FUSED_CASES, ids=str)
 @pytest.mark.parametrize("bits", [8, 4])
-def test_fused_backward_kernels_match_the_xla_backward(op, shape, layout, bits, impl, key):
+def test_fused_backward_kernels_match_the_xla_backward(op, shape, layout, bits, key):
     config = QuantConfig(bits=bits, num_groups=2 if op.startswith("layer_norm") and shape[-1] % 2 == 0 else 1)
     make, inputs, kept = fused_case(op, shape, key)
-    f = make(stats_for(kept, layout, config), config)
+    stats = stats_for(kept, layout, config)
     g = jax.random.normal(jax.random.key(7), shape)
-    impl("xla")
-    want = jax.vjp(f, *inputs)[1](g)
-    impl(KERNELS)
-    got = jax.vjp(f, *inputs)[1](g)
+    want, got = (jax.vjp(make(stats, c), *inputs)[1](g) for c in both(config))
     # same codes; float32 formulas in another order (and A&S erf): a few ulp of the result,
     # and of each of the (at most 21) rows summed into a parameter gradient
     for a, b in zip(got, want):

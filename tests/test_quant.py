@@ -17,21 +17,24 @@ SEED = jnp.uint32(7)
 
 def roundtrip(x, config, layout="channels", seed=SEED):
     groups = quant.num_groups_for(x.shape, layout, config)
-    stats = quant.batch_stats(x, layout, groups)
+    stats = quant.stats_of(x, layout, groups)
     packed = quant.pack(x, stats, config, seed, layout)
     return packed, quant.unpack(packed), stats
 
 
-def step_of(stats, config, layout, ndim):
-    """The quantization step of each element, broadcast to the grouped view."""
-    return quant._per_group(jnp.maximum(stats.span, quant.EPS) / config.levels, layout, ndim)
+def step_of(stats, config, layout, shape):
+    """The quantization step of each element of a tensor of ``shape``."""
+    step = jnp.maximum(stats.span, quant.EPS) / config.levels
+    view = quant.grouped_shape(shape, layout, step.shape[0])
+    return jnp.broadcast_to(step.reshape(1, -1, 1), view).reshape(shape)
 
 
 @pytest.mark.parametrize(
     "kwargs, field",
     [(dict(bits=3), "bits"), (dict(bits=16), "bits"), (dict(num_groups=0), "num_groups"),
      (dict(ema_decay=1.0), "ema_decay"), (dict(ema_decay=-0.1), "ema_decay"),
-     (dict(update_first=1), "update_first")],
+     (dict(update_first=1), "update_first"), (dict(bits=8.0), "bits"), (dict(bits=True), "bits"),
+     (dict(num_groups=2.0), "num_groups"), (dict(implementation="triton"), "implementation 'triton'")],
 )
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -69,10 +72,9 @@ def test_nearest_rounding_error_is_half_a_step(key, shape, groups):
     config = QuantConfig(num_groups=groups, stochastic=False)
     x = jax.random.normal(key, shape) * 3
     packed, xh, stats = roundtrip(x, config)
-    grouped = lambda t: t.reshape(*shape[:-1], groups, -1)
-    step = step_of(stats, config, "channels", len(shape) + 1)
+    step = step_of(stats, config, "channels", shape)
     assert xh.shape == x.shape and xh.dtype == x.dtype
-    assert jnp.all(jnp.abs(grouped(xh - x)) <= step / 2 * (1 + 1e-5))
+    assert jnp.all(jnp.abs(xh - x) <= step / 2 * (1 + 1e-5))
 
 
 @pytest.mark.parametrize("shape", HEAD_SHAPES)
@@ -82,7 +84,7 @@ def test_heads_have_one_range_each(key, shape):
     packed, xh, stats = roundtrip(x, config, "heads")
     assert packed.scale.shape == (shape[1],)
     np.testing.assert_allclose(stats.lo, jnp.min(x, axis=(0, 2, 3)), rtol=1e-6)
-    assert jnp.all(jnp.abs(xh - x) <= step_of(stats, config, "heads", 4) * (1 + 1e-5))
+    assert jnp.all(jnp.abs(xh - x) <= step_of(stats, config, "heads", shape) * (1 + 1e-5))
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
@@ -105,7 +107,7 @@ def test_pack_codes_round_trips_ragged_sizes(bits):
 def test_stochastic_rounding_is_unbiased(key):
     config = QuantConfig(bits=2)
     x = jax.random.uniform(key, (4, 16), minval=-1, maxval=1)
-    stats = quant.batch_stats(x, "channels", 1)
+    stats = quant.stats_of(x, "channels", 1)
     seeds = jnp.arange(4000, dtype=jnp.uint32)
     samples = jax.jit(jax.vmap(lambda s: quant.fake_quantize(x, stats, config, s)))(seeds)
     step = float(stats.span[0]) / config.levels
@@ -126,7 +128,7 @@ def test_same_seed_same_codes_other_seed_other_codes(key):
 
 
 def test_hash_noise_is_uniform():
-    u = quant.hash_uniform(jnp.uint32(3), (256, 256))
+    u = quant.noise(jnp.uint32(3), (256, 256))
     assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
     hist = np.histogram(np.asarray(u), bins=16, range=(0, 1))[0] / u.size
     assert np.all(np.abs(hist - 1 / 16) < 0.005)
@@ -206,7 +208,7 @@ def test_pack_and_update_measures_a_first_tensor_before_packing_it(key):
     config = QuantConfig(stochastic=False)
     x = jax.random.normal(key, (3, 16)) * 4
     packed, after = jax.jit(quant.pack_and_update, static_argnums=2)(x, quant.init_stats(1), config, SEED)
-    own = quant.batch_stats(x, "channels", 1)
+    own = quant.stats_of(x, "channels", 1)
     np.testing.assert_array_equal(packed.words, quant.pack(x, own, config, SEED).words)
     np.testing.assert_array_equal(after.lo, own.lo)
     np.testing.assert_array_equal(after.span, own.span)
@@ -226,8 +228,34 @@ def test_normalized_by_packs_the_normalized_rows(key):
     config = QuantConfig(num_groups=2, stochastic=False)
     x = jax.random.normal(key, (3, 5, 16)) * 3 + 1
     moments = jnp.mean(x, -1, keepdims=True), jax.lax.rsqrt(jnp.var(x, -1, keepdims=True) + 1e-6)
-    xn = quant.normalized(x, moments)
-    stats = quant.batch_stats(xn, "channels", 2)
+    xn = quant.normalize_rows(x, moments)
+    stats = quant.stats_of(xn, "channels", 2)
     packed, after = quant.pack_and_update(x, stats, config, SEED, normalized_by=moments)
     np.testing.assert_array_equal(packed.words, quant.pack(xn, stats, config, SEED).words)
     np.testing.assert_array_equal(after.lo, quant.update(stats, xn, config).lo)
+
+
+def _correlation(a, b):
+    a, b = np.ravel(a) - np.mean(a), np.ravel(b) - np.mean(b)
+    return float(np.dot(a, b) / np.sqrt(np.dot(a, a) * np.dot(b, b)))
+
+
+def test_noise_is_independent_across_steps_layers_and_transposed_pairs():
+    """The sample correlation of n independent pairs has standard deviation 1/sqrt(n):
+    every correlation must stay within 5 of those (a chance failure: ~6e-7)."""
+    n = 1 << 16
+    noise_at = lambda layer, step: quant.noise(quant.layer_seed(layer, jnp.uint32(step)), (n,))
+    bound = 5 / np.sqrt(n)
+    for step in (0, 1, 7, 1000):
+        assert abs(_correlation(noise_at("block_0/mlp/fc1/inputs", step), noise_at("block_0/mlp/fc1/inputs", step + 1))) < bound
+    assert abs(_correlation(noise_at("block_0/mlp/fc1/inputs", 3), noise_at("block_1/mlp/fc1/inputs", 3))) < bound
+    assert abs(_correlation(noise_at("block_0/mlp/fc1/inputs", 3), noise_at("block_0/mlp/fc2/inputs", 3))) < bound
+    # element i at step c against element c at step i, over a k x k grid of (i, c)
+    k = 256
+    grid = np.stack([np.asarray(quant.noise(quant.layer_seed("head/inputs", jnp.uint32(c)), (k,))) for c in range(k)])
+    upper = np.triu_indices(k, 1)
+    assert abs(_correlation(grid[upper], grid.T[upper])) < 5 / np.sqrt(len(upper[0]))
+    # and one seed's noise is no shifted copy of another's
+    a, b = (np.asarray(quant.noise(jnp.uint32(s), (n,))) for s in (1, 2))
+    for shift in (1, 2, 1 << 10):
+        assert abs(_correlation(a[shift:], b[:-shift])) < bound and abs(_correlation(a[:-shift], b[shift:])) < bound

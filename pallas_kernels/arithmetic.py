@@ -1,0 +1,85 @@
+"""The per-element rules of mesa_jax, written once for the jnp reference and the kernels.
+
+``mesa_jax.quant`` and ``mesa_jax.ops`` apply these to whole tensors, the Pallas
+kernels to the lanes of a row; both call the same functions, so a kernel's codes
+and gradients cannot drift from the reference's. Everything is float32 jnp,
+elementwise (or, for the backward formulas, given the row sums).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+# ---------------------------------------------------------------------- codes
+
+
+def quantize(x, shift, inv_scale, noise, levels: int):
+    """The float code of x: ``floor((x - shift) * inv_scale + noise)`` clamped to
+    [0, levels] at both ends (never wrapped around); NaN (a NaN input) gives 0."""
+    v = jnp.floor((x - shift) * inv_scale + noise)
+    return jnp.where(jnp.isnan(v), 0.0, jnp.clip(v, 0.0, float(levels)))
+
+
+def dequantize(code, shift, scale):
+    """The value a code stands for."""
+    return shift + code * scale
+
+
+def normalize(x, mean, rstd):
+    """LayerNorm's normalized input: what it keeps instead of x."""
+    return (x - mean) * rstd
+
+
+def range_or_zero(lo, hi):
+    """A group's (min, max) over its finite entries; (0, 0) where it has none (lo > hi)."""
+    empty = lo > hi
+    return jnp.where(empty, 0.0, lo), jnp.where(empty, 0.0, hi)
+
+
+# ---------------------------------------------------------------------- words
+
+
+def codes_per_word(bits: int) -> int:
+    return 32 // bits
+
+
+def words_per_row(length: int, bits: int) -> int:
+    """uint32 words a row of ``length`` codes takes: rows never share a word."""
+    return -(-length // codes_per_word(bits))
+
+
+def padded_row(length: int, bits: int) -> tuple[int, int]:
+    """(words, codes) of a row padded to a power of two of words, as the kernels see it:
+    Triton blocks must be powers of two, so every strided lane load stays in bounds."""
+    words = 1 << max(words_per_row(length, bits) - 1, 0).bit_length()
+    return words, words * codes_per_word(bits)
+
+
+def lane_shift(bits: int, lane):
+    """Bit offset of lane ``lane`` (column ``word * codes_per_word + lane``) in its word."""
+    return bits * lane
+
+
+# ---------------------------------------------------------------- derivatives
+
+
+def gelu_derivative(x, approximate: bool, erf=lax.erf):
+    """d gelu / dx; ``erf`` is replaceable (Triton lowers no erf)."""
+    if approximate:
+        c = math.sqrt(2 / math.pi)
+        t = jnp.tanh(c * (x + 0.044715 * x**3))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+    return 0.5 * (1 + erf(x / math.sqrt(2))) + x * jnp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+def softmax_input_grad(y, g, row_sum_gy):
+    """dx of y = softmax(x) from y, the cotangent g and the row's sum(g * y)."""
+    return y * (g - row_sum_gy)
+
+
+def layer_norm_input_grad(x_hat, gn, rstd, row_mean_gn, row_mean_gn_x_hat):
+    """dx of LayerNorm from its normalized input, gn = g * scale and their row means."""
+    return rstd * (gn - row_mean_gn - x_hat * row_mean_gn_x_hat)
