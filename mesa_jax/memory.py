@@ -52,7 +52,12 @@ def compiled_memory(fn: Callable, *args) -> CompiledMemory:
     """Compile ``fn`` (jitted here unless it already is) for ``args`` (arrays or
     ShapeDtypeStructs) and read its memory analysis."""
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-    analysis = jitted.lower(*args).compile().memory_analysis()
+    return compiled_analysis(jitted.lower(*args).compile())
+
+
+def compiled_analysis(compiled) -> CompiledMemory:
+    """The memory analysis of an already compiled program (``jax.jit(f).lower(...).compile()``)."""
+    analysis = compiled.memory_analysis()
     if analysis is None:
         raise RuntimeError(f"the {jax.default_backend()} backend gives no compile-time memory analysis")
     return CompiledMemory(

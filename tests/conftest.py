@@ -1,10 +1,16 @@
 """Strict settings for every test, and the shapes tests and benchmarks share."""
 
+import os
+
 import jax
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "standard")
+# Tests build the same small models again and again (each training run jits afresh):
+# XLA's persistent cache, shared by the xdist workers, compiles each program once.
+jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
 
 # [..., C] activations: odd token counts on purpose (197 = DeiT's 196 patches + cls).
 CHANNEL_SHAPES = [(2, 5, 8), (3, 7, 16)]

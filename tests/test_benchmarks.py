@@ -36,6 +36,7 @@ def test_max_batch_respects_multiple_limit_and_nothing_fitting():
         memory.max_batch_size(peak, 0)
 
 
+@pytest.mark.slow
 def test_max_batch_on_a_compiled_model_fits_and_the_next_does_not():
     model = step_memory.build("vit-test", "mesa8")
     tx = step_memory.loop.make_optimizer(step_memory.loop.learning_rate_schedule(1e-3, 1, 10), 0.0)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mesa_jax.models import vit
-from train import data, run
+from train import data, run, vit_cifar100
 from train.config import TrainConfig
 
 TINY = dict(image_size=32, patch_size=8, width=24, depth=1, num_heads=2, mlp_dim=48, drop_path=0.1)
@@ -57,9 +57,14 @@ def params_of(workdir, cfg):
         ckpt.close()
 
 
-def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "train.vit_cifar100", *args], capture_output=True, text=True,
-                          timeout=900, env={**os.environ, **(env or {})})
+def cli(*args, capsys):
+    """Run the program's main in this process: (exit code, stdout, stderr)."""
+    try:
+        code = vit_cifar100.main(list(args))
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else (print(exit.code, file=sys.stderr) or 1)
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 @pytest.mark.parametrize(
@@ -67,20 +72,23 @@ def cli(*args, env=None):
     [(["--bits", "3"], "--bits"), (["--lr", "-1"], "--lr must be > 0"), (["--steps", "0"], "--steps"),
      (["--dtype", "float16"], "--dtype"), ([], "--workdir")],
 )
-def test_bad_flags_exit_nonzero_with_one_line(flags, message, tmp_path):
+def test_bad_flags_exit_nonzero_with_one_line(flags, message, tmp_path, capsys):
     workdir = [] if message == "--workdir" else ["--workdir", str(tmp_path)]
-    out = cli(*workdir, *flags)
-    assert out.returncode != 0
-    assert "Traceback" not in out.stderr
-    assert message in out.stderr.strip().splitlines()[-1]
+    code, _, err = cli(*workdir, *flags, capsys=capsys)
+    assert code != 0
+    assert "Traceback" not in err
+    assert message in err.strip().splitlines()[-1]
 
 
-def test_help_documents_every_flag_with_its_default():
-    out = cli("--help")
-    assert out.returncode == 0
+def test_the_module_runs_from_a_checkout_and_documents_every_flag_with_its_default():
+    """The one end-to-end subprocess: python -m train.vit_cifar100 from the repository root."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "train.vit_cifar100", "--help"], capture_output=True, text=True,
+                         timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr
     for flag in ("--model", "--no-mesa", "--bits", "--dtype", "--batch-size", "--epochs", "--steps", "--lr",
                  "--weight-decay", "--warmup-epochs", "--seed", "--dataset", "--data-dir", "--workdir",
-                 "--eval-every"):
+                 "--eval-every", "--compare-memory"):
         assert flag in out.stdout
     assert "(default: vit-c100)" in out.stdout
 
@@ -89,7 +97,7 @@ def test_trains_on_mock_tfds_cifar100(tmp_path):
     import tensorflow_datasets as tfds
 
     with tfds.testing.mock_data(num_examples=40):
-        final = run.train_and_evaluate(config(dataset="cifar100", steps=4), str(tmp_path))
+        final = run.train_and_evaluate(config(dataset="cifar100", steps=4, compare_memory=True), str(tmp_path))
     header, *logged = rows(tmp_path)
     assert header["dataset"] == "cifar100" and header["dataset_warning"] is None
     assert header["step_peak_bytes"]["mesa"] < header["step_peak_bytes"]["baseline"]
@@ -176,7 +184,7 @@ SHARDED = """
 import json, sys, jax, numpy as np
 from mesa_jax.models import vit
 vit.PRESETS["vit-test"] = dict(image_size=32, patch_size=8, width=24, depth=1, num_heads=2, mlp_dim=48, drop_path=0.0)
-from train import data, run
+from train import data, run, vit_cifar100
 from train.config import TrainConfig
 data.synthetic = lambda seed=0, _d=data.synthetic(0, 64, 16): _d
 cfg = TrainConfig(model="vit-test", batch_size=8, steps=3, dataset="synthetic", eval_every=100, log_every=1)

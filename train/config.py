@@ -30,6 +30,7 @@ class TrainConfig:
     eval_every: int = 1000  # steps between evaluations (and one at the end)
     log_every: int = 50  # steps between metrics rows
     checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
+    compare_memory: bool = False  # also compile the baseline's step to log its peak memory
 
     def __post_init__(self):
         checks = [

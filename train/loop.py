@@ -30,7 +30,7 @@ class TrainState(train_state.TrainState):
 def create_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, image_shape) -> TrainState:
     """Initialise params and statistics from ``seed`` for images of ``image_shape`` ([H, W, C])."""
     init_key, dropout_key = jax.random.split(jax.random.key(seed))
-    variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32))
+    variables = jax.jit(model.init)(init_key, jnp.zeros((1, *image_shape), jnp.float32))  # one compilation
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
@@ -49,9 +49,15 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
     return optax.softmax_cross_entropy(logits, targets).mean()
 
 
-def train_step(state: TrainState, images, labels, label_smoothing: float = 0.1):
-    """One optimizer step; returns the new state (params, statistics) and its metrics."""
-    dropout = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+def train_step(state: TrainState, images, labels, label_smoothing: float = 0.1, augment=None):
+    """One optimizer step; returns the new state (params, statistics) and its metrics.
+
+    ``augment(images, key) -> images`` runs on the device first. The step's keys
+    (augmentation, dropout) are one split of the run's key folded with the step.
+    """
+    augment_key, dropout = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step))
+    if augment is not None:
+        images = augment(images, augment_key)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(

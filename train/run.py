@@ -8,6 +8,7 @@ run continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mesa_jax import QuantConfig
+from mesa_jax.memory import compiled_analysis
 from mesa_jax.models import vit
 from train import data, loop
 from train.checkpoint import Checkpointer
@@ -41,13 +43,8 @@ def build_model(config: TrainConfig, mesa: bool | None = None) -> vit.ViT:
 
 def make_train_step(model: vit.ViT, label_smoothing: float):
     """Augment on the device (crop, flip, resize for 224-pixel models), then one step."""
-
-    def step(state, images, labels):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), -1 - state.step)
-        x = _resize(data.augment(images, key), model.image_size)
-        return loop.train_step(state, x, labels, label_smoothing)
-
-    return step
+    augment = lambda images, key: _resize(data.augment(images, key), model.image_size)
+    return functools.partial(loop.train_step, label_smoothing=label_smoothing, augment=augment)
 
 
 def make_eval_step(model: vit.ViT):
@@ -127,14 +124,22 @@ def evaluate(eval_fn, state, split: data.Split, batch_size: int, sharding) -> di
             "eval_accuracy": float(totals["correct"] / totals["count"])}
 
 
-def _header(config, dataset, model, tx, mesh, workdir) -> dict:
-    """The first metrics row: config, data actually used, devices, step memory vs baseline."""
-    shape = (model.image_size, model.image_size, 3)
-    per_method = {}
-    for name, mesa in (("mesa" if config.mesa else "baseline", config.mesa), ("baseline", False)):
-        if name not in per_method:
-            m = build_model(config, mesa)
-            per_method[name] = loop.step_memory(m, tx, config.batch_size, shape).peak
+def compile_train_step(model: vit.ViT, config: TrainConfig, state, batches):
+    """The jitted, state-donating train step, compiled for this run's shapes and shardings
+    (``state`` may be abstract): what the loop runs, and whose memory the header reports."""
+    spec = (jax.ShapeDtypeStruct((config.batch_size, *data.IMAGE_SHAPE), jnp.uint8, sharding=batches),
+            jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batches))
+    return jax.jit(make_train_step(model, config.label_smoothing), donate_argnums=0).lower(state, *spec).compile()
+
+
+def _header(config, dataset, train_fn, tx, mesh, workdir) -> dict:
+    """The first metrics row: config, data actually used, devices, the step's compile-time
+    peak memory (and the baseline's with --compare-memory: one more compilation)."""
+    per_method = {"mesa" if config.mesa else "baseline": compiled_analysis(train_fn).peak}
+    if config.compare_memory and config.mesa:
+        base = build_model(config, mesa=False)
+        state = jax.eval_shape(lambda: loop.create_state(base, tx, config.seed, data.IMAGE_SHAPE))
+        per_method["baseline"] = compiled_analysis(compile_train_step(base, config, state, None)).peak
     return {
         "step": 0,
         "config": dataclasses.asdict(config),
@@ -169,17 +174,17 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         state = checkpoints.restore(state)
         metrics.truncate_after(int(state.step))
         log.info("resuming from step %d of %d", int(state.step), total)
-    else:
-        header = _header(config, dataset, model, tx, mesh, workdir)
+    batches = loop.batch_sharding(mesh)
+    train_fn = compile_train_step(model, config, state, batches)
+    if checkpoints.latest_step() is None:
+        header = _header(config, dataset, train_fn, tx, mesh, workdir)
         metrics.write(header)
         peaks = {k: v / 2**20 for k, v in header["step_peak_bytes"].items()}
         log.info("train step peak memory (compile-time): %s",
                  ", ".join(f"{k} {v:,.0f} MiB" for k, v in peaks.items())
-                 + (f" ({peaks['baseline'] / peaks['mesa']:.1f}x less with mesa)" if "mesa" in peaks else ""))
+                 + (f" ({peaks['baseline'] / peaks['mesa']:.1f}x less with mesa)" if len(peaks) == 2 else ""))
 
-    train_fn = jax.jit(make_train_step(model, config.label_smoothing), donate_argnums=0)
     eval_fn = jax.jit(make_eval_step(model))
-    batches = loop.batch_sharding(mesh)
     progress = Progress(int(state.step), total)
     final, clock, seen = {}, time.perf_counter(), 0
     try:

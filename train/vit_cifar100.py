@@ -38,6 +38,11 @@ HELP = {
     "log_every": "steps between metrics rows",
     "checkpoint_every": "steps between checkpoints (and one at the end)",
 }
+SWITCHES = {  # boolean fields: a flag each
+    "mesa": ("--no-mesa", "store_false", "train the plain-Flax baseline, same everything else"),
+    "compare_memory": ("--compare-memory", "store_true",
+                       "also compile the baseline's train step and log both peak memories (one more compilation)"),
+}
 TYPES = {"str": str, "int": int, "float": float, "int | None": int, "str | None": str}
 CHOICES = {"bits": (8, 4, 2), "dtype": ("float32", "bfloat16"), "dataset": ("auto", "cifar100", "synthetic")}
 
@@ -51,10 +56,10 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m train.vit_cifar100", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="checkpoints and metrics.jsonl go here (required)")
-    p.add_argument("--no-mesa", dest="mesa", action="store_false",
-                   help="train the plain-Flax baseline, same everything else")
+    for name, (flag, action, text) in SWITCHES.items():
+        p.add_argument(flag, dest=name, action=action, help=text)
     for field in dataclasses.fields(TrainConfig):
-        if field.name == "mesa":
+        if field.name in SWITCHES:
             continue
         kind = TYPES[field.type]
         p.add_argument("--" + field.name.replace("_", "-"), type=kind, default=field.default,
