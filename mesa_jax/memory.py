@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 from jax._src import ad_checkpoint as _ad_checkpoint  # the engine of print_saved_residuals
+from jax._src import api_util, core
 
 
 class Residual(NamedTuple):
@@ -35,12 +36,29 @@ class CompiledMemory(NamedTuple):
 
 
 def saved_residuals(fn: Callable, *args) -> list[Residual]:
-    """The arrays reverse-mode autodiff of ``fn(*args)`` keeps, with where each came from."""
-    found = _ad_checkpoint.saved_residuals(fn, *args)
-    return [
-        Residual(tuple(aval.shape), aval.dtype, _nbytes(aval), source)
-        for aval, source in found
-    ]
+    """The arrays reverse-mode autodiff of ``fn(*args)`` keeps, with where each came from.
+
+    Each array counts once: an array several ops keep (mesa's shared residuals), or that
+    an ``optimization_barrier`` passes on (mesa ties residuals to outputs with one; XLA
+    aliases them), is one buffer.
+    """
+    leaves, tree = jax.tree.flatten(args)
+    flat = lambda *leaves: fn(*jax.tree.unflatten(tree, leaves))
+    closed, shapes = jax.make_jaxpr(lambda *leaves: jax.vjp(flat, *leaves), return_shape=True)(*leaves)
+    jaxpr = closed.jaxpr
+    kept = jaxpr.outvars[len(jaxpr.outvars) - len(jax.tree.leaves(shapes[1])):]
+    passed_on = {out: v for eqn in jaxpr.eqns if eqn.primitive.name == "optimization_barrier"
+                 for out, v in zip(eqn.outvars, eqn.invars)}
+
+    def origin(v):
+        while not isinstance(v, core.Literal) and v in passed_on:
+            v = passed_on[v]
+        return v
+
+    unique = list({id(v): v for v in map(origin, kept)}.values())
+    arg_names = api_util.debug_info("saved_residuals", fn, args, {}).arg_names or ("",) * len(leaves)  # per leaf
+    found = _ad_checkpoint._saved_residuals(jaxpr.replace(outvars=unique), arg_names)
+    return [Residual(tuple(aval.shape), aval.dtype, _nbytes(aval), source) for aval, source in found]
 
 
 def residual_bytes(fn: Callable, *args) -> int:

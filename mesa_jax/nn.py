@@ -1,295 +1,397 @@
-"""Flax Linen layers over mesa_jax.ops: drop-in for their flax.linen namesakes.
+"""Flax Linen layers that keep int8 activations, and how flax's own layers run compressed.
 
-``import mesa_jax.nn as mnn`` and swap ``nn.Dense`` for ``mnn.Dense``: same
-constructor arguments, defaults and parameter names, plus ``quant`` (a
-QuantConfig, a Policy, or None for plain flax behaviour). Each compressed tensor
-has its running statistics in the ``"mesa"`` collection; they are updated only
-when that collection is mutable (``apply(..., mutable=["mesa"])`` in training),
-like flax's ``batch_stats``.
+``import mesa_jax.nn as mnn`` and swap ``nn.Dense`` for ``mnn.Dense``: an ``mnn``
+layer *is* its flax namesake (a subclass: every constructor argument, default and
+parameter name), plus ``quant`` (a QuantConfig, a Policy, or None for plain flax).
+It runs flax's own code with mesa's ops injected at flax's injection points
+(``dot_general``, ``conv_general_dilated``, ``attention_fn``), so the forward is
+flax's, bit for bit; ``mesa_jax.compress`` reaches unmodified models' layers with
+the same handlers. LayerNorm and Einsum have no injection point: their handlers
+compute flax's arithmetic with mesa's op.
+
+Each compressed tensor has its running statistics in the ``"mesa"`` collection,
+updated only when that collection is mutable (``apply(..., mutable=["mesa"])`` in
+training), like ``batch_stats``. Without the collection (evaluation, a params-only
+checkpoint) a layer computes exactly what flax computes; with it mutable and empty
+(training from a params-only checkpoint) the statistics are created.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+import inspect
+from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-from flax.linen.dtypes import promote_dtype
 
-from mesa_jax import ops, quant
+from mesa_jax import interception, ops, quant
 from mesa_jax.policy import Quant, resolve
 from mesa_jax.quant import Layout, QuantConfig
 
 COLLECTION = "mesa"
-Dtype = Any
-Initializer = Callable[..., jax.Array]
 DEFAULT = QuantConfig()
 
 
-class _Compressed(nn.Module):
-    """Shared machinery: resolve the config, read/update statistics, make a seed."""
-
-    kind = ""  # policy kind of the layer, set by each subclass
-
-    @property
-    def _where(self) -> str:
-        return "/".join(self.path) or "<root>"
-
-    def _config(self) -> QuantConfig | None:
-        return resolve(self.quant, self.kind, "/".join(self.path))
-
-    def _statistics(self, name: str, x: jax.Array, layout: Layout, config: QuantConfig):
-        """(the variable holding the running statistics of ``x``, a seed to pack ``x`` with)."""
-        groups = quant.num_groups_for(x.shape, layout, config)
-        if not (self.is_initializing() or self.has_variable(COLLECTION, name)):
-            raise ValueError(
-                f"{type(self).__name__} at {self._where} has no {COLLECTION!r} "
-                f"statistics: apply with the {COLLECTION!r} collection from model.init "
-                f"(variables={{'params': ..., '{COLLECTION}': ...}})"
-            )
-        stats = self.variable(COLLECTION, name, quant.init_stats, groups)
-        if stats.value.lo.shape != (groups,):
-            raise ValueError(
-                f"{COLLECTION!r} statistics {self._where}/{name} hold {stats.value.lo.shape[0]} "
-                f"groups but the input of shape {x.shape} needs {groups}"
-            )
-        return stats, self._seed(name, stats.value.count)
-
-    def _record(self, stats, updated: quant.Stats) -> None:
-        """Keep the statistics an op returned, if the collection is mutable (training)."""
-        if self.is_mutable_collection(COLLECTION) and not self.is_initializing():
-            stats.value = updated
-
-    def _seed(self, name: str, count: jax.Array) -> jax.Array:
-        """From the "mesa" RNG stream when given, else from the layer path and step count."""
-        if self.has_rng(COLLECTION):
-            return jax.random.bits(self.make_rng(COLLECTION), (), jnp.uint32)
-        return quant.layer_seed("/".join((*self.path, name)), count)
+# ------------------------------------------------------------------ statistics
 
 
-class Dense(_Compressed):
-    """flax.linen.Dense with an int8 copy of its input kept for the backward pass."""
+def path_of(module: nn.Module) -> str:
+    return "/".join(module.path)
 
-    features: int
-    use_bias: bool = True
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    precision: Any = None
-    kernel_init: Initializer = nn.linear.default_kernel_init
-    bias_init: Initializer = nn.initializers.zeros_init()
+
+def _statistics(module: nn.Module, name: str, x, layout: Layout, config: QuantConfig, strict: bool):
+    """(the "mesa" variable of ``x``'s running statistics, the config to pack it with), or None
+    when the module has no statistics to pack with (evaluation without the collection)."""
+    config = _fitted(config, x.shape, layout, strict)
+    groups = quant.num_groups_for(x.shape, layout, config)
+    if module.has_variable(COLLECTION, name):
+        stats = module.variable(COLLECTION, name)
+    elif module.is_mutable_collection(COLLECTION):
+        stats = module.variable(COLLECTION, name, quant.init_stats, groups)
+    elif module.is_initializing():
+        raise ValueError(
+            f"cannot create the {COLLECTION!r} statistics of {path_of(module) or '<root>'}/{name}: the "
+            f"{COLLECTION!r} collection is not mutable there during init. A lifted transform (nn.scan, "
+            f"nn.vmap, ...) must carry it, e.g. variable_axes={{'params': 0, '{COLLECTION}': 0}}, and "
+            f"init's mutable= must include it"
+        )
+    else:
+        return None
+    if stats.value.lo.shape != (groups,):
+        raise ValueError(
+            f"{COLLECTION!r} statistics {path_of(module)}/{name} hold {stats.value.lo.shape[0]} groups but "
+            f"a tensor of shape {x.shape} needs {groups}"
+        )
+    return stats, config
+
+
+def _fitted(config: QuantConfig, shape, layout: Layout, strict: bool) -> QuantConfig:
+    """compress applies one config to a whole model: where its group count does not divide a
+    tensor's channels (RGB into a patch embedding) that tensor uses one group. A mesa layer,
+    configured on its own, raises instead."""
+    if strict or layout != "channels" or not shape or shape[-1] % config.num_groups == 0:
+        return config
+    return dataclasses.replace(config, num_groups=1)
+
+
+def _seed(module: nn.Module, name: str, count):
+    """From the "mesa" RNG stream when given, else from the layer path and step count."""
+    if module.has_rng(COLLECTION):
+        return jax.random.bits(module.make_rng(COLLECTION), (), jax.numpy.uint32)
+    return quant.layer_seed("/".join((*module.path, name)), count)
+
+
+def _compressed(module: nn.Module, kept, op, exact, strict: bool):
+    """Run ``op(stats, seeds, configs) -> (y, updated stats)`` (an op's own return) on the tensors ``kept``
+    ([(name, x, layout, config)]) with their running statistics, storing the updates when
+    the collection is mutable; ``exact()`` when the module has no statistics."""
+    found = [_statistics(module, name, x, layout, config, strict) for name, x, layout, config in kept]
+    if any(f is None for f in found):
+        return exact()
+    variables = [v for v, _ in found]
+    stats = [v.value for v in variables]
+    seeds = [_seed(module, name, s.count) for (name, *_), s in zip(kept, stats)]
+    with interception.suspended():
+        y, updated = op(stats, seeds, [c for _, c in found])
+    updated = [updated] if isinstance(updated, quant.Stats) else updated  # ops return Stats or a pair
+    if module.is_mutable_collection(COLLECTION) and not module.is_initializing():
+        for variable, value in zip(variables, updated):
+            variable.value = value
+    return y
+
+
+def _unsupported(module: nn.Module, argument: str, next_fun, args, kwargs):
+    """A layer setting flax supports and mesa does not compress: an error for a mesa layer,
+    flax's exact computation (float residuals) inside compress."""
+    if interception.strict():
+        raise NotImplementedError(
+            f"{type(module).__name__} at {path_of(module) or '<root>'}: {argument} is not supported with "
+            f"quant (compressed); use quant=None or flax.linen.{type(module).__name__}"
+        )
+    return next_fun(*args, **kwargs)
+
+
+def _is_mesa(fn) -> bool:
+    return getattr(fn, "_mesa", False)
+
+
+def _mesa(fn):
+    fn._mesa = True
+    return fn
+
+
+# ------------------------------------------------- flax layers, compressed
+
+
+def _injected(field: str, make, stock=None):
+    """A handler running flax's own call with ``field``, one of flax's injection points, set to
+    ``make(module, config)``: a mesa function. Not where the user set the field (or its
+    ``*_cls`` twin) to something of their own."""
+
+    def handler(module, kind, next_fun, args, kwargs):
+        current = getattr(module, field)
+        if _is_mesa(current):
+            return next_fun(*args, **kwargs)
+        if current is not stock or getattr(module, f"{field}_cls", None) is not None:
+            return _unsupported(module, f"a custom {field}", next_fun, args, kwargs)
+        config = interception.config(kind, path_of(module))
+        if config is None:
+            return next_fun(*args, **kwargs)
+        with interception.fields_set(module, **{field: _mesa(make(module, config))}):
+            return next_fun(*args, **kwargs)
+
+    return handler
+
+
+def _dot_general(module, config, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    fn = ops.DotGeneral(_tuples(dimension_numbers), precision, preferred_element_type)
+    (contract, _), (batch, _) = fn.dimension_numbers
+    x = lhs
+    if not batch and len(contract) > 1 and sorted(a % lhs.ndim for a in contract) == list(
+            range(lhs.ndim - len(contract), lhs.ndim)):
+        x = lhs.reshape(*lhs.shape[: -len(contract)], -1)  # [..., H, D] kept as [..., H * D] channel groups
+        fn = ops.Reshaped(fn, lhs.shape)
+    op = lambda stats, seeds, configs: ops.linear(x, rhs, stats[0], seeds[0], configs[0], fn)
+    return _compressed(module, [("inputs", x, "channels", config)], op, lambda: fn(x, rhs), interception.strict())
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _conv_general_dilated(module, config, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                          preferred_element_type=None):
+    fn = ops.ConvGeneral(_tuples(window_strides), _tuples(padding), _tuples(lhs_dilation), _tuples(rhs_dilation),
+                         dimension_numbers, feature_group_count, batch_group_count, precision, preferred_element_type)
+    op = lambda stats, seeds, configs: ops.linear(lhs, rhs, stats[0], seeds[0], configs[0], fn)
+    return _compressed(module, [("inputs", lhs, "channels", config)], op, lambda: fn(lhs, rhs), interception.strict())
+
+
+def _overrides_call(module, flax_cls) -> bool:
+    """Whether the module's class changes flax's __call__ (then only flax's own code is safe)."""
+    for cls in type(module).__mro__:
+        if cls is flax_cls:
+            return False
+        if "__call__" in vars(cls) and not getattr(cls, "_mesa_layer", False):
+            return True
+    return False
+
+
+def _einsum(module, kind, next_fun, args, kwargs):
+    """nn.Einsum (no injection point): flax's parameters, bias shape and promotion, mesa's einsum."""
+    if _overrides_call(module, nn.Einsum):
+        return _unsupported(module, "an overridden __call__", next_fun, args, kwargs)
+    config = interception.config(kind, path_of(module))
+    if config is None:
+        return next_fun(*args, **kwargs)
+    inputs, *rest = args
+    spec = nn.merge_param("einsum_str", module.einsum_str, rest[0] if rest else kwargs.get("einsum_str"))
+    spec = spec.replace(" ", "")
+    if "->" not in spec or spec.count(",") != 1:
+        return next_fun(*args, **kwargs)  # flax raises its own error
+    kernel = module.param("kernel", module.kernel_init, module.shape, module.param_dtype)
+    bias = None
+    if module.use_bias:
+        bias_shape, broadcast_shape = module._get_bias_shape(spec, inputs, kernel)
+        bias = module.param("bias", module.bias_init, bias_shape, module.param_dtype)
+    inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
+    fn = ops.Einsum(spec, module.precision, module.preferred_element_type)
+    op = lambda stats, seeds, configs: ops.linear(inputs, kernel, stats[0], seeds[0], configs[0], fn)
+    y = _compressed(module, [("inputs", inputs, "channels", config)], op, lambda: fn(inputs, kernel),
+                    interception.strict())
+    return y if bias is None else y + bias.reshape(broadcast_shape)
+
+
+def _layer_norm(module, kind, next_fun, args, kwargs):
+    """nn.LayerNorm over the last axis: flax's parameters and arithmetic, keeping the
+    normalized input packed and the per-row rstd."""
+    x = args[0]
+    last = lambda axes: tuple(a % x.ndim for a in (axes if isinstance(axes, (tuple, list)) else (axes,))) == (
+        x.ndim - 1,)
+    for argument, supported in (
+            ("an overridden __call__", not _overrides_call(module, nn.LayerNorm)),
+            (f"reduction_axes={module.reduction_axes}", last(module.reduction_axes)),
+            (f"feature_axes={module.feature_axes}", last(module.feature_axes)),
+            (f"axis_name={module.axis_name!r}", module.axis_name is None),
+            ("axis_index_groups", module.axis_index_groups is None),
+            ("force_float32_reductions=False", module.force_float32_reductions),
+            ("mask", kwargs.get("mask") is None)):
+        if not supported:
+            return _unsupported(module, argument, next_fun, args, kwargs)
+    config = interception.config(kind, path_of(module))
+    if config is None:
+        return next_fun(*args, **kwargs)
+    features = (x.shape[-1],)
+    scale = module.param("scale", module.scale_init, features, module.param_dtype) if module.use_scale else None
+    bias = module.param("bias", module.bias_init, features, module.param_dtype) if module.use_bias else None
+    settings = dict(epsilon=module.epsilon, fast_variance=module.use_fast_variance, dtype=module.dtype)
+    x_hat = ops.normalized_input(x, module.epsilon, module.use_fast_variance)[0]
+    op = lambda stats, seeds, configs: ops.layer_norm(x, scale, bias, stats[0], seeds[0], configs[0],
+                                                             **settings)
+    return _compressed(module, [("normalized", x_hat, "channels", config)], op,
+                       lambda: ops.layer_norm_reference(x, scale, bias, **settings), interception.strict())
+
+
+def _attention_fn(module, config):
+    """MHDPA's core: flax's dot_product_attention with mesa's einsums (query, key,
+    probabilities, value, each grouped per head); its softmax is intercepted too."""
+
+    def attention(query, key, value, *args, precision=None, einsum_dot_general=None, qk_attn_weights_einsum=None,
+                  attn_weights_value_einsum=None, **kwargs):
+        if einsum_dot_general is not None or qk_attn_weights_einsum is not None or attn_weights_value_einsum is not None:
+            return nn.dot_product_attention(query, key, value, *args, precision=precision,
+                                            einsum_dot_general=einsum_dot_general,
+                                            qk_attn_weights_einsum=qk_attn_weights_einsum,
+                                            attn_weights_value_einsum=attn_weights_value_einsum, **kwargs)
+        # [..., L, H, D] operands grouped per head (axis -2); probabilities [..., H, Q, K] (axis -3)
+        # statistics names differ from the submodules' ("query", "key", "value", "out")
+        qk = _attention_einsum(module, config, ("q", "k"), (-2, -2), precision)
+        av = _attention_einsum(module, config, ("probs", "v"), (-3, -2), precision)
+        return nn.dot_product_attention(query, key, value, *args, qk_attn_weights_einsum=qk,
+                                        attn_weights_value_einsum=av, **kwargs)
+
+    attention.__signature__ = inspect.signature(nn.dot_product_attention)  # MHDPA passes what it declares
+    return attention
+
+
+def _attention_einsum(module, config, names, axes, precision):
+    def einsum(spec, a, b):
+        fn = ops.Einsum(spec, precision)
+        layouts = (axes[0] % a.ndim, axes[1] % b.ndim)
+        kept = [(names[0], a, layouts[0], config), (names[1], b, layouts[1], config)]
+        op = lambda stats, seeds, configs: ops.bilinear(a, b, *stats, *seeds, configs[0], fn, layouts)
+        return _compressed(module, kept, op, lambda: fn(a, b), interception.strict())
+
+    return einsum
+
+
+# ------------------------------------------------- functions, compressed
+
+
+def _function_site(original, name: str, kind: str, x, layout: Layout, op, *args, **kwargs):
+    """A registered function called inside a module: its statistics live in that module."""
+    module = interception.current_module()
+    state = getattr(module, "_state", None)
+    if not (state is not None and (state.in_compact_method or state.in_setup)):
+        return original(x, *args, **kwargs)  # variables need @compact or setup
+    site = interception.next_call_name(name)
+    config = interception.config(kind, f"{path_of(module)}/{site}")
+    if config is None:
+        return original(x, *args, **kwargs)
+    return _compressed(module, [(site, x, layout, config)], op, lambda: original(x, *args, **kwargs), False)
+
+
+def _gelu(original, x, approximate: bool = True):
+    op = lambda stats, seeds, configs: ops.gelu(x, stats[0], seeds[0], configs[0], approximate)
+    return _function_site(original, "gelu", "gelu", x, "channels", op, approximate=approximate)
+
+
+def _softmax(original, x, axis=-1, where=None, **kwargs):
+    if where is not None or kwargs or axis not in (-1, x.ndim - 1):
+        return original(x, axis=axis, where=where, **kwargs)
+    op = lambda stats, seeds, configs: ops.softmax(x, stats[0], seeds[0], configs[0])
+    return _function_site(original, "softmax", "softmax", x, ops.attention_layout(x.ndim), op, axis=axis)
+
+
+# Dense, DenseGeneral: flax's call with a dot_general that keeps its input packed. Conv: flax's
+# call (padding, dilation, feature groups, masks: all flax's) with such a conv_general_dilated.
+# MultiHeadDotProductAttention (and SelfAttention): flax's call, its projections compressed as
+# DenseGeneral, its core through _attention_fn.
+_dense = _injected("dot_general", lambda module, config: functools.partial(_dot_general, module, config))
+interception.register_module(nn.Dense, "dense", _dense)
+interception.register_module(nn.DenseGeneral, "dense", _dense)
+interception.register_module(nn.Einsum, "dense", _einsum)
+interception.register_module(nn.Conv, "conv", _injected(
+    "conv_general_dilated", lambda module, config: functools.partial(_conv_general_dilated, module, config)))
+interception.register_module(nn.LayerNorm, "layer_norm", _layer_norm)
+interception.register_module(nn.MultiHeadDotProductAttention, "matmul", _injected(
+    "attention_fn", _attention_fn, stock=nn.dot_product_attention))
+interception.register_function(jax.nn.gelu, _gelu)
+interception.register_function(jax.nn.softmax, _softmax)
+
+
+# -------------------------------------------------------------- the layers
+
+
+def _compressed_namesake(flax_cls: type, kinds: str) -> type:
+    """``flax_cls`` plus a ``quant`` field: flax's call, inside a mesa scope with that quant."""
+
+    def __call__(self, *args, **kwargs):
+        with interception.scope(self.quant, owner=self):
+            return flax_cls.__call__(self, *args, **kwargs)
+
+    doc = (f"flax.linen.{flax_cls.__name__}, keeping int8 copies of {kinds} for the backward pass: every flax "
+           f"argument and parameter, plus ``quant`` (QuantConfig, Policy, or None for flax's own computation).")
+    namespace = {"__annotations__": {"quant": Quant}, "quant": DEFAULT, "_mesa_layer": True, "__call__": __call__,
+                 "__doc__": doc, "__module__": __name__, "__qualname__": flax_cls.__name__}
+    return type(flax_cls.__name__, (flax_cls,), namespace)
+
+
+Dense = _compressed_namesake(nn.Dense, "its input")
+DenseGeneral = _compressed_namesake(nn.DenseGeneral, "its input")
+Einsum = _compressed_namesake(nn.Einsum, "its input")
+Conv = _compressed_namesake(nn.Conv, "its input")
+LayerNorm = _compressed_namesake(nn.LayerNorm, "its normalized input (and the per-row rstd)")
+MultiHeadDotProductAttention = _compressed_namesake(
+    nn.MultiHeadDotProductAttention, "the projections' inputs, query, key, probabilities and value (per head)")
+SelfAttention = _compressed_namesake(
+    nn.SelfAttention, "the projections' inputs, query, key, probabilities and value (per head)")
+
+
+class _Function(nn.Module):
+    """A jnp function as a layer: its statistics in this module's "mesa" collection."""
+
+    def _site(self, kind, name, x, layout, op, exact):
+        config = resolve(self.quant, kind, path_of(self))
+        if config is None:
+            return exact()
+        return _compressed(self, [(name, x, layout, config)], op, exact, True)
+
+
+class GELU(_Function):
+    """jax.nn.gelu (flax.linen.gelu) as a layer, keeping an int8 copy of its input. The
+    default is jax.nn.gelu's, the tanh approximation; ``approximate=False`` is erf (DeiT's)."""
+
+    approximate: bool = True
     quant: Quant = DEFAULT
-    kind = "dense"
 
     @nn.compact
-    def __call__(self, inputs: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-        inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        config = self._config()
-        if config is None:
-            return ops.dense_reference(inputs, kernel, bias, self.precision)
-        stats, seed = self._statistics("inputs", inputs, "channels", config)
-        y, updated = ops.dense(inputs, kernel, bias, stats.value, seed, config, self.precision)
-        self._record(stats, updated)
-        return y
+    def __call__(self, x):
+        op = lambda stats, seeds, configs: ops.gelu(x, stats[0], seeds[0], configs[0], self.approximate)
+        return self._site("gelu", "inputs", x, "channels", op, lambda: ops.gelu_reference(x, self.approximate))
 
 
-class Conv(_Compressed):
-    """flax.linen.Conv (channels last, no dilation or feature groups), int8 input residual."""
-
-    features: int
-    kernel_size: Sequence[int]
-    strides: int | Sequence[int] = 1
-    padding: str | Sequence[tuple[int, int]] = "SAME"
-    use_bias: bool = True
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    kernel_init: Initializer = nn.linear.default_kernel_init
-    bias_init: Initializer = nn.initializers.zeros_init()
-    quant: Quant = DEFAULT
-    kind = "conv"
-
-    @nn.compact
-    def __call__(self, inputs: jax.Array) -> jax.Array:
-        window = tuple(self.kernel_size)
-        if inputs.ndim != len(window) + 2:
-            raise ValueError(
-                f"Conv with kernel_size {window} needs [batch, *{len(window)} spatial, channels] "
-                f"inputs, got shape {inputs.shape}"
-            )
-        strides = (self.strides,) * len(window) if isinstance(self.strides, int) else tuple(self.strides)
-        padding = self.padding if isinstance(self.padding, str) else tuple(map(tuple, self.padding))
-        kernel_shape = (*window, inputs.shape[-1], self.features)
-        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-        inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        config = self._config()
-        if config is None:
-            return ops.conv_reference(inputs, kernel, bias, strides, padding)
-        stats, seed = self._statistics("inputs", inputs, "channels", config)
-        y, updated = ops.conv(inputs, kernel, bias, stats.value, seed, config, strides, padding)
-        self._record(stats, updated)
-        return y
-
-
-class LayerNorm(_Compressed):
-    """flax.linen.LayerNorm over the last axis, keeping an int8 copy of its normalized input."""
-
-    epsilon: float = 1e-6
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Initializer = nn.initializers.zeros_init()
-    scale_init: Initializer = nn.initializers.ones_init()
-    quant: Quant = DEFAULT
-    kind = "layer_norm"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        features = (jnp.shape(x)[-1],)
-        scale = self.param("scale", self.scale_init, features, self.param_dtype) if self.use_scale else None
-        bias = self.param("bias", self.bias_init, features, self.param_dtype) if self.use_bias else None
-        config = self._config()
-        if config is None:
-            y = ops.layer_norm_reference(x, scale, bias, self.epsilon)
-        else:
-            stats, seed = self._statistics("normalized", x, "channels", config)
-            y, updated = ops.layer_norm(x, scale, bias, stats.value, seed, config, self.epsilon)
-            self._record(stats, updated)
-        return y if self.dtype is None else y.astype(self.dtype)
-
-
-class GELU(_Compressed):
-    """jax.nn.gelu as a layer (exact erf by default), keeping an int8 copy of its input."""
-
-    approximate: bool = False
-    quant: Quant = DEFAULT
-    kind = "gelu"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        config = self._config()
-        if config is None:
-            return ops.gelu_reference(x, self.approximate)
-        stats, seed = self._statistics("inputs", x, "channels", config)
-        y, updated = ops.gelu(x, stats.value, seed, config, self.approximate)
-        self._record(stats, updated)
-        return y
-
-
-class Softmax(_Compressed):
+class Softmax(_Function):
     """Softmax over the last axis, keeping only an int8 copy of its output (per head if 4-D)."""
 
     axis: int = -1
     quant: Quant = DEFAULT
-    kind = "softmax"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x):
         if self.axis not in (-1, x.ndim - 1):
             raise ValueError(f"Softmax supports the last axis only, got axis={self.axis} for shape {x.shape}")
-        config = self._config()
-        if config is None:
-            return ops.softmax_reference(x)
-        stats, seed = self._statistics("outputs", x, ops.attention_layout(x.ndim), config)  # y has x's shape
-        y, updated = ops.softmax(x, stats.value, seed, config)
-        self._record(stats, updated)
-        return y
+        op = lambda stats, seeds, configs: ops.softmax(x, stats[0], seeds[0], configs[0])
+        return self._site("softmax", "outputs", x, ops.attention_layout(x.ndim), op, lambda: ops.softmax_reference(x))
 
 
-class MatMul(_Compressed):
+class MatMul(_Function):
     """``a @ b`` over leading batch dims, keeping int8 copies of both (per head if 4-D)."""
 
     quant: Quant = DEFAULT
-    kind = "matmul"
 
     @nn.compact
-    def __call__(self, a: jax.Array, b: jax.Array) -> jax.Array:
+    def __call__(self, a, b):
         if a.ndim != b.ndim or a.ndim < 2 or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
             raise ValueError(f"MatMul needs [..., N, K] @ [..., K, M] with equal batch dims, got {a.shape} @ {b.shape}")
-        config = self._config()
+        config = resolve(self.quant, "matmul", path_of(self))
         if config is None:
             return ops.matmul_reference(a, b)
-        stats_a, seed_a = self._statistics("a", a, ops.attention_layout(a.ndim), config)
-        stats_b, seed_b = self._statistics("b", b, ops.attention_layout(b.ndim), config)
-        y, (updated_a, updated_b) = ops.matmul(a, b, stats_a.value, stats_b.value, seed_a, seed_b, config)
-        self._record(stats_a, updated_a)
-        self._record(stats_b, updated_b)
-        return y
-
-
-# ------------------------------------------------------------------ blocks
-
-ModuleDef = Any
-
-
-class Layers(NamedTuple):
-    """The layer classes a block is built from: swap them to change every layer at once."""
-
-    dense: ModuleDef = Dense
-    conv: ModuleDef = Conv
-    layer_norm: ModuleDef = LayerNorm
-    gelu: ModuleDef = GELU
-    softmax: ModuleDef = Softmax
-    matmul: ModuleDef = MatMul
-
-
-def layers(quant: Quant = DEFAULT, dtype: Dtype | None = None) -> Layers:
-    """mesa layer classes bound to ``quant`` and ``dtype``.
-
-    ``quant=None`` gives the plain-flax baseline: flax.linen's own Dense, Conv and
-    LayerNorm, and the parameter-free layers running plain jnp.
-    """
-    if quant is None:
-        plain = dict(dense=nn.Dense, conv=nn.Conv, layer_norm=nn.LayerNorm)
-    else:
-        plain = dict(dense=Dense, conv=Conv, layer_norm=LayerNorm)
-    typed = {k: functools.partial(v, dtype=dtype) for k, v in plain.items()}
-    if quant is not None:
-        typed = {k: functools.partial(v, quant=quant) for k, v in typed.items()}
-    return Layers(
-        **typed,
-        gelu=functools.partial(GELU, quant=quant),
-        softmax=functools.partial(Softmax, quant=quant),
-        matmul=functools.partial(MatMul, quant=quant),
-    )
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention; Q, K, V, the probabilities and both matmuls grouped per head."""
-
-    num_heads: int
-    dense: ModuleDef = Dense
-    softmax: ModuleDef = Softmax
-    matmul: ModuleDef = MatMul
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if x.ndim != 3:
-            raise ValueError(f"SelfAttention needs [batch, tokens, width] inputs, got shape {x.shape}")
-        b, n, c = x.shape
-        if c % self.num_heads:
-            raise ValueError(f"num_heads={self.num_heads} does not divide the width {c}")
-        h, d = self.num_heads, c // self.num_heads
-        qkv = self.dense(3 * c, name="qkv")(x).reshape(b, n, 3, h, d)
-        q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [B, H, N, D]
-        scores = self.matmul(name="scores")(q * d**-0.5, k.swapaxes(-1, -2))  # [B, H, N, N]
-        probs = self.softmax(name="softmax")(scores)
-        mixed = self.matmul(name="mix")(probs, v)  # [B, H, N, D]
-        return self.dense(c, name="proj")(mixed.transpose(0, 2, 1, 3).reshape(b, n, c))
-
-
-class Mlp(nn.Module):
-    """Dense -> GELU -> Dense."""
-
-    hidden: int
-    dense: ModuleDef = Dense
-    gelu: ModuleDef = GELU
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.gelu(name="gelu")(self.dense(self.hidden, name="fc1")(x))
-        return self.dense(x.shape[-1], name="fc2")(y)
+        layouts = (ops.attention_layout(a.ndim), ops.attention_layout(b.ndim))
+        kept = [("a", a, layouts[0], config), ("b", b, layouts[1], config)]
+        op = lambda stats, seeds, configs: ops.bilinear(a, b, *stats, *seeds, configs[0], ops.matmul_reference,
+                                                        layouts)
+        return _compressed(self, kept, op, lambda: ops.matmul_reference(a, b), True)

@@ -15,9 +15,11 @@ computation, differentiated by JAX: what ``quant=None`` layers run), ``_fwd``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from typing import Sequence
+import threading
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,11 +35,42 @@ RESIDUAL_NAME = "mesa_residual"  # checkpoint_name of every kept activation
 
 def keep(x, stats: Stats | None, seed, config: QuantConfig | None, layout: Layout = "channels", normalized_by=None):
     """(what the backward pass keeps of x, the statistics updated with it): packed codes,
-    or x itself in exact mode. ``normalized_by``: keep quant.normalize_rows(x, normalized_by)."""
+    or x itself in exact mode. ``normalized_by``: keep quant.normalize_rows(x, normalized_by).
+
+    Inside ``sharing()``, an array another op already kept (the same object, layout and
+    config) is not packed again: its residual is reused, and x's measured range is
+    folded into this op's statistics.
+    """
     if config is None:
         return quant.normalize_rows(x, normalized_by), stats
-    packed, stats = quant.pack_and_update(x, stats, config, seed, layout, normalized_by)
-    return checkpoint_name(packed, RESIDUAL_NAME), stats
+    key = (id(x), layout, config) if normalized_by is None and _shared.kept is not None else None
+    if key is not None and key in _shared.kept:
+        _, packed, lo, hi = _shared.kept[key]
+    else:
+        packed, lo, hi = quant.pack_and_measure(x, stats, config, seed, layout, normalized_by)
+        packed = checkpoint_name(packed, RESIDUAL_NAME)
+        if key is not None:
+            _shared.kept[key] = (x, packed, lo, hi)  # x held: its id stays its own
+    return packed, quant.fold_range(stats, lo, hi, config)
+
+
+class _Shared(threading.local):
+    kept: dict | None = None
+
+
+_shared = _Shared()
+
+
+@contextlib.contextmanager
+def sharing():
+    """Pack a tensor that several ops keep once (e.g. the input of an attention layer's
+    query, key and value projections), for the ops run (traced) inside."""
+    outer = _shared.kept
+    _shared.kept = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _shared.kept = outer
 
 
 def updated(stats: Stats | None, kept, config: QuantConfig | None, layout: Layout = "channels"):
@@ -98,79 +131,135 @@ def _channels_last(v, ndim):
     return v.reshape((1,) * (ndim - 1) + (-1,))
 
 
-# ---------------------------------------------------------------------- dense
+# --------------------------------------------------------------------- linear
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def linear(x, params, stats, seed, config, fn):
+    """``fn(x, params)`` for any ``fn`` affine in x: a dense layer, a convolution, an einsum
+    with a kernel. Keeps x packed (channel groups of its last axis); the backward is
+    fn's own VJP at the restored x (dx does not depend on x, d params does).
+
+    ``fn`` is static: a hashable map such as ``DotGeneral`` or ``ConvGeneral``.
+    """
+    return fn(x, params), updated(stats, x, config)
+
+
+def _linear_fwd(x, params, stats, seed, config, fn):
+    kept, stats = keep(x, stats, seed, config)
+    y, (kept,) = _materialize(fn(x, params), kept)
+    return (y, stats), (kept, params)
+
+
+def _linear_bwd(config, fn, residuals, cotangents):
+    res, params = residuals
+    g, _ = cotangents
+    x, g = restore(res, g)
+    dx, dparams = jax.vjp(fn, x, params)[1](g)
+    return dx, dparams, None, None
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class DotGeneral:
+    """``lax.dot_general(x, kernel, ...)`` as a static map (flax's Dense, DenseGeneral)."""
+
+    dimension_numbers: tuple
+    precision: Any = None
+    preferred_element_type: Any = None
+
+    def __call__(self, x, kernel):
+        return lax.dot_general(x, kernel, self.dimension_numbers, self.precision, self.preferred_element_type)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeneral:
+    """``lax.conv_general_dilated(x, kernel, ...)`` as a static map (flax's Conv: any padding,
+    dilation, feature groups)."""
+
+    window_strides: tuple
+    padding: Any
+    lhs_dilation: Any = None
+    rhs_dilation: Any = None
+    dimension_numbers: Any = None
+    feature_group_count: int = 1
+    batch_group_count: int = 1
+    precision: Any = None
+    preferred_element_type: Any = None
+
+    def __call__(self, x, kernel):
+        return lax.conv_general_dilated(x, kernel, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Einsum:
+    """``jnp.einsum(spec, a, b, ...)`` as a static map (flax's Einsum; attention's products)."""
+
+    spec: str
+    precision: Any = None
+    preferred_element_type: Any = None
+
+    def __call__(self, a, b):
+        return jnp.einsum(self.spec, a, b, precision=self.precision, preferred_element_type=self.preferred_element_type,
+                          _dot_general=lax.dot_general)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reshaped:
+    """``fn(x.reshape(shape), params)``: lets an op keep x in another view (e.g. the heads of a
+    [..., H, D] input merged into [..., H * D] channel groups); the reshape is free."""
+
+    fn: Any
+    shape: tuple
+
+    def __call__(self, x, params):
+        return self.fn(x.reshape(self.shape), params)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Biased:
+    """``fn(x, kernel) + bias`` over the last axis (bias may be None): the public dense and conv."""
+
+    fn: Any
+
+    def __call__(self, x, params):
+        kernel, bias = params
+        y = self.fn(x, kernel)
+        return y if bias is None else y + _channels_last(bias, y.ndim)
+
+
 def dense(x, kernel, bias, stats, seed, config, precision=None):
     """x @ kernel + bias over the last axis of x (any leading dims); bias may be None."""
-    return dense_reference(x, kernel, bias, precision), updated(stats, x, config)
+    return linear(x, (kernel, bias), stats, seed, config, _Biased(DotGeneral(_last_axis(x.ndim), precision)))
 
 
 def dense_reference(x, kernel, bias, precision=None):
     """flax.linen.Dense's computation, differentiated by JAX: the baseline."""
-    y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
-    return y if bias is None else y + _channels_last(bias, y.ndim)
+    return _Biased(DotGeneral(_last_axis(x.ndim), precision))(x, (kernel, bias))
 
 
-def _dense_fwd(x, kernel, bias, stats, seed, config, precision):
-    kept, stats = keep(x, stats, seed, config)
-    y, (kept,) = _materialize(dense_reference(x, kernel, bias, precision), kept)
-    return (y, stats), (kept, kernel, bias)
+def _last_axis(ndim: int) -> tuple:
+    return (((ndim - 1,), (0,)), ((), ()))
 
 
-def _dense_bwd(config, precision, residuals, cotangents):
-    res, kernel, bias = residuals
-    g, _ = cotangents
-    x, g = restore(res, g)
-    batch = tuple(range(g.ndim - 1))
-    dx = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)  # [..., C_in]
-    dk = lax.dot_general(x, g, ((batch, batch), ((), ())), precision=precision)  # [C_in, C_out]
-    db = None if bias is None else jnp.sum(g, axis=batch).astype(bias.dtype)
-    return dx.astype(x.dtype), dk.astype(kernel.dtype), db, None, None
-
-
-dense.defvjp(_dense_fwd, _dense_bwd)
-
-
-# ----------------------------------------------------------------------- conv
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def conv(x, kernel, bias, stats, seed, config, strides: Sequence[int], padding):
     """N-D convolution, channels last (``x: [B, *spatial, C]``, ``kernel: [*window, C, F]``)."""
-    return conv_reference(x, kernel, bias, strides, padding), updated(stats, x, config)
+    return linear(x, (kernel, bias), stats, seed, config, _Biased(_channels_last_conv(x, kernel, strides, padding)))
 
 
 def conv_reference(x, kernel, bias, strides, padding):
     """The plain channels-last convolution, differentiated by JAX: the baseline."""
+    return _Biased(_channels_last_conv(x, kernel, strides, padding))(x, (kernel, bias))
+
+
+def _channels_last_conv(x, kernel, strides, padding) -> ConvGeneral:
     spatial = x.ndim - 2
-    dims = lax.conv_dimension_numbers(x.shape, kernel.shape, _conv_layout(spatial))
-    y = lax.conv_general_dilated(x, kernel, tuple(strides), padding, dimension_numbers=dims)
-    return y if bias is None else y + _channels_last(bias, y.ndim)
-
-
-def _conv_layout(spatial: int):
     letters = "HWDXYZ"[:spatial] if spatial <= 3 else "".join(chr(ord("a") + i) for i in range(spatial))
-    return ("N" + letters + "C", letters + "IO", "N" + letters + "C")
-
-
-def _conv_fwd(x, kernel, bias, stats, seed, config, strides, padding):
-    kept, stats = keep(x, stats, seed, config)
-    y, (kept,) = _materialize(conv_reference(x, kernel, bias, strides, padding), kept)
-    return (y, stats), (kept, kernel, bias)
-
-
-def _conv_bwd(config, strides, padding, residuals, cotangents):
-    res, kernel, bias = residuals
-    g, _ = cotangents
-    x, g = restore(res, g)
-    _, vjp = jax.vjp(lambda x, k, b: conv_reference(x, k, b, strides, padding), x, kernel, bias)
-    dx, dk, db = vjp(g.astype(x.dtype))
-    return dx, dk, db, None, None
-
-
-conv.defvjp(_conv_fwd, _conv_bwd)
+    dims = lax.conv_dimension_numbers(x.shape, kernel.shape, ("N" + letters + "C", letters + "IO", "N" + letters + "C"))
+    padding = padding if isinstance(padding, str) else tuple(map(tuple, padding))
+    return ConvGeneral(tuple(strides), padding, dimension_numbers=dims)
 
 
 # ----------------------------------------------------------------------- gelu
@@ -208,59 +297,64 @@ gelu.defvjp(_gelu_fwd, _gelu_bwd)
 # ----------------------------------------------------------------- layer_norm
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def layer_norm(x, scale, bias, stats, seed, config, epsilon: float = 1e-6):
-    """LayerNorm over the last axis; scale/bias ([C]) may be None. Statistics in >= float32.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def layer_norm(x, scale, bias, stats, seed, config, epsilon: float = 1e-6, fast_variance: bool = True, dtype=None):
+    """LayerNorm over the last axis; scale/bias ([C]) may be None. Statistics in >= float32;
+    the output in ``dtype``, else the inputs' result type (flax's rule).
 
     Keeps the *normalized* input, packed, and the per-row rstd: every row then has
     unit scale, so one range per group fits all rows (the raw input's rows differ
     by orders of magnitude, e.g. the class token against the patches).
     ``stats`` describe the normalized input (see ``normalized_input``).
     """
-    return layer_norm_reference(x, scale, bias, epsilon), updated(stats, normalized_input(x, epsilon)[0], config)
+    y = layer_norm_reference(x, scale, bias, epsilon, fast_variance, dtype)
+    return y, updated(stats, normalized_input(x, epsilon, fast_variance)[0], config)
 
 
-def layer_norm_reference(x, scale, bias, epsilon=1e-6):
+def layer_norm_reference(x, scale, bias, epsilon=1e-6, fast_variance: bool = True, dtype=None):
     """flax.linen.LayerNorm's arithmetic, step for step, so the forward is bit-identical."""
-    mean, var = _moments(x)
+    mean, var = _moments(x, fast_variance)
     mul = lax.rsqrt(var + epsilon)
     if scale is not None:
         mul = mul * _channels_last(scale, x.ndim)
     y = (_f32(x) - mean) * mul
     if bias is not None:
         y = y + _channels_last(bias, x.ndim)
-    return y.astype(jnp.result_type(*(a for a in (x, scale, bias) if a is not None)))
+    return y.astype(dtype or jnp.result_type(*(a for a in (x, scale, bias) if a is not None)))
 
 
-def _moments(x):
-    """Mean and (fast, clipped) variance over the last axis, in >= float32."""
+def _moments(x, fast_variance: bool = True):
+    """Mean and (clipped) variance over the last axis, in >= float32, as flax computes them:
+    ``E[x^2] - E[x]^2`` (fast) or ``E[(x - E[x])^2]``."""
     xf = _f32(x)
     mean = jnp.mean(xf, axis=-1, keepdims=True)
-    mean2 = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
-    return mean, jnp.maximum(0.0, mean2 - jnp.square(mean))
+    if not fast_variance:
+        return mean, jnp.mean(lax.square(xf - mean), axis=-1, keepdims=True)
+    mean2 = jnp.mean(lax.square(xf), axis=-1, keepdims=True)
+    return mean, jnp.maximum(0.0, mean2 - lax.square(mean))
 
 
-def row_moments(x, epsilon=1e-6):
+def row_moments(x, epsilon=1e-6, fast_variance: bool = True):
     """Mean and rstd ([..., 1]) over the last axis, in >= float32."""
-    mean, var = _moments(x)
+    mean, var = _moments(x, fast_variance)
     return mean, lax.rsqrt(var + epsilon)
 
 
-def normalized_input(x, epsilon=1e-6):
+def normalized_input(x, epsilon=1e-6, fast_variance: bool = True):
     """LayerNorm's normalized input (x - mean) * rstd over the last axis, and rstd ([..., 1]), in >= float32."""
-    mean, rstd = row_moments(x, epsilon)
+    mean, rstd = row_moments(x, epsilon, fast_variance)
     return quant.normalize_rows(x, (mean, rstd)), rstd
 
 
-def _layer_norm_fwd(x, scale, bias, stats, seed, config, epsilon):
-    mean, rstd = row_moments(x, epsilon)
+def _layer_norm_fwd(x, scale, bias, stats, seed, config, epsilon, fast_variance, dtype):
+    mean, rstd = row_moments(x, epsilon, fast_variance)
     kept, stats = keep(x, stats, seed, config, normalized_by=(mean, rstd))  # a kernel normalizes as it packs
-    y, (kept,) = _materialize(layer_norm_reference(x, scale, bias, epsilon), kept)
+    y, (kept,) = _materialize(layer_norm_reference(x, scale, bias, epsilon, fast_variance, dtype), kept)
     x_dtype = jnp.zeros((0,), x.dtype)  # zero bytes: the dtype dx must come back in
     return (y, stats), (kept, rstd, scale, bias, x_dtype)
 
 
-def _layer_norm_bwd(config, epsilon, residuals, cotangents):
+def _layer_norm_bwd(config, epsilon, fast_variance, dtype, residuals, cotangents):
     res, rstd, scale, bias, x_dtype = residuals
     g, _ = cotangents
     if _fused_kernel(res):
@@ -287,8 +381,8 @@ layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def attention_layout(ndim: int) -> Layout:
-    """[B, H, N, M] tensors are grouped per head; anything else per channel group."""
-    return "heads" if ndim == 4 else "channels"
+    """[..., H, N, M] attention tensors (4-D or more) are grouped per head, the rest per channel group."""
+    return ndim - 3 if ndim >= 4 else "channels"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -323,38 +417,45 @@ def _softmax_bwd(config, res, cotangents):
 softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
-# --------------------------------------------------------------------- matmul
+# ------------------------------------------------------------------- bilinear
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def bilinear(a, b, stats_a, stats_b, seed_a, seed_b, config, fn, layouts=("channels", "channels")):
+    """``fn(a, b)`` for ``fn`` linear in each of two activations (a matmul, an attention einsum).
+    Keeps both packed, grouped by ``layouts``; the backward is fn's VJP at the restored
+    pair. Returns ``(y, (stats_a, stats_b))``.
+    """
+    stats = updated(stats_a, a, config, layouts[0]), updated(stats_b, b, config, layouts[1])
+    return fn(a, b), stats
+
+
+def _bilinear_fwd(a, b, stats_a, stats_b, seed_a, seed_b, config, fn, layouts):
+    kept_a, stats_a = keep(a, stats_a, seed_a, config, layouts[0])
+    kept_b, stats_b = keep(b, stats_b, seed_b, config, layouts[1])
+    y, kept = _materialize(fn(a, b), kept_a, kept_b)
+    return (y, (stats_a, stats_b)), kept
+
+
+def _bilinear_bwd(config, fn, layouts, kept, cotangents):
+    (res_a, res_b), (g, _) = kept, cotangents
+    a, g = restore(res_a, g)
+    b, g = restore(res_b, g)
+    da, db = jax.vjp(fn, a, b)[1](g)
+    return da, db, None, None, None, None
+
+
+bilinear.defvjp(_bilinear_fwd, _bilinear_bwd)
+
+
 def matmul(a, b, stats_a, stats_b, seed_a, seed_b, config):
     """Batched a @ b (``[..., N, K] @ [..., K, M]``); 4-D operands are grouped per head.
 
     Returns ``(y, (stats_a, stats_b))``.
     """
-    stats_a = updated(stats_a, a, config, attention_layout(a.ndim))
-    stats_b = updated(stats_b, b, config, attention_layout(b.ndim))
-    return matmul_reference(a, b), (stats_a, stats_b)
+    layouts = (attention_layout(a.ndim), attention_layout(b.ndim))
+    return bilinear(a, b, stats_a, stats_b, seed_a, seed_b, config, jnp.matmul, layouts)
 
 
 def matmul_reference(a, b):
     return jnp.matmul(a, b)
-
-
-def _matmul_fwd(a, b, stats_a, stats_b, seed_a, seed_b, config):
-    kept_a, stats_a = keep(a, stats_a, seed_a, config, attention_layout(a.ndim))
-    kept_b, stats_b = keep(b, stats_b, seed_b, config, attention_layout(b.ndim))
-    y, kept = _materialize(matmul_reference(a, b), kept_a, kept_b)
-    return (y, (stats_a, stats_b)), kept
-
-
-def _matmul_bwd(config, kept, cotangents):
-    (res_a, res_b), (g, _) = kept, cotangents
-    a, g = restore(res_a, g)
-    b, g = restore(res_b, g)
-    da = jnp.matmul(g, jnp.swapaxes(b, -1, -2))  # [..., N, K]
-    db = jnp.matmul(jnp.swapaxes(a, -1, -2), g)  # [..., K, M]
-    return da.astype(a.dtype), db.astype(b.dtype), None, None, None, None
-
-
-matmul.defvjp(_matmul_fwd, _matmul_bwd)

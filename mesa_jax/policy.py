@@ -1,9 +1,9 @@
 """Which layers are compressed, and how: Mesa's policy, with glob overrides by module path.
 
-A ``Policy`` is a static (hashable) value given to every mesa layer; a layer
-resolves it with its kind and its module path. Unknown kinds raise at
-construction; override globs that match no layer raise in ``check_paths`` (the
-models call it after an abstract init).
+A ``Policy`` is a static (hashable) value given to ``compress`` or a mesa layer; each
+compressed site resolves it with its kind and its module path. Unknown kinds raise
+at construction; override globs that match no site raise in ``check_paths``, which
+``compress`` calls at the end of ``init``.
 """
 
 from __future__ import annotations
@@ -77,18 +77,3 @@ def resolve(quant: Quant, kind: str, path: str) -> QuantConfig | None:
     if isinstance(quant, Policy):
         return quant.resolve(kind, path)
     raise TypeError(f"quant must be a QuantConfig, a Policy or None, got {type(quant).__name__}")
-
-
-def fit_groups(quant: Quant, channels: int) -> Quant:
-    """``quant`` with one group wherever its group count does not divide ``channels``."""
-
-    def fit(config: QuantConfig) -> QuantConfig:
-        if channels % config.num_groups:
-            return dataclasses.replace(config, num_groups=1)
-        return config
-
-    if quant is None:
-        return None
-    if isinstance(quant, QuantConfig):
-        return fit(quant)
-    return quant.map_configs(fit)

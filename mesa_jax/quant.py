@@ -27,7 +27,7 @@ import dataclasses
 import math
 import numbers
 import zlib
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ from pallas_kernels import arithmetic
 from pallas_kernels import pack as kernels
 from pallas_kernels.hashing import combine, uniform
 
-Layout = Literal["channels", "heads"]
+Layout = Union[Literal["channels", "heads"], int]  # see pallas_kernels.arithmetic.group_axis
 
 EPS = 1e-8  # floor of a group's range: a constant group packs to code 0 and unpacks exactly
 VALID_BITS = (8, 4, 2)
@@ -117,13 +117,11 @@ class Packed:
 
 
 def num_groups_for(shape: tuple[int, ...], layout: Layout, config: QuantConfig) -> int:
-    """Group count of a tensor: one per head for "heads", config.num_groups for "channels"."""
-    if layout == "heads":
-        if len(shape) != 4:
-            raise ValueError(f"the 'heads' layout needs a [B, H, N, M] tensor, got shape {shape}")
-        return shape[1]
-    if layout != "channels":
-        raise ValueError(f"unknown group layout {layout!r}; use 'channels' or 'heads'")
+    """Group count of a tensor: config.num_groups for "channels", else one per index of the
+    group axis (one per head for "heads")."""
+    axis = arithmetic.group_axis(shape, layout) if shape else None
+    if axis is not None:
+        return shape[axis]
     if not shape:
         raise ValueError("cannot group a scalar: the 'channels' layout needs a [..., C] tensor")
     channels, groups = shape[-1], config.num_groups
@@ -134,11 +132,7 @@ def num_groups_for(shape: tuple[int, ...], layout: Layout, config: QuantConfig) 
     return groups
 
 
-def grouped_shape(shape: tuple[int, ...], layout: Layout, groups: int) -> tuple[int, int, int]:
-    """The [outer, G, inner] view of a tensor (a reshape) in which group g is [:, g, :]."""
-    if layout == "heads":  # [B, H, N, M]
-        return shape[0], groups, math.prod(shape[2:])
-    return math.prod(shape[:-1]), groups, shape[-1] // groups  # [..., C]: contiguous channel chunks
+grouped_shape = arithmetic.grouped_shape
 
 
 def _per_group(v: jax.Array) -> jax.Array:
@@ -277,10 +271,17 @@ def pack_and_update(x: jax.Array, stats: Stats, config: QuantConfig, seed, layou
     with its own range. ``config.update_first`` is Mesa's order instead: update
     the estimate with x, then pack with it (two passes).
     """
+    packed, lo, hi = pack_and_measure(x, stats, config, seed, layout, normalized_by)
+    return packed, fold_range(stats, lo, hi, config)
+
+
+def pack_and_measure(x: jax.Array, stats: Stats, config: QuantConfig, seed, layout: Layout = "channels",
+                     normalized_by=None) -> tuple[Packed, jax.Array, jax.Array]:
+    """(x packed as pack_and_update packs it, x's per-group finite min, max)."""
     _check_groups(x, stats, config, layout)
     if config.update_first:
-        new = update(stats, normalize_rows(x, normalized_by), config, layout)
-        return pack(x, new, config, seed, layout, normalized_by), new
+        lo, hi = group_min_max(normalize_rows(x, normalized_by), layout, stats.lo.shape[0])
+        return pack(x, fold_range(stats, lo, hi, config), config, seed, layout, normalized_by), lo, hi
 
     def measure_first():
         lo, hi = group_min_max(normalize_rows(x, normalized_by), layout, stats.lo.shape[0])
@@ -288,8 +289,7 @@ def pack_and_update(x: jax.Array, stats: Stats, config: QuantConfig, seed, layou
         return pack(x, own, config, seed, layout, normalized_by), lo, hi
 
     running = lambda: _pack_measure(x, stats, config, seed, layout, normalized_by)
-    packed, lo, hi = jax.lax.cond(stats.count > 0, running, measure_first)
-    return packed, fold_range(stats, lo, hi, config)
+    return jax.lax.cond(stats.count > 0, running, measure_first)
 
 
 def _pack_measure(x, stats: Stats, config: QuantConfig, seed, layout: Layout, normalized_by):

@@ -13,6 +13,34 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
+# --------------------------------------------------------------------- groups
+
+
+def group_axis(shape: tuple[int, ...], layout) -> int | None:
+    """The axis whose indices are the groups of a tensor of ``shape``, or None for the
+    "channels" layout (contiguous chunks of the last axis).
+
+    Layouts: "channels"; "heads" (a [B, H, N, M] attention tensor: axis 1); or an axis.
+    """
+    if layout == "channels":
+        return None
+    if layout == "heads":
+        if len(shape) != 4:
+            raise ValueError(f"the 'heads' layout needs a [B, H, N, M] tensor, got shape {shape}")
+        return 1
+    if isinstance(layout, int) and not isinstance(layout, bool) and -len(shape) <= layout < len(shape):
+        return layout % len(shape)
+    raise ValueError(f"unknown group layout {layout!r} for shape {shape}; use 'channels', 'heads' or an axis")
+
+
+def grouped_shape(shape: tuple[int, ...], layout, groups: int) -> tuple[int, int, int]:
+    """The [outer, G, inner] view of a tensor (a reshape) in which group g is [:, g, :]."""
+    axis = group_axis(shape, layout)
+    if axis is None:  # [..., C]: contiguous channel chunks
+        return math.prod(shape[:-1]), groups, shape[-1] // groups
+    return math.prod(shape[:axis]), groups, math.prod(shape[axis + 1 :])
+
+
 # ---------------------------------------------------------------------- codes
 
 

@@ -131,14 +131,20 @@ def unpack_rows(words, row, col_shift, col_scale, *, bits, length, dtype, interp
     return out[:, :length]
 
 
-def rows_and_cols(values, shape, layout: str, identity: float):
+def rows_and_cols(values, shape, layout, identity: float):
     """Per-group [G] values as a per-row [R] and a per-column [C] vector of the [R, C] view."""
     rows, length = math.prod(shape[:-1]), shape[-1]
-    if layout == "heads":  # [B, H, N, M]: row (b, h, n) belongs to head h
-        row = jnp.broadcast_to(values.reshape(1, -1, 1), shape[:-1]).reshape(rows)
-        return row, jnp.full((length,), identity, jnp.float32)
-    row = jnp.full((rows,), identity, jnp.float32)
-    return row, jnp.repeat(values, length // values.shape[0])
+    axis = arithmetic.group_axis(shape, layout)
+    if axis is None or axis == len(shape) - 1:  # groups of columns: contiguous chunks, or one per column
+        return jnp.full((rows,), identity, jnp.float32), jnp.repeat(values, length // values.shape[0])
+    per_row = values.reshape((1,) * axis + (-1,) + (1,) * (len(shape) - 2 - axis))  # e.g. row (b, h, n): head h
+    return jnp.broadcast_to(per_row, shape[:-1]).reshape(rows), jnp.full((length,), identity, jnp.float32)
+
+
+def column_groups(shape, layout, groups: int) -> int:
+    """How many groups a row's columns fall into: 1 when the groups are rows."""
+    axis = arithmetic.group_axis(shape, layout)
+    return groups if axis is None or axis == len(shape) - 1 else 1
 
 
 def dequantization_params(shift, scale, shape, layout: str, bits: int):
@@ -163,7 +169,7 @@ def pack(x, shift, inv_scale, seed, *, layout: str, bits: int, stochastic: bool,
     row_shift, col_shift = rows_and_cols(shift, x.shape, layout, 0.0)
     row_inv, col_inv = rows_and_cols(inv_scale, x.shape, layout, 1.0)
     moments = () if normalized_by is None else tuple(m.reshape(-1) for m in normalized_by)
-    col_groups = 1 if layout == "heads" else shift.shape[0]
+    col_groups = column_groups(x.shape, layout, shift.shape[0])
     words, lo, hi = pack_rows(x.reshape(-1, x.shape[-1]), col_shift, col_inv, row_shift, row_inv, seed, *moments,
                               bits=bits, stochastic=stochastic, col_groups=col_groups, interpret=interpret)
     rows_shape = lambda a: a.reshape(*x.shape[:-1], a.shape[-1])

@@ -2,8 +2,13 @@
 
 import os
 
-import jax
-import pytest
+# Tests compile hundreds of small programs: LLVM's optimization of them dominates the
+# run, their execution does not. HLO passes (and so XLA's buffer assignment, which the
+# memory tests read) are unaffected. Set before jax creates its backend.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "standard")

@@ -22,6 +22,9 @@ KERNELS = os.environ.get("MESA_JAX_TEST_KERNELS", "pallas_interpret")
 KERNEL_SHAPES = [(s, "channels") for s in CHANNEL_SHAPES + [(2, 5, 37), (1, 3, 197)]] + [
     (s, "heads") for s in HEAD_SHAPES + [(1, 2, 197, 197)]
 ]
+# The interpreter is slow: the default run checks every shape at the first setting; the
+# rest of the matrix is marked slow (benchmarks/gpu_check.sh runs it all, compiled).
+first_fast = lambda values: [v if i == 0 else pytest.param(v, marks=pytest.mark.slow) for i, v in enumerate(values)]
 
 
 def stats_for(x, layout, config):
@@ -72,7 +75,7 @@ def with_non_finite(x):
 
 
 @pytest.mark.parametrize("shape, layout", KERNEL_SHAPES, ids=str)
-@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("bits", first_fast([8, 4, 2]))
 def test_kernel_codes_and_statistics_are_the_reference_s(shape, layout, bits, key):
     """Words, and the running statistics updated with the range measured in the same read."""
     groups = 4 if layout == "channels" and shape[-1] % 4 == 0 else 1
@@ -89,7 +92,7 @@ def test_kernel_codes_and_statistics_are_the_reference_s(shape, layout, bits, ke
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 37), (1, 3, 197), (2, 4, 64)], ids=str)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", first_fast([jnp.float32, jnp.bfloat16]))
 def test_kernel_normalizes_rows_as_it_packs(shape, dtype, key):
     """LayerNorm's residual: (x - mean) * rstd packed, and its range measured, in one read."""
     from mesa_jax import ops
@@ -115,7 +118,7 @@ def test_kernel_statistics_of_groups_without_finite_entries():
 
 
 @pytest.mark.parametrize("shape, layout", KERNEL_SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", first_fast([jnp.float32, jnp.bfloat16]))
 def test_kernel_unpack_matches_the_reference(shape, layout, dtype, key):
     reference, kernel = both(QuantConfig(bits=4))
     x = (jax.random.normal(key, shape) * 3).astype(dtype)
@@ -211,7 +214,7 @@ def fused_case(op, shape, key):
 
 
 @pytest.mark.parametrize("op, shape, layout", FUSED_CASES, ids=str)
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", first_fast([8, 4]))
 def test_fused_backward_kernels_match_the_xla_backward(op, shape, layout, bits, key):
     config = QuantConfig(bits=bits, num_groups=2 if op.startswith("layer_norm") and shape[-1] % 2 == 0 else 1)
     make, inputs, kept = fused_case(op, shape, key)

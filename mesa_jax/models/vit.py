@@ -1,12 +1,14 @@
-"""ViT / DeiT built from mesa_jax.nn; ``quant=None`` is the plain-Flax baseline.
+"""ViT / DeiT in stock flax.linen; the mesa variant is the same model through ``compress``.
 
     model = vit.create("deit-s", num_classes=1000)              # int8, one group per head
     variables = model.init(jax.random.key(0), images)           # {"params", "mesa"}
     logits, state = model.apply(variables, images, train=True,
                                 mutable=["mesa"], rngs={"dropout": key})
 
-Baseline and mesa models are the same code with different layer classes
-(``mesa_jax.nn.layers``), and share one params tree.
+Written with nn.Conv, nn.LayerNorm, nn.MultiHeadDotProductAttention, nn.Dense and
+nn.gelu, as anyone would: ``create(..., quant=None)`` is the plain-flax baseline and
+any other ``quant`` returns ``mesa_jax.compress(ViT(...), quant)``, so there is one
+model, one params tree and one path.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mesa_jax import nn as mnn
-from mesa_jax.policy import Policy, Quant, fit_groups
+from mesa_jax.compress import compress
+from mesa_jax.nn import COLLECTION
+from mesa_jax.policy import Quant
 from mesa_jax.quant import QuantConfig
 
 PRESETS = {
@@ -52,21 +55,34 @@ class DropPath(nn.Module):
         return x * (keep / (1.0 - rate)).astype(x.dtype)
 
 
+class MlpBlock(nn.Module):
+    """Dense -> GELU (erf, as DeiT) -> Dense."""
+
+    mlp_dim: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
+        y = nn.gelu(y, approximate=False)
+        return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(y)
+
+
 class Block(nn.Module):
     """Pre-norm Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
     num_heads: int
     mlp_dim: int
-    layers: mnn.Layers = mnn.Layers()
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x, drop_rate, train: bool = False):
-        lay = self.layers
-        attn = mnn.SelfAttention(self.num_heads, lay.dense, lay.softmax, lay.matmul, name="attn")
-        x = x + DropPath()(attn(lay.layer_norm(name="ln1")(x)), drop_rate, train)
-        mlp = mnn.Mlp(self.mlp_dim, lay.dense, lay.gelu, name="mlp")
-        x = x + DropPath()(mlp(lay.layer_norm(name="ln2")(x)), drop_rate, train)
-        return x, None
+        y = nn.LayerNorm(dtype=self.dtype, name="ln1")(x)
+        y = nn.MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype, name="attn")(y, y)
+        x = x + DropPath()(y, drop_rate, train)
+        y = nn.LayerNorm(dtype=self.dtype, name="ln2")(x)
+        y = MlpBlock(self.mlp_dim, self.dtype, name="mlp")(y)
+        return x + DropPath()(y, drop_rate, train), None
 
 
 class ViT(nn.Module):
@@ -80,7 +96,6 @@ class ViT(nn.Module):
     num_heads: int
     mlp_dim: int
     drop_path: float = 0.0  # rate of the last block; earlier ones scale linearly from 0
-    quant: Quant = None  # QuantConfig, Policy, or None for the plain-Flax baseline
     dtype: Any = None  # compute dtype (e.g. jnp.bfloat16); params stay float32
     scan: bool = False  # nn.scan over blocks: one compiled block, stacked params
     remat: str | None = None  # jax.checkpoint policy name for each block
@@ -88,42 +103,39 @@ class ViT(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         self._check(images)
-        lay = mnn.layers(self.quant, self.dtype)
-        embed = mnn.layers(fit_groups(self.quant, images.shape[-1]), self.dtype).conv
         p = self.patch_size
-        x = embed(self.width, (p, p), strides=(p, p), padding="VALID", name="embedding")(images)
+        x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="embedding")(images)
         x = x.reshape(x.shape[0], -1, self.width)  # [B, N, C]
         cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
         x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)).astype(x.dtype), x], axis=1)
         pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], self.width))
         x = x + pos.astype(x.dtype)
         rates = jnp.asarray(np.linspace(0.0, self.drop_path, self.depth), jnp.float32)
-        x = self._blocks(lay)(x, rates, train) if self.scan else self._unrolled(lay, x, rates, train)
-        x = lay.layer_norm(name="norm")(x)
-        return lay.dense(self.num_classes, name="head")(x[:, 0]).astype(jnp.float32)
+        x = self._scanned(x, rates, train) if self.scan else self._unrolled(x, rates, train)
+        x = nn.LayerNorm(dtype=self.dtype, name="norm")(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x[:, 0]).astype(jnp.float32)
 
     def _block_class(self):
-        block = Block
-        if self.remat is not None:
-            if self.remat not in REMAT_POLICIES:
-                raise ValueError(f"unknown remat policy {self.remat!r}; valid: {sorted(REMAT_POLICIES)}")
-            block = nn.remat(block, policy=REMAT_POLICIES[self.remat], static_argnums=(3,))
-        return block
+        if self.remat is None:
+            return Block
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; valid: {sorted(REMAT_POLICIES)}")
+        return nn.remat(Block, policy=REMAT_POLICIES[self.remat], static_argnums=(3,))
 
-    def _unrolled(self, lay, x, rates, train):
+    def _unrolled(self, x, rates, train):
         for i in range(self.depth):
-            x, _ = self._block_class()(self.num_heads, self.mlp_dim, lay, name=f"block_{i}")(x, rates[i], train)
+            x, _ = self._block_class()(self.num_heads, self.mlp_dim, self.dtype, name=f"block_{i}")(x, rates[i], train)
         return x
 
-    def _blocks(self, lay):
-        scanned = nn.scan(
+    def _scanned(self, x, rates, train):
+        blocks = nn.scan(
             self._block_class(),
-            variable_axes={"params": 0, mnn.COLLECTION: 0},
-            split_rngs={"params": True, "dropout": True, mnn.COLLECTION: True},
+            variable_axes={"params": 0, COLLECTION: 0},
+            split_rngs={"params": True, "dropout": True, COLLECTION: True},
             in_axes=(0, nn.broadcast),
             length=self.depth,
-        )(self.num_heads, self.mlp_dim, lay, name="blocks")
-        return lambda x, rates, train: scanned(x, rates, train)[0]
+        )(self.num_heads, self.mlp_dim, self.dtype, name="blocks")
+        return blocks(x, rates, train)[0]
 
     def _check(self, images):
         want = (self.image_size, self.image_size)
@@ -139,7 +151,7 @@ class ViT(nn.Module):
 
 def create(name: str, *, num_classes: int, quant: Quant | str = PER_HEAD, dtype=None, **overrides) -> ViT:
     """A preset ViT. ``quant``: "per_head" (default: int8, one group per head, as Mesa's
-    DeiT), a QuantConfig or Policy (for every layer), or None (the plain-Flax baseline)."""
+    DeiT), a QuantConfig or Policy (for every layer), or None (the plain-flax baseline)."""
     if name not in PRESETS:
         raise ValueError(f"unknown ViT preset {name!r}; valid names: {sorted(PRESETS)}")
     fields = {**PRESETS[name], **overrides}
@@ -150,18 +162,5 @@ def create(name: str, *, num_classes: int, quant: Quant | str = PER_HEAD, dtype=
         if quant != PER_HEAD:
             raise ValueError(f"quant must be {PER_HEAD!r}, a QuantConfig, a Policy or None, got {quant!r}")
         quant = QuantConfig(num_groups=fields["num_heads"])
-    model = ViT(num_classes=num_classes, quant=quant, dtype=dtype, **fields)
-    if isinstance(quant, Policy) and quant.overrides:
-        quant.check_paths(layer_paths(model))
-    return model
-
-
-def layer_paths(model: ViT) -> list[str]:
-    """Module paths of every mesa layer of ``model`` (abstract init: nothing is computed)."""
-    images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
-    is_layer = lambda module, method: isinstance(module, mnn._Compressed) and method == "__call__"
-    variables = jax.eval_shape(
-        lambda x: model.init(jax.random.key(0), x, capture_intermediates=is_layer), images
-    )
-    flat = jax.tree_util.tree_flatten_with_path(variables["intermediates"])[0]
-    return sorted({"/".join(str(k.key) for k in path[:-2]) for path, _ in flat})
+    model = ViT(num_classes=num_classes, dtype=dtype, **fields)
+    return model if quant is None else compress(model, quant)

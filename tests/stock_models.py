@@ -1,0 +1,122 @@
+"""Models mesa_jax did not write, in their authors' styles: what compress must reach unedited.
+
+- ``CNN``: the convolutional classifier of flax's MNIST tutorial (nn.Conv, nn.relu,
+  nn.avg_pool, nn.Dense).
+- ``Encoder``: a pre-norm Transformer encoder as flax's examples write one
+  (MlpBlock with nn.Dense / nn.gelu / nn.Dropout, nn.LayerNorm,
+  nn.MultiHeadDotProductAttention with dropout, a ``deterministic`` flag).
+- ``ScannedViT``: a big_vision-style ViT: patch nn.Conv, class token, blocks under
+  ``nn.scan(nn.remat(...))`` built inside ``__call__`` with ``variable_axes={"params": 0}``,
+  an activation held in a field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(features=32, kernel_size=(3, 3))(x)
+        x = nn.relu(x)
+        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+        x = nn.Conv(features=64, kernel_size=(3, 3))(x)
+        x = nn.relu(x)
+        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))
+        x = nn.Dense(features=256)(x)
+        x = nn.relu(x)
+        x = nn.Dense(features=10)(x)
+        return x
+
+
+class MlpBlock(nn.Module):
+    mlp_dim: int
+    dropout_rate: float = 0.1
+
+    @nn.compact
+    def __call__(self, inputs, *, deterministic):
+        x = nn.Dense(self.mlp_dim)(inputs)
+        x = nn.gelu(x)
+        x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+        output = nn.Dense(inputs.shape[-1])(x)
+        return nn.Dropout(rate=self.dropout_rate)(output, deterministic=deterministic)
+
+
+class EncoderBlock(nn.Module):
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.1
+
+    @nn.compact
+    def __call__(self, inputs, *, deterministic):
+        x = nn.LayerNorm()(inputs)
+        x = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dropout_rate=self.dropout_rate,
+                                            deterministic=deterministic)(x, x)
+        x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+        x = x + inputs
+        y = nn.LayerNorm()(x)
+        y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate)(y, deterministic=deterministic)
+        return x + y
+
+
+class Encoder(nn.Module):
+    num_layers: int = 2
+    num_heads: int = 2
+    mlp_dim: int = 32
+    dropout_rate: float = 0.1
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        for _ in range(self.num_layers):
+            x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout_rate)(x, deterministic=not train)
+        return nn.LayerNorm(name="encoder_norm")(x)
+
+
+class Encoder1DBlock(nn.Module):
+    mlp_dim: int
+    num_heads: int
+    act: Callable = nn.gelu
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+        y = nn.LayerNorm(dtype=self.dtype)(x)
+        y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, deterministic=deterministic)(
+            y, y)
+        x = x + y
+        y = nn.LayerNorm(dtype=self.dtype)(x)
+        y = nn.Dense(self.mlp_dim, dtype=self.dtype)(y)
+        y = self.act(y)
+        y = nn.Dense(x.shape[-1], dtype=self.dtype)(y)
+        return x + y, None
+
+
+class ScannedViT(nn.Module):
+    num_classes: int = 10
+    patch_size: int = 4
+    width: int = 32
+    depth: int = 2
+    mlp_dim: int = 64
+    num_heads: int = 4
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, image, *, train=False):
+        x = nn.Conv(self.width, (self.patch_size, self.patch_size), strides=(self.patch_size, self.patch_size),
+                    padding="VALID", name="embedding", dtype=self.dtype)(image)
+        n, h, w, c = x.shape
+        x = jnp.reshape(x, [n, h * w, c])
+        cls = self.param("cls", nn.initializers.zeros, (1, 1, c), x.dtype)
+        x = jnp.concatenate([jnp.tile(cls, [n, 1, 1]), x], axis=1)
+        x = x + self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1, h * w + 1, c), x.dtype)
+        block = nn.remat(Encoder1DBlock, prevent_cse=False, static_argnums=(2,))
+        x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                       in_axes=nn.broadcast, length=self.depth)(
+            self.mlp_dim, self.num_heads, dtype=self.dtype, name="encoderblock")(x, not train)
+        x = nn.LayerNorm(name="encoder_norm", dtype=self.dtype)(x)
+        return nn.Dense(self.num_classes, name="head", dtype=self.dtype)(x[:, 0])

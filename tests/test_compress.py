@@ -1,0 +1,220 @@
+"""mesa_jax.compress on models mesa_jax did not write (tests/stock_models.py)."""
+
+import functools
+import threading
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import stock_models
+from mesa_jax import Policy, QuantConfig, compress, memory, quant
+from mesa_jax.compress import uncompressed
+
+IMAGES = (2, 16, 16, 3)
+TOKENS = (2, 7, 16)
+MODELS = {  # name: (model, input shape, extra apply arguments)
+    "cnn": (stock_models.CNN(), IMAGES, {}),
+    "encoder": (stock_models.Encoder(), TOKENS, {"train": False}),
+    "scanned_vit": (stock_models.ScannedViT(), IMAGES, {"train": False}),
+}
+
+
+def inputs(shape, seed=0):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+def init(model, x):
+    return jax.jit(model.init)(jax.random.key(1), x)
+
+
+def loss_and_grads(model, variables, x, **kwargs):
+    def loss(params):
+        out, _ = model.apply({**variables, "params": params}, x, mutable=["mesa"], **kwargs)
+        return jnp.sum(out * jnp.cos(out))
+
+    return jax.jit(jax.value_and_grad(loss))(variables["params"])
+
+
+def stats_leaves(tree):
+    return jax.tree.leaves(tree, is_leaf=lambda s: isinstance(s, quant.Stats))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_params_tree_and_forward_are_the_original_s(name):
+    model, shape, kwargs = MODELS[name]
+    x = inputs(shape)
+    original = init(model, x)
+    compressed = compress(model)
+    variables = init(compressed, x)
+    spec = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)
+    assert spec(variables["params"]) == spec(original["params"])
+    assert stats_leaves(variables["mesa"])
+    want = jax.jit(functools.partial(model.apply, **kwargs))(original, x)
+    np.testing.assert_array_equal(jax.jit(functools.partial(compressed.apply, **kwargs))(
+        {**original, "mesa": variables["mesa"]}, x), want)
+    np.testing.assert_array_equal(jax.jit(functools.partial(compressed.apply, **kwargs))(original, x), want)
+    loss_c, _ = loss_and_grads(compressed, {**original, "mesa": variables["mesa"]}, x, **kwargs)
+    loss_o, _ = loss_and_grads(model, original, x, **kwargs)
+    assert float(loss_c) == float(loss_o)  # the forward under autodiff too
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_gradient_error_scales_with_the_step(name):
+    """First order in the step: 15/255 of the 4-bit error at 8 bits (a factor 2 for the noise draws)."""
+    model, shape, kwargs = MODELS[name]
+    x = inputs(shape)
+    original = init(model, x)
+    _, exact = loss_and_grads(model, original, x, **kwargs)
+    errors = {}
+    for bits in (8, 4):
+        compressed = compress(model, QuantConfig(bits=bits))
+        variables = {**original, "mesa": init(compressed, x)["mesa"]}
+        _, got = loss_and_grads(compressed, variables, x, **kwargs)
+        a, b = ravel_pytree(got)[0], ravel_pytree(exact)[0]
+        errors[bits] = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+    assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
+
+
+def kept_by(model, x, **kwargs):
+    variables = init(model, x)
+    loss = lambda p: jnp.sum(model.apply({**variables, "params": p}, x, mutable=["mesa"], **kwargs)[0])
+    return [r for r in memory.saved_residuals(loss, variables["params"]) if "argument" not in r.source]
+
+
+def test_a_transformer_keeps_no_float_activation():
+    """Everything the encoder's backward needs is reached: no float residual as large as a
+    token row of the batch [B, N] survives (the original keeps dozens of [B, N, C] ones)."""
+    model, shape, kwargs = MODELS["encoder"]
+    x = inputs(shape)
+    floats = lambda kept: [r for r in kept if jnp.issubdtype(r.dtype, jnp.floating) and np.prod(r.shape) > x.size // x.shape[-1]]
+    assert len(floats(kept_by(model, x, **kwargs))) > 10
+    assert floats(kept_by(compress(model), x, **kwargs)) == []
+
+
+def test_a_cnn_keeps_its_convolution_and_dense_inputs_packed():
+    """Conv and Dense inputs are packed; ReLU's masks are not mesa's to compress."""
+    model, shape, _ = MODELS["cnn"]
+    packed = [r for r in kept_by(compress(model), inputs(shape)) if r.dtype == jnp.uint32]
+    assert len(packed) == 4  # two Conv, two Dense
+
+
+def test_training_from_a_params_only_checkpoint_creates_the_statistics():
+    model, shape, kwargs = MODELS["encoder"]
+    x = inputs(shape)
+    params = init(model, x)["params"]  # a checkpoint of the original model
+    compressed = compress(model)
+    _, state = compressed.apply({"params": params}, x, mutable=["mesa"], **kwargs)
+    assert {int(s.count) for s in stats_leaves(state["mesa"])} == {1}
+    _, state = compressed.apply({"params": params, **state}, x, mutable=["mesa"], **kwargs)
+    assert {int(s.count) for s in stats_leaves(state["mesa"])} == {2}
+
+
+def test_training_mode_with_dropout_matches_the_original():
+    model, shape, _ = MODELS["encoder"]
+    x = inputs(shape)
+    original = init(model, x)
+    compressed = compress(model)
+    rngs = {"dropout": jax.random.key(7)}
+    want = model.apply(original, x, train=True, rngs=rngs)
+    got, _ = compressed.apply({**original, **init(compressed, x)}, x, train=True, rngs=rngs, mutable=["mesa"])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_scan_made_inside_the_model_carries_the_statistics():
+    """ScannedViT's nn.scan says variable_axes={"params": 0}: compress adds "mesa", stacked."""
+    model, shape, _ = MODELS["scanned_vit"]
+    variables = init(compress(model), inputs(shape))
+    block = variables["mesa"]["encoderblock"]
+    assert block["Dense_0"]["inputs"].lo.shape == (model.depth, 1)
+    assert block["MultiHeadDotProductAttention_0"]["probs"].lo.shape == (model.depth, model.num_heads)
+
+
+ScannedAtDefinition = nn.scan(stock_models.Encoder1DBlock, variable_axes={"params": 0},
+                              split_rngs={"params": True}, in_axes=nn.broadcast, length=2)
+
+
+class PrebuiltScan(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return ScannedAtDefinition(32, 2)(x, True)[0]
+
+
+def test_a_lift_built_outside_the_model_that_omits_mesa_says_what_to_add():
+    with pytest.raises(ValueError, match=r"variable_axes=\{'params': 0, 'mesa': 0\}"):
+        compress(PrebuiltScan()).init(jax.random.key(0), inputs(TOKENS))
+
+
+def test_vmapped_layers_and_a_shared_module():
+    class Ensemble(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            dense = nn.vmap(nn.Dense, variable_axes={"params": 0, "mesa": 0}, split_rngs={"params": True},
+                            in_axes=None, out_axes=0, axis_size=3)(4)
+            shared = nn.Dense(4, name="shared")
+            return dense(x).sum(0) + shared(x) + shared(2 * x)
+
+    x = inputs((2, 8))
+    variables = init(compress(Ensemble()), x)
+    assert variables["mesa"]["VmapDense_0"]["inputs"].lo.shape == (3, 1)
+    assert variables["mesa"]["shared"]["inputs"].lo.shape == (1,)
+    original = init(Ensemble(), x)
+    np.testing.assert_array_equal(compress(Ensemble()).apply({**original, "mesa": variables["mesa"]}, x),
+                                  Ensemble().apply(original, x))
+
+
+def test_policy_overrides_by_path_and_typos_raise_after_init():
+    model, shape, kwargs = MODELS["encoder"]
+    x = inputs(shape)
+    policy = Policy(QuantConfig(), overrides={"EncoderBlock_0/*": None, "encoder_norm": None})
+    mesa = init(compress(model, policy), x)["mesa"]
+    assert "EncoderBlock_0" not in mesa and "encoder_norm" not in mesa and "EncoderBlock_1" in mesa
+    gelu_only = init(compress(model, Policy(kinds=("gelu",))), x)["mesa"]
+    assert list(gelu_only["EncoderBlock_0"]["MlpBlock_0"]) == ["gelu_0"]
+    with pytest.raises(ValueError, match="match no layer"):
+        init(compress(model, Policy(overrides={"EncoderBlok_*": None})), x)
+
+
+def test_interception_does_not_leak_to_other_models_or_threads():
+    """While a compressed model is traced, another thread runs a plain model: it keeps its
+    floats and gets no statistics; after the call everything is as before."""
+    plain, shape, kwargs = MODELS["encoder"]
+    x = inputs(shape)
+    params = init(plain, x)["params"]
+    plain_loss = lambda p: jnp.sum(plain.apply({"params": p}, x, **kwargs))
+    before = memory.saved_residuals(plain_loss, params)
+    seen = {}
+
+    def other_thread():
+        seen["residuals"] = memory.saved_residuals(plain_loss, params)
+        seen["variables"] = plain.init(jax.random.key(1), x, **kwargs)
+
+    class CallsOut(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            y = nn.gelu(nn.Dense(16)(x))  # compressed here...
+            thread = threading.Thread(target=other_thread)
+            thread.start()
+            thread.join()  # ...while the other thread runs the plain model
+            return y
+
+    compress(CallsOut()).init(jax.random.key(0), x)
+    assert [(r.shape, r.dtype) for r in seen["residuals"]] == [(r.shape, r.dtype) for r in before]
+    assert "mesa" not in seen["variables"]
+    assert jax.nn.gelu is nn.gelu and jax.nn.gelu.__module__ == "jax._src.nn.functions"
+    assert [(r.shape, r.dtype) for r in memory.saved_residuals(plain_loss, params)] == [
+        (r.shape, r.dtype) for r in before]
+
+
+def test_compress_of_a_compressed_model_and_back():
+    model = stock_models.CNN()
+    once, twice = compress(model), compress(compress(model), QuantConfig(bits=4))
+    assert type(twice).__mro__[1] is type(model) and type(once).__name__ == "CNN"
+    assert type(uncompressed(twice)) is type(model)
+    with pytest.raises(TypeError, match="flax.linen Module"):
+        compress(lambda x: x)
+    with pytest.raises(ValueError, match="no method 'encode'"):
+        compress(model, methods=("encode",))
