@@ -3,6 +3,7 @@
     python -m benchmarks.memory                       # DeiT-Ti/S/B, 224x224, batch 128
     python -m benchmarks.memory --models deit-s --batches 32 64 128 256 --plot mem.png
     python -m benchmarks.memory --models deit-s --budget-gib 16    # + largest batch that fits
+    python -m benchmarks.memory --models deit-s --scan --no-max-batch   # nn.scan over the blocks
 
 For each model, dtype, batch and method: XLA's compile-time peak bytes of the
 jitted, state-donating train step (forward, backward, AdamW update), its ratio to
@@ -28,14 +29,14 @@ DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 DEFAULT_METHODS = ("baseline", "remat_nothing", "remat_dots", "mesa8")
 
 
-def rows(models, dtypes, batches, methods):
+def rows(models, dtypes, batches, methods, scan: bool = False):
     """(model, dtype, batch, method, StepMemory) for every combination, baseline first."""
     for name in models:
         for dtype in dtypes:
             for batch in batches:
                 for method in methods:
-                    model = step_memory.build(name, method, DTYPES[dtype])
-                    yield name, dtype, batch, method, step_memory.measure(model, batch)
+                    model = step_memory.build(name, method, DTYPES[dtype], scan=scan)
+                    yield name + (" (scan)" if scan else ""), dtype, batch, method, step_memory.measure(model, batch)
 
 
 def max_batches(models, dtypes, methods, budget_bytes: int):
@@ -102,6 +103,7 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--batches", nargs="+", type=int, default=[128])
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=step_memory.METHODS)
+    parser.add_argument("--scan", action="store_true", help="nn.scan over the blocks (scan=True)")
     parser.add_argument("--plot", metavar="PNG", help="also plot peak memory against batch size")
     parser.add_argument("--budget-gib", type=float, default=16.0,
                         help="memory budget of the largest-batch search (default: 16)")
@@ -111,7 +113,7 @@ def main(argv=None):
     if "baseline" not in args.methods:
         args.methods.insert(0, "baseline")
     start = time.time()
-    results = list(rows(args.models, args.dtypes, args.batches, args.methods))
+    results = list(rows(args.models, args.dtypes, args.batches, args.methods, args.scan))
     print(f"compile-time peak of one train step; jax {jax.__version__} on {jax.default_backend()}, "
           f"{time.time() - start:.0f} s")
     print(table(results))

@@ -171,11 +171,13 @@ def _conv_general_dilated(module, config, lhs, rhs, window_strides, padding, lhs
 
 
 def _overrides_call(module, flax_cls) -> bool:
-    """Whether the module's class changes flax's __call__ (then only flax's own code is safe)."""
+    """Whether the module's class changes flax's __call__ (then only flax's own code is safe);
+    mesa's own subclasses (mnn layers, compress's) do not."""
     for cls in type(module).__mro__:
         if cls is flax_cls:
             return False
-        if "__call__" in vars(cls) and not getattr(cls, "_mesa_layer", False):
+        mesa = vars(cls).get("_mesa_layer") or "_mesa_uncompressed" in vars(cls)
+        if "__call__" in vars(cls) and not mesa:
             return True
     return False
 

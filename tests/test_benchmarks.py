@@ -72,7 +72,11 @@ def test_fidelity_compare_finds_the_worst_parameter():
     approx = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([1.0, 2.0])}
     f = fidelity.compare(approx, exact)
     assert f.worst_param == "b" and f.worst_cosine == pytest.approx(2 / 5**0.5)
-    assert fidelity.compare(exact, exact).relative_error == 0.0
+    assert fidelity.compare(exact, exact).relative_error == 0.0 and f.zero == ()
+    # an exactly-zero gradient has no meaningful cosine: counted apart, with mesa's norm there
+    exact["key_bias"], approx["key_bias"] = jnp.zeros(2), jnp.array([0.0, 0.01])
+    f = fidelity.compare(approx, exact)
+    assert f.worst_param == "b" and f.zero == (("key_bias", pytest.approx(0.01 / 5**0.5)),)
 
 
 def test_kernel_benchmark_times_every_kernel_of_every_tensor(monkeypatch):

@@ -11,6 +11,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import stock_models
+from layer_cases import TWIN_IDS, TWINS
 from mesa_jax import Policy, QuantConfig, compress, memory, quant
 from mesa_jax.compress import uncompressed
 
@@ -41,6 +42,20 @@ def loss_and_grads(model, variables, x, **kwargs):
 
 def stats_leaves(tree):
     return jax.tree.leaves(tree, is_leaf=lambda s: isinstance(s, quant.Stats))
+
+
+@pytest.mark.parametrize("_, name, kwargs, shape", TWINS, ids=TWIN_IDS)
+def test_every_stock_layer_alone_keeps_its_params_forward_and_packs_its_input(_, name, kwargs, shape):
+    layer = getattr(nn, name)(**kwargs)
+    x = inputs(shape)
+    original = init(layer, x)
+    variables = init(compress(layer), x)
+    assert jax.tree.map(jnp.shape, variables["params"]) == jax.tree.map(jnp.shape, original["params"])
+    np.testing.assert_array_equal(compress(layer).apply({**original, "mesa": variables["mesa"]}, x),
+                                  layer.apply(original, x))
+    kept = kept_by(compress(layer), x)
+    assert any(r.dtype == jnp.uint32 for r in kept)
+    assert all(not jnp.issubdtype(r.dtype, jnp.floating) or np.prod(r.shape) < x.size // 4 for r in kept), kept
 
 
 @pytest.mark.parametrize("name", MODELS)
