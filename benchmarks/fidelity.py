@@ -49,7 +49,7 @@ def inputs(kind: str, model: vit.ViT, batch: int, index: int):
         return jax.random.normal(key, (batch, size, size, 3)), jax.random.randint(key, (batch,), 0, 100)
     split = _synthetic().train
     idx = slice(index * batch, (index + 1) * batch)
-    images = data.normalize(jnp.asarray(split.images[idx]))
+    images = data.standardize(jnp.asarray(split.images[idx]))
     if size != images.shape[1]:
         images = jax.image.resize(images, (batch, size, size, 3), "bilinear")
     return images, jnp.asarray(split.labels[idx])
@@ -219,6 +219,8 @@ def main(argv=None):
     for label, config in chosen:
         for kind in args.inputs:
             print(f"| {label} | {kind} | {row(gradient_fidelity(args.model, config, kind, args.batch))}")
+    if args.train_steps:
+        report_training(args)
 
 
 HEADER = ("global cosine | worst param cosine | worst param | rel. error | exact-zero params (mesa norm / "
@@ -229,8 +231,6 @@ def row(f: Fidelity) -> str:
     zero = f"{len(f.zero)} ({max(v for _, v in f.zero):.1e})" if f.zero else "-"
     return (f"{f.global_cosine:.5f} | {f.worst_cosine:.4f} | {f.worst_param} | {f.relative_error:.4f} | "
             f"{zero} |")
-    if args.train_steps:
-        report_training(args)
 
 
 def report_training(args) -> None:

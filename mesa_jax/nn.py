@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any
+import math
 
 import flax.linen as nn
 import jax
@@ -151,7 +151,8 @@ def _dot_general(module, config, lhs, rhs, dimension_numbers, precision=None, pr
     x = lhs
     if not batch and len(contract) > 1 and sorted(a % lhs.ndim for a in contract) == list(
             range(lhs.ndim - len(contract), lhs.ndim)):
-        x = lhs.reshape(*lhs.shape[: -len(contract)], -1)  # [..., H, D] kept as [..., H * D] channel groups
+        # [..., H, D] kept as [..., H * D] channel groups
+        x = lhs.reshape(*lhs.shape[: -len(contract)], math.prod(lhs.shape[-len(contract):]))
         fn = ops.Reshaped(fn, lhs.shape)
     op = lambda stats, seeds, configs: ops.linear(x, rhs, stats[0], seeds[0], configs[0], fn)
     return _compressed(module, [("inputs", x, "channels", config)], op, lambda: fn(x, rhs), interception.strict())

@@ -256,3 +256,16 @@ def test_later_steps_pack_with_the_running_range_or_mesa_s_updated_one(update_fi
     np.testing.assert_allclose(g, dgelu(quant.fake_quantize(b, packed_with, NEAREST, 0)), rtol=1e-5, atol=1e-6)
     _, after = layer.apply(state, b, mutable=["mesa"])
     np.testing.assert_allclose(after["mesa"]["inputs"].span, quant.update(running, b, config).span, rtol=1e-6)
+
+
+@pytest.mark.parametrize("_, name, kwargs, shape", TWINS, ids=TWIN_IDS)
+def test_an_empty_batch_gives_flax_s_empty_result_in_evaluation_and_training(_, name, kwargs, shape, key):
+    flax_layer, mesa_layer = twin(name, kwargs)
+    variables = mesa_layer.init(jax.random.key(1), jax.random.normal(key, shape))
+    empty = jnp.zeros((0, *shape[1:]))
+    want = flax_layer.apply({"params": variables["params"]}, empty)
+    assert mesa_layer.apply(variables, empty).shape == want.shape == (0, *want.shape[1:])
+    out, state = mesa_layer.apply(variables, empty, mutable=["mesa"])
+    assert out.shape == want.shape and all(np.all(np.isfinite(s.lo)) for s in jax.tree.leaves(
+        state["mesa"], is_leaf=lambda s: isinstance(s, quant.Stats)) for s in [s])
+    grads(mesa_layer, variables, empty, mutable=["mesa"])  # differentiable too

@@ -1,4 +1,4 @@
-"""The training program: flags, TFDS (mocked) and synthetic data, resume, sharding, NaN stop."""
+"""The training program: flags, TFDS (mocked) and synthetic data, presets, resume, metrics, sharding."""
 
 import json
 import os
@@ -11,66 +11,15 @@ import numpy as np
 import pytest
 
 from mesa_jax.models import vit
-from train import data, run, vit_cifar100
-from train.config import TrainConfig
-
-TINY = dict(image_size=32, patch_size=8, width=24, depth=1, num_heads=2, mlp_dim=48, drop_path=0.1)
-
-
-@pytest.fixture(autouse=True)
-def tiny_preset(monkeypatch):
-    monkeypatch.setitem(vit.PRESETS, "vit-test", TINY)
-
-
-@pytest.fixture(scope="module")
-def small_synthetic():
-    return data.synthetic(seed=0, train_size=64, test_size=24)
-
-
-@pytest.fixture
-def use_small_synthetic(monkeypatch, small_synthetic):
-    monkeypatch.setattr(data, "synthetic", lambda seed=0: small_synthetic)
-
-
-def config(**kw):
-    base = dict(model="vit-test", batch_size=8, steps=6, log_every=2, eval_every=3, checkpoint_every=2,
-                dataset="synthetic", warmup_epochs=0.1)
-    return TrainConfig(**{**base, **kw})
-
-
-def rows(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def params_of(workdir, cfg):
-    """The parameters of the latest checkpoint in ``workdir``."""
-    from train.checkpoint import Checkpointer
-
-    model = run.build_model(cfg)
-    tx = run.loop.make_optimizer(run.loop.learning_rate_schedule(cfg.lr, 1, 2), cfg.weight_decay)
-    like = run.loop.create_state(model, tx, cfg.seed, data.IMAGE_SHAPE)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    try:
-        return ckpt.restore(like).params
-    finally:
-        ckpt.close()
-
-
-def cli(*args, capsys):
-    """Run the program's main in this process: (exit code, stdout, stderr)."""
-    try:
-        code = vit_cifar100.main(list(args))
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else (print(exit.code, file=sys.stderr) or 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
+from train import data, loop, run
+from train_cases import (cli, config, dies_after, restored, rows, small_synthetic, tiny_preset,  # noqa: F401
+                         use_small_synthetic)
 
 @pytest.mark.parametrize(
     "flags, message",
-    [(["--bits", "3"], "--bits"), (["--lr", "-1"], "--lr must be > 0"), (["--steps", "0"], "--steps"),
-     (["--dtype", "float16"], "--dtype"), ([], "--workdir")],
+    [(["--bits", "3"], "--bits"), (["--lr", "-1"], "--lr must be finite and > 0"), (["--lr", "inf"], "--lr"),
+     (["--lr", "nan"], "--lr"), (["--steps", "0"], "--steps"), (["--dtype", "float16"], "--dtype"),
+     ([], "--workdir")],
 )
 def test_bad_flags_exit_nonzero_with_one_line(flags, message, tmp_path, capsys):
     workdir = [] if message == "--workdir" else ["--workdir", str(tmp_path)]
@@ -99,6 +48,7 @@ def test_trains_on_mock_tfds_cifar100(tmp_path):
     with tfds.testing.mock_data(num_examples=40):
         final = run.train_and_evaluate(config(dataset="cifar100", steps=4, compare_memory=True), str(tmp_path))
     header, *logged = rows(tmp_path)
+    assert header["event"] == "start" and header["step"] == 0
     assert header["dataset"] == "cifar100" and header["dataset_warning"] is None
     assert header["step_peak_bytes"]["mesa"] < header["step_peak_bytes"]["baseline"]
     train_rows = [r for r in logged if "loss" in r]
@@ -108,8 +58,10 @@ def test_trains_on_mock_tfds_cifar100(tmp_path):
 
 
 def test_cifar100_requested_but_missing_is_a_clear_error(tmp_path):
-    with pytest.raises(data.DataUnavailable, match="cannot read TFDS cifar100"):
+    with pytest.raises(data.DataUnavailable, match="nothing-here: no such directory"):
         data.load("cifar100", data_dir=str(tmp_path / "nothing-here"))
+    with pytest.raises(data.DataUnavailable, match="no prepared array_record copy there"):
+        data.load("cifar100", data_dir=str(tmp_path))
 
 
 def test_auto_falls_back_to_synthetic_loudly_and_records_it(tmp_path, use_small_synthetic, caplog):
@@ -125,34 +77,74 @@ def test_synthetic_data_is_learnable(tmp_path, use_small_synthetic):
     assert np.mean(losses[-4:]) < np.mean(losses[:4])
 
 
-def test_killed_run_resumes_exactly(tmp_path, use_small_synthetic, monkeypatch):
+def test_killed_run_resumes_exactly_and_its_metrics_have_no_step_twice(tmp_path, use_small_synthetic, monkeypatch):
     cfg = config()
     run.train_and_evaluate(cfg, str(tmp_path / "straight"))
-
     real = data.train_batches
-
-    def dies_after_three(*args, **kw):
-        for i, batch in enumerate(real(*args, **kw)):
-            if i == 3:
-                raise KeyboardInterrupt("killed")
-            yield batch
-
-    monkeypatch.setattr(data, "train_batches", dies_after_three)
+    monkeypatch.setattr(data, "train_batches", dies_after(3, real))
     with pytest.raises(KeyboardInterrupt):
         run.train_and_evaluate(cfg, str(tmp_path / "resumed"))
     monkeypatch.setattr(data, "train_batches", real)
     run.train_and_evaluate(cfg, str(tmp_path / "resumed"))  # picks up at the step-2 checkpoint
 
-    for a, b in zip(jax.tree.leaves(params_of(tmp_path / "straight", cfg)),
-                    jax.tree.leaves(params_of(tmp_path / "resumed", cfg))):
+    straight, resumed = restored(tmp_path / "straight", cfg), restored(tmp_path / "resumed", cfg)
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(a, b)
-    steps = [r["step"] for r in rows(tmp_path / "resumed") if "loss" in r]
-    assert steps == [2, 4, 6]  # rows past the checkpoint were dropped, then rewritten
+    logged = rows(tmp_path / "resumed")
+    assert [(r["step"], r["event"]) for r in logged if "event" in r] == [(0, "start"), (2, "resume")]
+    assert [r["step"] for r in logged if "loss" in r] == [2, 4, 6]  # rows past the checkpoint dropped
+    assert [r["step"] for r in logged if "eval_loss" in r] == [3, 6]
 
 
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path, use_small_synthetic):
-    with pytest.raises(run.NonFiniteLoss, match=r"at step \d+"):
-        run.train_and_evaluate(config(lr=1e38, warmup_epochs=0, steps=6, log_every=1), str(tmp_path))
+def test_each_row_reports_the_learning_rate_of_its_step_and_the_first_step_learns(tmp_path, use_small_synthetic):
+    cfg = config(steps=4, log_every=1, warmup_epochs=0.25)  # 8 steps an epoch: warmup 2 steps
+    run.train_and_evaluate(cfg, str(tmp_path))
+    schedule = loop.learning_rate_schedule(cfg.lr, 2, 4)
+    assert [r["learning_rate"] for r in rows(tmp_path) if "loss" in r] == pytest.approx(
+        [float(schedule(k)) for k in range(4)])
+    assert float(schedule(0)) == pytest.approx(cfg.lr / 2) and float(schedule(1)) == pytest.approx(cfg.lr)
+
+
+def test_a_fresh_start_after_a_kill_before_any_checkpoint_leaves_one_header(tmp_path, use_small_synthetic,
+                                                                               monkeypatch):
+    cfg = config(log_every=1, checkpoint_every=5)
+    real = data.train_batches
+    monkeypatch.setattr(data, "train_batches", dies_after(2, real))
+    with pytest.raises(KeyboardInterrupt):
+        run.train_and_evaluate(cfg, str(tmp_path))
+    monkeypatch.setattr(data, "train_batches", real)
+    run.train_and_evaluate(cfg, str(tmp_path))
+    logged = rows(tmp_path)
+    assert [r["event"] for r in logged if "event" in r] == ["start"]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_metrics_stay_valid_json_with_non_finite_values(tmp_path):
+    from train.metrics import MetricsLog
+
+    log = MetricsLog(str(tmp_path / "m.jsonl"))
+    log.write({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "nested": [float("-inf"), 1.0]})
+    with open(tmp_path / "m.jsonl") as f:
+        assert json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"bare {c}")) == {
+            "step": 1, "loss": None, "grad_norm": None, "nested": [None, 1.0]}
+
+
+def test_every_preset_trains_through_the_program(tmp_path, use_small_synthetic, monkeypatch):
+    """The 224-pixel presets resize CIFAR images on the device (tiny widths, their own sizes)."""
+    for name in [n for n in vit.PRESETS if n != "vit-test"]:
+        monkeypatch.setitem(vit.PRESETS, name, {**vit.PRESETS[name], "width": 24, "depth": 1, "num_heads": 2,
+                                                "mlp_dim": 48})
+        final = run.train_and_evaluate(config(model=name, steps=2, eval_every=100), str(tmp_path / name))
+        assert np.isfinite(final["loss"]) and 0 <= final["eval_accuracy"] <= 1, name
+
+
+def test_a_finished_run_reports_its_final_metrics(tmp_path, use_small_synthetic, capsys):
+    flags = ["--workdir", str(tmp_path), "--model", "vit-test", "--steps", "2", "--batch-size", "8",
+             "--dataset", "synthetic", "--eval-every", "100"]
+    first = cli(*flags, capsys=capsys)
+    again = cli(*flags, capsys=capsys)
+    assert first[0] == again[0] == 0
+    assert "eval_accuracy=" in again[1] and again[1] == first[1]
 
 
 def test_batch_must_divide_devices(tmp_path, use_small_synthetic, monkeypatch):
@@ -177,7 +169,7 @@ def test_augment_keeps_shape_and_flips(small_synthetic):
     images = jnp.asarray(small_synthetic.train.images[:8])
     out = data.augment(images, jax.random.key(0))
     assert out.shape == (8, 32, 32, 3) and out.dtype == jnp.float32
-    assert not np.allclose(out, data.normalize(images))
+    assert not np.allclose(out, data.standardize(images))
 
 
 SHARDED = """

@@ -7,6 +7,7 @@ Defaults are the full CIFAR-100 recipe (DeiT's, scaled for 32x32 images);
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from mesa_jax.models import vit
 
@@ -40,9 +41,11 @@ class TrainConfig:
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.steps is None or self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
-            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be finite and > 0, got {self.lr}"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"--weight-decay must be finite and >= 0, got {self.weight_decay}"),
+            (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0,
+             f"--warmup-epochs must be finite and >= 0, got {self.warmup_epochs}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.dataset in ("auto", "cifar100", "synthetic"),
              f"--dataset must be auto, cifar100 or synthetic, got {self.dataset!r}"),
@@ -54,8 +57,24 @@ class TrainConfig:
         if errors:
             raise ValueError("; ".join(errors))
 
+    def differences(self, recorded: dict) -> list[str]:
+        """The flags whose values differ from a recorded configuration, ignoring those a
+        resumed run may change (RESUMABLE): ``["--batch-size 8 -> 16", ...]``."""
+        mine = dataclasses.asdict(self)
+        return [f"{flag(name)} {recorded.get(name)!r} -> {mine[name]!r}" for name in mine
+                if name not in RESUMABLE and recorded.get(name, mine[name]) != mine[name]]
+
     def total_steps(self, steps_per_epoch: int) -> int:
         return self.steps if self.steps is not None else self.epochs * steps_per_epoch
 
     def warmup_steps(self, steps_per_epoch: int) -> int:
         return min(round(self.warmup_epochs * steps_per_epoch), self.total_steps(steps_per_epoch) // 2)
+
+
+# Settings a resumed run may change: how long it trains, how often it logs, evaluates and
+# checkpoints, where it reads the (same) data from. Everything else must match the workdir's.
+RESUMABLE = ("epochs", "steps", "eval_every", "log_every", "checkpoint_every", "compare_memory", "data_dir")
+
+
+def flag(name: str) -> str:
+    return "mesa (--no-mesa)" if name == "mesa" else "--" + name.replace("_", "-")

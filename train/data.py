@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import threading
 from typing import Iterator
@@ -75,12 +76,15 @@ def _tfds_split(split: str, data_dir: str | None) -> Split:
     """A prepared TFDS cifar100 split, read with tfds.data_source (array_record, no TF)."""
     import tensorflow_datasets as tfds
 
+    where = data_dir or "the default TFDS data dir"
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise DataUnavailable(f"cannot read TFDS cifar100 from {data_dir}: no such directory")
     try:
         source = tfds.data_source("cifar100", split=split, data_dir=data_dir, download=False)
         records = [source[i] for i in range(len(source))]
     except Exception as err:  # TFDS raises many types for "not prepared" / unreadable dirs
-        where = data_dir or "the default TFDS data dir"
-        raise DataUnavailable(f"cannot read TFDS cifar100 '{split}' from {where}: {type(err).__name__}: {err}") from err
+        raise DataUnavailable(f"cannot read TFDS cifar100 '{split}' from {where}: no prepared array_record copy "
+                              f"there ({type(err).__name__}); prepare it as the README says") from err
     images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
     labels = np.asarray([r["label"] for r in records], np.int32)
     return Split(images, labels)
@@ -172,14 +176,14 @@ def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
 # -------------------------------------------------------------- on the device
 
 
-def normalize(images: jax.Array) -> jax.Array:
+def standardize(images: jax.Array) -> jax.Array:
     """uint8 NHWC -> float32, standardised per channel."""
     return (images.astype(jnp.float32) - MEAN.reshape(1, 1, 1, 3)) / STD.reshape(1, 1, 1, 3)
 
 
 def augment(images: jax.Array, key: jax.Array) -> jax.Array:
     """Random crop (zero-pad 4, crop 32) and horizontal flip, per image; then normalise."""
-    x = normalize(images)
+    x = standardize(images)
     b = x.shape[0]
     crop_key, flip_key = jax.random.split(key)
     padded = jnp.pad(x, ((0, 0), (4, 4), (4, 4), (0, 0)))

@@ -25,6 +25,7 @@ DATA_AXIS = "data"
 class TrainState(train_state.TrainState):
     mesa: Any  # the model's "mesa" statistics ({} for the baseline)
     rng: jax.Array  # raw key data (uint32): dropout keys are folded from it and the step
+    bad_step: jax.Array  # int32: the first step whose update was non-finite (not applied), -1 if none
 
 
 def create_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, image_shape) -> TrainState:
@@ -37,7 +38,8 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, 
         mesa=variables.get(COLLECTION, {}),
         tx=tx,
         rng=jax.random.key_data(dropout_key),
-    )
+        bad_step=jnp.full((), -1, jnp.int32),
+    ).replace(step=jnp.zeros((), jnp.int32))  # an array, like every later step's: checkpoints restore alike
 
 
 def _variables(state: TrainState, params) -> dict:
@@ -66,13 +68,24 @@ def train_step(state: TrainState, images, labels, label_smoothing: float = 0.1, 
         return cross_entropy(logits, labels, label_smoothing), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, mesa=updates.get(COLLECTION, state.mesa))
-    metrics = {
-        "loss": loss,
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-        "grad_norm": optax.tree.norm(grads),
-    }
-    return state, metrics
+    grad_norm = optax.tree.norm(grads)
+    new = state.apply_gradients(grads=grads, mesa=updates.get(COLLECTION, state.mesa))
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels), "grad_norm": grad_norm}
+    return guarded(state, new, loss, grad_norm), metrics
+
+
+def guarded(state: TrainState, new: TrainState, loss, grad_norm) -> TrainState:
+    """``new`` if its loss, gradient and parameters are finite and no step failed before;
+    else ``state`` itself, with ``bad_step`` naming the first failed step (1-based).
+
+    Checked on the device every step, read by the host only when it logs, evaluates or
+    checkpoints: a non-finite update is never applied, so nothing non-finite is saved.
+    """
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new.params))
+    ok = finite & (state.bad_step < 0)
+    kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+    first_bad = jnp.where(ok | (state.bad_step >= 0), state.bad_step, state.step + 1)
+    return kept.replace(bad_step=first_bad.astype(jnp.int32))
 
 
 def eval_step(state: TrainState, images, labels, mask):
@@ -101,10 +114,14 @@ def replicated(mesh) -> NamedSharding:
 
 
 def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
-    """Linear warmup to ``peak``, then cosine decay to 1% of it at ``total_steps``."""
-    return optax.warmup_cosine_decay_schedule(
-        0.0, peak, max(warmup_steps, 1), max(total_steps, warmup_steps + 1), end_value=peak * 1e-2
-    )
+    """The learning rate of optimizer step k (0-based): linear warmup over ``warmup_steps``
+    steps reaching ``peak`` at the last of them (the first step learns too: peak /
+    warmup_steps), then cosine decay towards 1% of ``peak`` at ``total_steps``."""
+    decay = optax.cosine_decay_schedule(peak, max(total_steps - warmup_steps, 1), alpha=1e-2)
+    if warmup_steps < 1:
+        return decay
+    warmup = optax.linear_schedule(peak / warmup_steps, peak, warmup_steps - 1)
+    return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
 def make_optimizer(schedule: optax.Schedule, weight_decay: float, clip_norm: float = 1.0):

@@ -1,15 +1,18 @@
 """train_and_evaluate: data, sharding, the step loop, evaluation, checkpoints, metrics.
 
-Rerunning with the same workdir resumes from the latest checkpoint: params,
-optimizer state, mesa statistics, RNG and data position (the step), so a killed
-run continues exactly as an uninterrupted one would.
+Rerunning with the same workdir resumes from the newest checkpoint that restores and
+verifies: params, optimizer state, mesa statistics, RNG and data position (the
+step), so a killed run continues exactly as an uninterrupted one would. What a kill
+loses: the steps since that checkpoint. What is refused: a second run on the
+workdir, and a rerun whose settings differ from the recorded ones (train.workdir).
+A non-finite loss, gradient or parameter is never applied (train.loop.guarded); the
+run stops at the next log, evaluation or checkpoint step, naming the first bad step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import sys
@@ -17,7 +20,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mesa_jax import QuantConfig
 from mesa_jax.memory import compiled_analysis
@@ -25,12 +27,14 @@ from mesa_jax.models import vit
 from train import data, loop
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig
+from train.metrics import MetricsLog
+from train.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFinite(RuntimeError):
+    """A step's loss, gradient or updated parameters were not finite."""
 
 
 def build_model(config: TrainConfig, mesa: bool | None = None) -> vit.ViT:
@@ -41,6 +45,11 @@ def build_model(config: TrainConfig, mesa: bool | None = None) -> vit.ViT:
     return vit.create(config.model, num_classes=data.NUM_CLASSES, quant=quant, dtype=dtype)
 
 
+def image_shape(model) -> tuple[int, int, int]:
+    """What the model sees: CIFAR images resized to its preset's size (224 for DeiT)."""
+    return model.image_size, model.image_size, data.IMAGE_SHAPE[-1]
+
+
 def make_train_step(model: vit.ViT, label_smoothing: float):
     """Augment on the device (crop, flip, resize for 224-pixel models), then one step."""
     augment = lambda images, key: _resize(data.augment(images, key), model.image_size)
@@ -49,7 +58,7 @@ def make_train_step(model: vit.ViT, label_smoothing: float):
 
 def make_eval_step(model: vit.ViT):
     def step(state, images, labels, mask):
-        return loop.eval_step(state, _resize(data.normalize(images), model.image_size), labels, mask)
+        return loop.eval_step(state, _resize(data.standardize(images), model.image_size), labels, mask)
 
     return step
 
@@ -60,28 +69,12 @@ def _resize(images, size: int):
     return jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "bilinear")
 
 
-class MetricsLog:
-    """WORKDIR/metrics.jsonl: a header row, then one JSON object per logged step."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def write(self, row: dict) -> None:
-        if jax.process_index() == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def truncate_after(self, step: int) -> None:
-        """Drop rows logged after ``step`` (the run died before checkpointing them)."""
-        if jax.process_index() != 0 or not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        keep = [r for r in rows if r.get("step", 0) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
-        os.replace(tmp, self.path)
+def compile_train_step(model: vit.ViT, config: TrainConfig, state, batches):
+    """The jitted, state-donating train step, compiled for this run's shapes and shardings
+    (``state`` may be abstract): what the loop runs, and whose memory the header reports."""
+    spec = (jax.ShapeDtypeStruct((config.batch_size, *data.IMAGE_SHAPE), jnp.uint8, sharding=batches),
+            jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batches))
+    return jax.jit(make_train_step(model, config.label_smoothing), donate_argnums=0).lower(state, *spec).compile()
 
 
 class Progress:
@@ -124,24 +117,15 @@ def evaluate(eval_fn, state, split: data.Split, batch_size: int, sharding) -> di
             "eval_accuracy": float(totals["correct"] / totals["count"])}
 
 
-def compile_train_step(model: vit.ViT, config: TrainConfig, state, batches):
-    """The jitted, state-donating train step, compiled for this run's shapes and shardings
-    (``state`` may be abstract): what the loop runs, and whose memory the header reports."""
-    spec = (jax.ShapeDtypeStruct((config.batch_size, *data.IMAGE_SHAPE), jnp.uint8, sharding=batches),
-            jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batches))
-    return jax.jit(make_train_step(model, config.label_smoothing), donate_argnums=0).lower(state, *spec).compile()
-
-
 def _header(config, dataset, train_fn, tx, mesh, workdir) -> dict:
-    """The first metrics row: config, data actually used, devices, the step's compile-time
+    """A segment's header row: config, data actually used, devices, the step's compile-time
     peak memory (and the baseline's with --compare-memory: one more compilation)."""
     per_method = {"mesa" if config.mesa else "baseline": compiled_analysis(train_fn).peak}
     if config.compare_memory and config.mesa:
         base = build_model(config, mesa=False)
-        state = jax.eval_shape(lambda: loop.create_state(base, tx, config.seed, data.IMAGE_SHAPE))
+        state = jax.eval_shape(lambda: loop.create_state(base, tx, config.seed, image_shape(base)))
         per_method["baseline"] = compiled_analysis(compile_train_step(base, config, state, None)).peak
     return {
-        "step": 0,
         "config": dataclasses.asdict(config),
         "dataset": dataset.name,
         "dataset_warning": None if dataset.name == "cifar100" else "CIFAR-100 unavailable: SYNTHETIC data",
@@ -154,72 +138,96 @@ def _header(config, dataset, train_fn, tx, mesh, workdir) -> dict:
 
 
 def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
-    """Train, evaluate and checkpoint; returns the final metrics."""
+    """Train, evaluate and checkpoint in ``workdir`` (locked for the run); returns the final metrics."""
     maybe_initialize_distributed()
-    os.makedirs(workdir, exist_ok=True)
+    with Workdir.open(workdir) as wd:
+        wd.check(config)
+        return _train(config, wd)
+
+
+def _train(config: TrainConfig, wd: Workdir) -> dict:
     mesh = loop.make_mesh()
     if config.batch_size % mesh.size:
         raise ValueError(f"--batch-size {config.batch_size} is not divisible by the {mesh.size} devices")
     dataset = data.load(config.dataset, config.data_dir, config.seed)
+    wd.check_dataset(dataset.name)
     per_epoch = data.steps_per_epoch(dataset.train, config.batch_size)
     total = config.total_steps(per_epoch)
     schedule = loop.learning_rate_schedule(config.lr, config.warmup_steps(per_epoch), total)
     tx = loop.make_optimizer(schedule, config.weight_decay)
     model = build_model(config)
-    state = jax.device_put(loop.create_state(model, tx, config.seed, data.IMAGE_SHAPE), loop.replicated(mesh))
+    state = jax.device_put(loop.create_state(model, tx, config.seed, image_shape(model)), loop.replicated(mesh))
 
-    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"))
-    metrics = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-    if checkpoints.latest_step() is not None:
-        state = checkpoints.restore(state)
-        metrics.truncate_after(int(state.step))
-        log.info("resuming from step %d of %d", int(state.step), total)
-    batches = loop.batch_sharding(mesh)
-    train_fn = compile_train_step(model, config, state, batches)
-    if checkpoints.latest_step() is None:
-        header = _header(config, dataset, train_fn, tx, mesh, workdir)
-        metrics.write(header)
-        peaks = {k: v / 2**20 for k, v in header["step_peak_bytes"].items()}
-        log.info("train step peak memory (compile-time): %s",
-                 ", ".join(f"{k} {v:,.0f} MiB" for k, v in peaks.items())
-                 + (f" ({peaks['baseline'] / peaks['mesa']:.1f}x less with mesa)" if len(peaks) == 2 else ""))
+    checkpoints = Checkpointer(wd.file("checkpoints"))
+    metrics = MetricsLog(wd.file("metrics.jsonl"))
+    try:
+        restored = checkpoints.restore(state)
+        state = restored if restored is not None else state
+        start = int(state.step)
+        if start >= total:
+            log.info("the run in %s already finished (step %d of %d)", wd.path, start, total)
+            return metrics.latest()
+        batches = loop.batch_sharding(mesh)
+        train_fn = compile_train_step(model, config, state, batches)
+        header = _header(config, dataset, train_fn, tx, mesh, wd.path)
+        metrics.start_segment(header, resumed_from=start)
+        _log_memory(header, start, total)
+        eval_fn = jax.jit(make_eval_step(model))
+        return _loop(config, dataset, state, train_fn, eval_fn, schedule, total, batches, checkpoints, metrics)
+    finally:
+        checkpoints.close()
 
-    eval_fn = jax.jit(make_eval_step(model))
+
+def _log_memory(header: dict, start: int, total: int) -> None:
+    if start:
+        log.info("resuming from step %d of %d", start, total)
+    peaks = {k: v / 2**20 for k, v in header["step_peak_bytes"].items()}
+    log.info("train step peak memory (compile-time): %s",
+             ", ".join(f"{k} {v:,.0f} MiB" for k, v in peaks.items())
+             + (f" ({peaks['baseline'] / peaks['mesa']:.1f}x less with mesa)" if len(peaks) == 2 else ""))
+
+
+def _loop(config, dataset, state, train_fn, eval_fn, schedule, total, batches, checkpoints, metrics) -> dict:
+    """The steps, with the host reading the device only at log, evaluation and checkpoint steps."""
     progress = Progress(int(state.step), total)
-    final, clock, seen = {}, time.perf_counter(), 0
+    final, clock, steps_timed = {}, time.perf_counter(), 0
     try:
         for step, images, labels in data.train_batches(dataset.train, config.batch_size, config.seed,
                                                        int(state.step), total, batches):
             state, step_metrics = train_fn(state, images, labels)
-            done, seen = step + 1, seen + config.batch_size
+            done, steps_timed = step + 1, steps_timed + 1
+            log_now, eval_now = done % config.log_every == 0, done % config.eval_every == 0
+            save_now, last = done % config.checkpoint_every == 0, done == total
             row = None
-            if done % config.log_every == 0 or done == total:
-                now = time.perf_counter()
-                row = {"step": done, **_finite(jax.device_get(step_metrics), done, checkpoints),
-                       "learning_rate": float(schedule(done)), "images_per_sec": seen / (now - clock)}
-                clock, seen = now, 0
-                metrics.write(row)
-                final.update(row)
+            if log_now or eval_now or save_now or last:
+                values = jax.device_get({**step_metrics, "bad_step": state.bad_step})  # waits for the step
+                seconds = time.perf_counter() - clock
+                _stop_if_bad(int(values.pop("bad_step")), done, checkpoints)
+                if log_now or last:
+                    row = {"step": done, **{k: float(v) for k, v in values.items()},
+                           "learning_rate": float(schedule(done - 1)),
+                           "images_per_sec": steps_timed * config.batch_size / seconds}
+                    metrics.write(row)
+                    final.update(row)
+                if eval_now or last:
+                    evaluation = {"step": done, **evaluate(eval_fn, state, dataset.test, config.batch_size, batches)}
+                    metrics.write(evaluation)
+                    final.update(evaluation)
+                    log.info("step %d  eval loss %.4f  accuracy %.4f", done, evaluation["eval_loss"],
+                             evaluation["eval_accuracy"])
+                if save_now or last:
+                    checkpoints.save(state)
+                clock, steps_timed = time.perf_counter(), 0  # throughput excludes evaluation and saving
             progress.update(done, row)
-            if done % config.eval_every == 0 or done == total:
-                row = {"step": done, **evaluate(eval_fn, state, dataset.test, config.batch_size, batches)}
-                metrics.write(row)
-                final.update(row)
-                log.info("step %d  eval loss %.4f  accuracy %.4f", done, row["eval_loss"], row["eval_accuracy"])
-            if done % config.checkpoint_every == 0 or done == total:
-                _finite(jax.device_get(step_metrics), done, checkpoints)
-                checkpoints.save(state)
     finally:
         progress.close()
-        checkpoints.close()
     return final
 
 
-def _finite(step_metrics: dict, step: int, checkpoints: Checkpointer) -> dict:
-    values = {k: float(v) for k, v in step_metrics.items()}
-    if not np.isfinite(values["loss"]):
-        raise NonFiniteLoss(
-            f"loss is {values['loss']} at step {step}; stopping. The last good checkpoint is step "
-            f"{checkpoints.latest_step()} (lower --lr, or --dtype float32)"
-        )
-    return values
+def _stop_if_bad(bad_step: int, done: int, checkpoints: Checkpointer) -> None:
+    if bad_step >= 0:
+        saved = checkpoints.steps()
+        raise NonFinite(f"step {bad_step} gave a non-finite loss, gradient or parameters; its update was not "
+                        f"applied and the run stopped at step {done}. The newest checkpoint (step "
+                        f"{saved[0] if saved else 'none'}) is finite: rerun to retry from it, or start a new "
+                        f"workdir with a lower --lr (or --dtype float32)")

@@ -75,12 +75,14 @@ def main(argv=None) -> int:
     except ValueError as err:
         sys.exit(f"python -m train.vit_cifar100: error: {err}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
-    from train import data, run  # after flag parsing: --help stays fast
+    for noisy in ("absl", "jax"):  # orbax's per-save chatter, jax's backend probing
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from train import checkpoint, data, run, workdir as workdirs  # after flag parsing: --help stays fast
 
+    errors = (data.DataUnavailable, run.NonFinite, workdirs.WorkdirError, checkpoint.CheckpointError, ValueError)
     try:
         final = run.train_and_evaluate(config, workdir)
-    except (data.DataUnavailable, run.NonFiniteLoss, ValueError) as err:
+    except errors as err:
         sys.exit(f"python -m train.vit_cifar100: error: {err}")
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
     return 0

@@ -1,0 +1,199 @@
+"""The training program under faults: what a careful user does to it, repeated.
+
+Conflicting reruns, a second run at once, damaged checkpoints (truncated, emptied,
+flipped bytes), a step that diverges, unusable workdirs; and, marked slow, kill -9 at
+random moments of real runs (mid-step, mid-checkpoint), each resumed to the end and
+compared with an uninterrupted run.
+"""
+
+import glob
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mesa_jax.models import vit
+from train import data, loop, run
+from train.workdir import Workdir, WorkdirError
+from train_cases import (TINY, cli, config, dies_after, restored, rows, small_synthetic,  # noqa: F401
+                         tiny_preset, use_small_synthetic)
+
+
+@pytest.mark.parametrize("change", [dict(batch_size=16), dict(bits=4), dict(dtype="bfloat16"), dict(seed=1),
+                                    dict(lr=2e-3), dict(mesa=False), dict(model="deit-ti")])
+def test_a_rerun_with_other_settings_is_refused_naming_them(change, tmp_path, use_small_synthetic):
+    run.train_and_evaluate(config(steps=2), str(tmp_path))
+    before = rows(tmp_path)
+    with pytest.raises(WorkdirError, match="holds a run with other settings") as err:
+        run.train_and_evaluate(config(steps=2, **change), str(tmp_path))
+    assert str(err.value).count("\n") == 0
+    named = {"mesa": "--no-mesa", "batch_size": "--batch-size"}.get(next(iter(change)), f"--{next(iter(change))}")
+    assert named in str(err.value)
+    assert rows(tmp_path) == before  # nothing touched
+
+
+def test_a_rerun_may_train_longer_and_change_its_intervals(tmp_path, use_small_synthetic):
+    run.train_and_evaluate(config(steps=2), str(tmp_path))
+    run.train_and_evaluate(config(steps=4, log_every=1, eval_every=4, checkpoint_every=4), str(tmp_path))
+    assert [r["step"] for r in rows(tmp_path) if "loss" in r] == [2, 3, 4]
+    assert int(restored(tmp_path, config()).step) == 4
+
+
+def test_a_second_run_at_once_is_refused(tmp_path, use_small_synthetic):
+    with Workdir.open(str(tmp_path)):  # a first run holds the workdir
+        with pytest.raises(WorkdirError, match=r"another run \(pid \d+\) is using"):
+            run.train_and_evaluate(config(steps=2), str(tmp_path))
+    run.train_and_evaluate(config(steps=2), str(tmp_path))  # released with it
+
+
+@pytest.mark.parametrize("kind", ["file", "parent_is_file", "empty", "cannot_create"])
+def test_unusable_workdirs_are_one_line_errors(kind, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    workdir = {"file": str(tmp_path / "f"), "parent_is_file": str(tmp_path / "f" / "w"), "empty": "",
+               "cannot_create": "/proc/mesa-jax-test"}[kind]
+    code, _, err = cli("--workdir", workdir, "--steps", "1", "--dataset", "synthetic", capsys=capsys)
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().count("\n") == 0 and "--workdir" in err
+
+
+def damage(workdir, step: int, how: str) -> None:
+    """Damage checkpoint ``step``: truncate its largest file, empty its tree metadata, or flip bytes."""
+    files = [f for f in glob.glob(f"{workdir}/checkpoints/{step}/**", recursive=True) if os.path.isfile(f)]
+    if how == "metadata":
+        target = next(f for f in files if f.endswith("default/_METADATA"))
+        open(target, "w").close()
+        return
+    target = max(files, key=os.path.getsize)
+    blob = bytearray(open(target, "rb").read())
+    if how == "truncate":
+        blob = blob[: len(blob) // 2]
+    else:  # flip bytes in the middle of the largest array file
+        for i in range(len(blob) // 2, len(blob) // 2 + 8):
+            blob[i] ^= 0xFF
+    open(target, "wb").write(bytes(blob))
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, small_synthetic):
+    """(a run with checkpoints at steps 2 and 4, the same run uninterrupted to step 4), made once."""
+    root = tmp_path_factory.mktemp("two_checkpoints")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(vit.PRESETS, "vit-test", TINY)
+        patch.setattr(data, "synthetic", lambda seed=0: small_synthetic)
+        run.train_and_evaluate(config(steps=4, checkpoint_every=2), str(root / "straight"))
+        run.train_and_evaluate(config(steps=2, checkpoint_every=2), str(root / "w"))
+        run.train_and_evaluate(config(steps=4, checkpoint_every=2), str(root / "w"))
+    return root / "w", root / "straight"
+
+
+@pytest.mark.parametrize("how", ["truncate", "metadata", "flip"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one(how, two_checkpoints, tmp_path, use_small_synthetic,
+                                                                 caplog):
+    cfg = config(steps=4, checkpoint_every=2)
+    workdir, straight = tmp_path / "w", two_checkpoints[1]
+    shutil.copytree(two_checkpoints[0], workdir)
+    damage(workdir, 4, how)
+    state = restored(workdir, cfg)
+    assert int(state.step) == 2
+    assert "checkpoint step 4" in caplog.text and "trying an older one" in caplog.text
+    assert os.listdir(f"{workdir}/checkpoints-damaged")  # kept for inspection
+    run.train_and_evaluate(cfg, str(workdir))  # and training resumes from step 2, exactly
+    for a, b in zip(jax.tree.leaves(restored(workdir, cfg)), jax.tree.leaves(restored(straight, cfg))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_no_checkpoint_that_verifies_is_a_one_line_error(tmp_path, use_small_synthetic, capsys):
+    run.train_and_evaluate(config(steps=2), str(tmp_path))
+    damage(tmp_path, 2, "flip")
+    flags = ["--workdir", str(tmp_path), "--model", "vit-test", "--steps", "6", "--batch-size", "8",
+             "--log-every", "2", "--eval-every", "3", "--checkpoint-every", "2", "--dataset", "synthetic",
+             "--warmup-epochs", "0.1"]
+    code, _, err = cli(*flags, capsys=capsys)
+    assert code == 1 and "no checkpoint in" in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+def test_a_diverging_step_is_never_applied_or_saved(tmp_path, use_small_synthetic, monkeypatch):
+    """Steps 1-4 learn; from step 5 the learning rate is inf. The run stops naming step 5, and
+    the newest checkpoint (step 4) is finite and equals an uninterrupted run's step 4."""
+    real = loop.learning_rate_schedule
+    monkeypatch.setattr(loop, "learning_rate_schedule",
+                        lambda *a: (lambda count, s=real(*a): jnp.where(count < 4, s(count), jnp.inf)))
+    cfg = config(steps=8, log_every=1, eval_every=100, checkpoint_every=2)
+    with pytest.raises(run.NonFinite, match=r"step 5 gave a non-finite .* stopped at step 5. The newest "
+                                            r"checkpoint \(step 4\) is finite"):
+        run.train_and_evaluate(cfg, str(tmp_path / "w"))
+    monkeypatch.setattr(loop, "learning_rate_schedule", real)
+    real_batches = data.train_batches
+    monkeypatch.setattr(data, "train_batches", dies_after(4, real_batches))  # the same run, stopped after step 4
+    with pytest.raises(KeyboardInterrupt):
+        run.train_and_evaluate(cfg, str(tmp_path / "ok"))
+    monkeypatch.setattr(data, "train_batches", real_batches)
+    bad, good = restored(tmp_path / "w", cfg), restored(tmp_path / "ok", cfg)
+    assert int(bad.step) == 4 and int(bad.bad_step) == -1
+    for a, b in zip(jax.tree.leaves(bad), jax.tree.leaves(good)):
+        np.testing.assert_array_equal(a, b)
+    assert [r["step"] for r in rows(tmp_path / "w") if "loss" in r] == [1, 2, 3, 4]  # no row for the bad step
+
+
+def test_the_guard_keeps_the_state_and_names_the_first_bad_step():
+    state = loop.TrainState.create(apply_fn=None, params={"w": jnp.ones(3)}, tx=loop.make_optimizer(
+        lambda c: 0.1, 0.0), mesa={}, rng=jnp.zeros(2, jnp.uint32), bad_step=jnp.full((), -1, jnp.int32))
+    new = state.replace(step=state.step + 1, params={"w": jnp.array([1.0, jnp.nan, 2.0])})
+    kept = loop.guarded(state, new, jnp.float32(1.0), jnp.float32(1.0))
+    assert int(kept.bad_step) == 1 and np.array_equal(kept.params["w"], state.params["w"])
+    later = loop.guarded(kept, kept.replace(step=kept.step + 1), jnp.float32(1.0), jnp.float32(1.0))
+    assert int(later.bad_step) == 1 and int(later.step) == 0  # sticky: nothing applies after a bad step
+    fine = loop.guarded(state, state.replace(step=state.step + 1), jnp.float32(1.0), jnp.float32(1.0))
+    assert int(fine.bad_step) == -1 and int(fine.step) == 1
+
+
+KILLED = """
+import sys, jax
+from mesa_jax.models import vit
+vit.PRESETS["vit-test"] = dict(image_size=32, patch_size=8, width=24, depth=1, num_heads=2, mlp_dim=48, drop_path=0.1)
+from train import data, vit_cifar100
+data.synthetic = lambda seed=0, _d=data.synthetic(0, 64, 24): _d
+vit_cifar100.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_run(tmp_path):
+    """Real processes, SIGKILL at random moments once training has progressed (mid-step,
+    mid-checkpoint, mid-metrics), six times, then run to the end: the final state equals an
+    uninterrupted run's, and the metrics have each step once."""
+    flags = ["--model", "vit-test", "--steps", "24", "--batch-size", "8", "--log-every", "1", "--eval-every", "8",
+             "--checkpoint-every", "3", "--dataset", "synthetic", "--warmup-epochs", "0.1"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    command = lambda w: [sys.executable, "-c", KILLED, "--workdir", str(w), *flags]
+    straight = subprocess.run(command(tmp_path / "straight"), cwd=root, env=env, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    logged = lambda: len(rows(tmp_path / "killed")) if os.path.exists(tmp_path / "killed" / "metrics.jsonl") else 0
+    rng = random.Random(0)
+    for _ in range(6):
+        before = logged()
+        process = subprocess.Popen(command(tmp_path / "killed"), cwd=root, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while logged() <= before + 1 and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    final = subprocess.run(command(tmp_path / "killed"), cwd=root, env=env, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr[-2000:]
+    cfg = config(steps=24)
+    for a, b in zip(jax.tree.leaves(restored(tmp_path / "killed", cfg)),
+                    jax.tree.leaves(restored(tmp_path / "straight", cfg))):
+        np.testing.assert_array_equal(a, b)
+    assert [r["step"] for r in rows(tmp_path / "killed") if "loss" in r] == list(range(1, 25))
+    assert [r["step"] for r in rows(tmp_path / "killed") if "eval_loss" in r] == [8, 16, 24]
