@@ -61,7 +61,7 @@ def uncompressed(model: nn.Module) -> nn.Module:
 
 def _in_scope(method, quant: Quant):
     def compressed(self, *args, **kwargs):
-        with interception.scope(quant):
+        with interception.scope(quant, check_policy=self.is_initializing()):
             return method(self, *args, **kwargs)
 
     compressed.__name__ = getattr(method, "__name__", "compressed")

@@ -46,7 +46,7 @@ _OWN = ("mesa_jax", "pallas_kernels", "jax._src", "jaxlib")  # modules whose nam
 class Scope:
     quant: Quant
     owner: Any = None  # the mesa_jax.nn layer that opened the scope, or None for compress
-    sites: set = dataclasses.field(default_factory=set)  # paths of the compressed sites seen
+    sites: set = dataclasses.field(default_factory=set)  # outermost scope: paths of the sites seen
 
 
 @dataclasses.dataclass
@@ -104,9 +104,8 @@ def innermost() -> Scope:
 
 def config(kind: str, path: str):
     """The QuantConfig (or None: exact) of the ``kind`` site at ``path``, in the innermost scope."""
-    scope = innermost()
-    scope.sites.add(path)
-    return resolve(scope.quant, kind, path)
+    _state.scopes[0].sites.add(path)  # the outermost scope checks the Policy
+    return resolve(innermost().quant, kind, path)
 
 
 def current_module() -> nn.Module:
@@ -126,8 +125,9 @@ def strict() -> bool:
 
 
 @contextlib.contextmanager
-def scope(quant: Quant, owner=None):
-    """Compress, with ``quant``, what the code inside calls in this thread."""
+def scope(quant: Quant, owner=None, check_policy: bool = False):
+    """Compress, with ``quant``, what the code inside calls in this thread. ``check_policy``
+    (at init): a Policy override that matched no site raises at the end."""
     outermost = not _state.scopes
     here = Scope(quant, owner)
     _state.scopes.append(here)
@@ -140,7 +140,7 @@ def scope(quant: Quant, owner=None):
             yield here
     finally:
         _state.scopes.pop()
-    if isinstance(quant, Policy) and quant.overrides and owner is None and here.sites:
+    if outermost and check_policy and isinstance(quant, Policy) and quant.overrides:
         quant.check_paths(sorted(here.sites))
 
 

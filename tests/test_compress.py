@@ -193,6 +193,25 @@ def test_policy_overrides_by_path_and_typos_raise_after_init():
         init(compress(model, Policy(overrides={"EncoderBlok_*": None})), x)
 
 
+def test_a_method_that_reaches_part_of_the_model_is_not_checked_against_the_whole_policy():
+    class AutoEncoder(nn.Module):
+        def setup(self):
+            self.encoder, self.decoder = nn.Dense(4), nn.Dense(8)
+
+        def __call__(self, x):
+            return self.decoder(self.encode(x))
+
+        def encode(self, x):
+            return nn.gelu(self.encoder(x))
+
+    x = inputs((2, 8))
+    model = compress(AutoEncoder(), Policy(overrides={"decoder": None}), methods=("__call__", "encode"))
+    variables = init(model, x)  # the override matched at init
+    assert "decoder" not in variables["mesa"] and "encoder" in variables["mesa"]
+    np.testing.assert_array_equal(model.apply(variables, x, method="encode"),
+                                  AutoEncoder().apply({"params": variables["params"]}, x, method="encode"))
+
+
 def test_interception_does_not_leak_to_other_models_or_threads():
     """While a compressed model is traced, another thread runs a plain model: it keeps its
     floats and gets no statistics; after the call everything is as before."""
