@@ -25,6 +25,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
+# Bound at import: compress stands in for jax.nn.gelu/softmax while it runs, and JAX may
+# trace an op's forward later (a differentiated nn.scan body), when nothing would stop
+# the op's own reference from being intercepted again.
+from jax.nn import gelu as _gelu, softmax as _softmax
 
 from mesa_jax import quant
 from mesa_jax.quant import Layout, Packed, QuantConfig, Stats
@@ -272,7 +276,7 @@ def gelu(x, stats, seed, config, approximate: bool = False):
 
 
 def gelu_reference(x, approximate: bool = False):
-    return jax.nn.gelu(x, approximate=approximate)
+    return _gelu(x, approximate=approximate)
 
 
 def _gelu_fwd(x, stats, seed, config, approximate):
@@ -393,7 +397,7 @@ def softmax(x, stats, seed, config):
 
 
 def softmax_reference(x):
-    return jax.nn.softmax(x, axis=-1)
+    return _softmax(x, axis=-1)
 
 
 def _softmax_fwd(x, stats, seed, config):

@@ -139,6 +139,22 @@ def test_training_mode_with_dropout_matches_the_original():
     np.testing.assert_array_equal(got, want)
 
 
+def test_differentiating_a_scanned_model_keeps_the_statistics_where_init_put_them():
+    """JAX traces the custom_vjp forwards of a differentiated scan body later, still inside
+    compress's scope: mesa's own ops must not be intercepted then (they were, at the root)."""
+    model, shape, kwargs = MODELS["scanned_vit"]
+    x = inputs(shape)
+    compressed = compress(model)
+    variables = init(compressed, x)
+
+    def loss(params):
+        out, state = compressed.apply({**variables, "params": params}, x, mutable=["mesa"], **kwargs)
+        return jnp.sum(out), state
+
+    _, state = jax.grad(loss, has_aux=True)(variables["params"])
+    assert jax.tree.structure(state["mesa"]) == jax.tree.structure(variables["mesa"])
+
+
 def test_scan_made_inside_the_model_carries_the_statistics():
     """ScannedViT's nn.scan says variable_axes={"params": 0}: compress adds "mesa", stacked."""
     model, shape, _ = MODELS["scanned_vit"]
