@@ -23,24 +23,32 @@ def _stats(t, layout="channels"):
 
 
 def link(name: str, shape: tuple[int, int, int]):
-    """``link(x, kernel, config) -> x`` for x of ``shape`` = [B, N, C] (N == C // HEADS)."""
+    """``link(x, kernel, config) -> x`` for x of ``shape`` = [B, N, C] (N == C // HEADS).
+
+    ``config=None`` is the baseline: the ops' plain references, differentiated by JAX.
+    """
     b, n, c = shape
     heads = lambda t: t.reshape(b, n, HEADS, n).transpose(0, 2, 1, 3)  # [B, H, N, N]
     merge = lambda t: t.transpose(0, 2, 1, 3).reshape(b, n, c)
     image = lambda t: t.reshape(b, n // 8, 8, c)
-    dense = lambda x, k, q: ops.dense(x, k, None, _stats(x), SEED, q)[0]
-    gelu = lambda x, q: ops.gelu(x, _stats(x), SEED, q)[0]
-    softmax = lambda t, q: ops.softmax(t, _stats(t, "heads"), SEED, q)[0]
-    matmul = lambda t, q: ops.matmul(t, t, _stats(t, "heads"), _stats(t, "heads"), SEED, SEED, q)[0]
+    mesa_or_plain = lambda op, plain: lambda *a, q: plain(*a) if q is None else op(*a, q)
+    dense = mesa_or_plain(lambda x, k, q: ops.dense(x, k, None, _stats(x), SEED, q)[0],
+                          lambda x, k: ops.dense_reference(x, k, None))
+    gelu = mesa_or_plain(lambda x, q: ops.gelu(x, _stats(x), SEED, q)[0], ops.gelu_reference)
+    softmax = mesa_or_plain(lambda t, q: ops.softmax(t, _stats(t, "heads"), SEED, q)[0], ops.softmax_reference)
+    matmul = mesa_or_plain(lambda t, q: ops.matmul(t, t, _stats(t, "heads"), _stats(t, "heads"), SEED, SEED, q)[0],
+                           lambda t: ops.matmul_reference(t, t))
+    conv = mesa_or_plain(lambda x, k, q: ops.conv(x, k, None, _stats(x), SEED, q, (1, 1), "SAME")[0],
+                         lambda x, k: ops.conv_reference(x, k, None, (1, 1), "SAME"))
+    layer_norm = mesa_or_plain(lambda x, q: ops.layer_norm(x, None, None, _stats(x), SEED, q)[0],
+                               lambda x: ops.layer_norm_reference(x, None, None))
     links = {
-        "dense": lambda x, k, q: gelu(dense(x, k, q), q),
-        "conv": lambda x, k, q: gelu(
-            ops.conv(image(x), k, None, _stats(x), SEED, q, (1, 1), "SAME")[0], q
-        ).reshape(b, n, c),
-        "gelu": lambda x, k, q: dense(gelu(x, q), k, q),
-        "layer_norm": lambda x, k, q: dense(ops.layer_norm(x, None, None, _stats(x), SEED, q)[0], k, q),
-        "softmax": lambda x, k, q: dense(merge(softmax(heads(x), q)), k, q),
-        "matmul": lambda x, k, q: dense(merge(matmul(heads(x), q)), k, q),
+        "dense": lambda x, k, q: gelu(dense(x, k, q=q), q=q),
+        "conv": lambda x, k, q: gelu(conv(image(x), k, q=q), q=q).reshape(b, n, c),
+        "gelu": lambda x, k, q: dense(gelu(x, q=q), k, q=q),
+        "layer_norm": lambda x, k, q: dense(layer_norm(x, q=q), k, q=q),
+        "softmax": lambda x, k, q: dense(merge(softmax(heads(x), q=q)), k, q=q),
+        "matmul": lambda x, k, q: dense(merge(matmul(heads(x), q=q)), k, q=q),
     }
     return links[name]
 
