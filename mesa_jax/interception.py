@@ -13,7 +13,8 @@ Inside ``scope(quant)`` (entered around a compressed model's methods, and by eve
   ``nn.gelu``, ``jax.nn.gelu`` and ``from jax.nn import gelu`` alike) and in the
   fields of the module being called; in other threads, and outside a scope, a
   dispatcher calls the original;
-- mesa's own computations run ``suspended()``: nothing inside them is intercepted again;
+- mesa's own computations run ``suspended()`` (and op forwards, traced whenever JAX
+  traces them, ``ops.own``): nothing inside them is intercepted again;
 - a tensor several ops keep is packed once (``ops.sharing``).
 
 Handlers find the configuration of a site with ``config(kind, path)`` and the module
@@ -85,7 +86,7 @@ def register_function(original: Callable, handler: FunctionHandler) -> Callable:
 
 
 def active() -> bool:
-    return bool(_state.scopes) and not _state.suspended
+    return bool(_state.scopes) and not _state.suspended and not ops.running()
 
 
 @contextlib.contextmanager
@@ -145,7 +146,7 @@ def scope(quant: Quant, owner=None, check_policy: bool = False):
 
 
 def _intercept(next_fun, args, kwargs, context):
-    if _state.suspended:
+    if _state.suspended or ops.running():
         return next_fun(*args, **kwargs)
     module = context.module
     _state.frames.append(_Frame(module))

@@ -26,7 +26,7 @@ import math
 import flax.linen as nn
 import jax
 
-from mesa_jax import interception, ops, quant
+from mesa_jax import attention as attention_op, interception, ops, quant
 from mesa_jax.policy import Quant, resolve
 from mesa_jax.quant import Layout, QuantConfig
 
@@ -125,7 +125,7 @@ def _mesa(fn):
 # ------------------------------------------------- flax layers, compressed
 
 
-def _injected(field: str, make, stock=None):
+def _injected(field: str, make):
     """A handler running flax's own call with ``field``, one of flax's injection points, set to
     ``make(module, config)``: a mesa function. Not where the user set the field (or its
     ``*_cls`` twin) to something of their own."""
@@ -134,7 +134,7 @@ def _injected(field: str, make, stock=None):
         current = getattr(module, field)
         if _is_mesa(current):
             return next_fun(*args, **kwargs)
-        if current is not stock or getattr(module, f"{field}_cls", None) is not None:
+        if current is not None or getattr(module, f"{field}_cls", None) is not None:
             return _unsupported(module, f"a custom {field}", next_fun, args, kwargs)
         config = interception.config(kind, path_of(module))
         if config is None:
@@ -238,26 +238,69 @@ def _layer_norm(module, kind, next_fun, args, kwargs):
                        lambda: ops.layer_norm_reference(x, scale, bias, **settings), interception.strict())
 
 
-def _attention_fn(module, config):
-    """MHDPA's core: flax's dot_product_attention with mesa's einsums (query, key,
-    probabilities, value, each grouped per head); its softmax is intercepted too."""
+def _attention(module, kind, next_fun, args, kwargs):
+    """nn.MultiHeadDotProductAttention (and nn.SelfAttention): flax's call, its projections
+    compressed as DenseGeneral, its core (flax's default attention_fn) replaced by mesa's."""
+    if _is_mesa(module.attention_fn):
+        return next_fun(*args, **kwargs)
+    if module.attention_fn is not nn.dot_product_attention:
+        return _unsupported(module, "a custom attention_fn", next_fun, args, kwargs)
+    path = path_of(module)
+    fused, per_op = interception.config("attention", path), interception.config("matmul", path)
+    if fused is None and per_op is None:
+        return next_fun(*args, **kwargs)
+    with interception.fields_set(module, attention_fn=_mesa(_attention_fn(module, fused, per_op))):
+        return next_fun(*args, **kwargs)
 
-    def attention(query, key, value, *args, precision=None, einsum_dot_general=None, qk_attn_weights_einsum=None,
-                  attn_weights_value_einsum=None, **kwargs):
-        if einsum_dot_general is not None or qk_attn_weights_einsum is not None or attn_weights_value_einsum is not None:
-            return nn.dot_product_attention(query, key, value, *args, precision=precision,
+
+def _attention_fn(module, fused, per_op):
+    """flax's dot_product_attention, as mesa runs it. ``fused``: the flash-style op (packed Q,
+    K, V, no N x N residual; not with attention dropout); else ``per_op``: flax's function with
+    mesa's einsums (query, key, probabilities, value, per head) and its softmax intercepted."""
+
+    def attention(query, key, value, bias=None, mask=None, *, precision=None, einsum_dot_general=None,
+                  qk_attn_weights_einsum=None, attn_weights_value_einsum=None, **kwargs):
+        custom = einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum
+        dropout = kwargs.get("dropout_rate", 0.0) > 0 and not kwargs.get("deterministic", False)
+        if fused is not None and not any(custom) and not dropout and kwargs.get("module") is None and query.ndim == 4:
+            forward = FlaxAttention(kwargs.get("dtype"), precision, kwargs.get("force_fp32_for_softmax", False))
+            return _fused_attention(module, fused, forward, query, key, value, bias, mask)
+        if per_op is None or any(custom):
+            return nn.dot_product_attention(query, key, value, bias, mask, precision=precision,
                                             einsum_dot_general=einsum_dot_general,
                                             qk_attn_weights_einsum=qk_attn_weights_einsum,
                                             attn_weights_value_einsum=attn_weights_value_einsum, **kwargs)
         # [..., L, H, D] operands grouped per head (axis -2); probabilities [..., H, Q, K] (axis -3)
         # statistics names differ from the submodules' ("query", "key", "value", "out")
-        qk = _attention_einsum(module, config, ("q", "k"), (-2, -2), precision)
-        av = _attention_einsum(module, config, ("probs", "v"), (-3, -2), precision)
-        return nn.dot_product_attention(query, key, value, *args, qk_attn_weights_einsum=qk,
+        qk = _attention_einsum(module, per_op, ("q", "k"), (-2, -2), precision)
+        av = _attention_einsum(module, per_op, ("probs", "v"), (-3, -2), precision)
+        return nn.dot_product_attention(query, key, value, bias, mask, qk_attn_weights_einsum=qk,
                                         attn_weights_value_einsum=av, **kwargs)
 
     attention.__signature__ = inspect.signature(nn.dot_product_attention)  # MHDPA passes what it declares
     return attention
+
+
+@dataclasses.dataclass(frozen=True)
+class FlaxAttention:
+    """flax's dot_product_attention without dropout, as a static map: the fused op's forward."""
+
+    dtype: Any = None
+    precision: Any = None
+    force_fp32_for_softmax: bool = False
+
+    def __call__(self, q, k, v, bias, mask):
+        return nn.dot_product_attention(q, k, v, bias, mask, dtype=self.dtype, precision=self.precision,
+                                        force_fp32_for_softmax=self.force_fp32_for_softmax, deterministic=True)
+
+
+def _fused_attention(module, config, forward, query, key, value, bias, mask):
+    """mesa_jax.attention with q, k, v statistics in ``module`` (one group per head)."""
+    spec = attention_op.Forward(forward, scale=1.0 / math.sqrt(query.shape[-1]))
+    kept = [(name, t, t.ndim - 2, config) for name, t in (("q", query), ("k", key), ("v", value))]
+    op = lambda stats, seeds, configs: attention_op.attention(query, key, value, bias, mask, tuple(stats),
+                                                              tuple(seeds), configs[0], spec)
+    return _compressed(module, kept, op, lambda: forward(query, key, value, bias, mask), interception.strict())
 
 
 def _attention_einsum(module, config, names, axes, precision):
@@ -301,8 +344,6 @@ def _softmax(original, x, axis=-1, where=None, **kwargs):
 
 # Dense, DenseGeneral: flax's call with a dot_general that keeps its input packed. Conv: flax's
 # call (padding, dilation, feature groups, masks: all flax's) with such a conv_general_dilated.
-# MultiHeadDotProductAttention (and SelfAttention): flax's call, its projections compressed as
-# DenseGeneral, its core through _attention_fn.
 _dense = _injected("dot_general", lambda module, config: functools.partial(_dot_general, module, config))
 interception.register_module(nn.Dense, "dense", _dense)
 interception.register_module(nn.DenseGeneral, "dense", _dense)
@@ -310,8 +351,7 @@ interception.register_module(nn.Einsum, "dense", _einsum)
 interception.register_module(nn.Conv, "conv", _injected(
     "conv_general_dilated", lambda module, config: functools.partial(_conv_general_dilated, module, config)))
 interception.register_module(nn.LayerNorm, "layer_norm", _layer_norm)
-interception.register_module(nn.MultiHeadDotProductAttention, "matmul", _injected(
-    "attention_fn", _attention_fn, stock=nn.dot_product_attention))
+interception.register_module(nn.MultiHeadDotProductAttention, "attention", _attention)
 interception.register_function(jax.nn.gelu, _gelu)
 interception.register_function(jax.nn.softmax, _softmax)
 

@@ -25,16 +25,41 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
-# Bound at import: compress stands in for jax.nn.gelu/softmax while it runs, and JAX may
-# trace an op's forward later (a differentiated nn.scan body), when nothing would stop
-# the op's own reference from being intercepted again.
-from jax.nn import gelu as _gelu, softmax as _softmax
 
 from mesa_jax import quant
 from mesa_jax.quant import Layout, Packed, QuantConfig, Stats
 from pallas_kernels import arithmetic, fused
 
 RESIDUAL_NAME = "mesa_residual"  # checkpoint_name of every kept activation
+
+
+class _Running(threading.local):
+    depth = 0
+
+
+_running = _Running()
+
+
+def own(fwd):
+    """Mark a custom_vjp forward as mesa's own computation: compress intercepts nothing inside
+    it. JAX may trace a forward long after the call that made it (a differentiated nn.scan
+    body), while compress's scope is still open; the baseline code an op runs (jax.nn.gelu,
+    flax's attention) must stay the baseline's then."""
+
+    @functools.wraps(fwd)
+    def wrapped(*args, **kwargs):
+        _running.depth += 1
+        try:
+            return fwd(*args, **kwargs)
+        finally:
+            _running.depth -= 1
+
+    return wrapped
+
+
+def running() -> bool:
+    """Whether this thread is inside an op's forward."""
+    return _running.depth > 0
 
 
 def keep(x, stats: Stats | None, seed, config: QuantConfig | None, layout: Layout = "channels", normalized_by=None):
@@ -163,7 +188,7 @@ def _linear_bwd(config, fn, residuals, cotangents):
     return dx, dparams, None, None
 
 
-linear.defvjp(_linear_fwd, _linear_bwd)
+linear.defvjp(own(_linear_fwd), _linear_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,7 +301,7 @@ def gelu(x, stats, seed, config, approximate: bool = False):
 
 
 def gelu_reference(x, approximate: bool = False):
-    return _gelu(x, approximate=approximate)
+    return jax.nn.gelu(x, approximate=approximate)
 
 
 def _gelu_fwd(x, stats, seed, config, approximate):
@@ -295,7 +320,7 @@ def _gelu_bwd(config, approximate, res, cotangents):
     return (g * arithmetic.gelu_derivative(_f32(x), approximate)).astype(x.dtype), None, None
 
 
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
+gelu.defvjp(own(_gelu_fwd), _gelu_bwd)
 
 
 # ----------------------------------------------------------------- layer_norm
@@ -378,7 +403,7 @@ def _layer_norm_bwd(config, epsilon, fast_variance, dtype, residuals, cotangents
     return dx.astype(x_dtype.dtype), dscale, dbias, None, None
 
 
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+layer_norm.defvjp(own(_layer_norm_fwd), _layer_norm_bwd)
 
 
 # -------------------------------------------------------------------- softmax
@@ -397,7 +422,7 @@ def softmax(x, stats, seed, config):
 
 
 def softmax_reference(x):
-    return _softmax(x, axis=-1)
+    return jax.nn.softmax(x, axis=-1)
 
 
 def _softmax_fwd(x, stats, seed, config):
@@ -418,7 +443,7 @@ def _softmax_bwd(config, res, cotangents):
     return dx.astype(y.dtype), None, None
 
 
-softmax.defvjp(_softmax_fwd, _softmax_bwd)
+softmax.defvjp(own(_softmax_fwd), _softmax_bwd)
 
 
 # ------------------------------------------------------------------- bilinear
@@ -449,7 +474,7 @@ def _bilinear_bwd(config, fn, layouts, kept, cotangents):
     return da, db, None, None, None, None
 
 
-bilinear.defvjp(_bilinear_fwd, _bilinear_bwd)
+bilinear.defvjp(own(_bilinear_fwd), _bilinear_bwd)
 
 
 def matmul(a, b, stats_a, stats_b, seed_a, seed_b, config):

@@ -14,7 +14,9 @@ from typing import Iterable, Mapping, Union
 
 from mesa_jax.quant import QuantConfig
 
-KINDS = ("dense", "conv", "layer_norm", "gelu", "softmax", "matmul")
+# "attention": flax's attention core as one op (packed Q, K, V); "matmul" and "softmax":
+# the same core op by op (its einsums and softmax), for comparison.
+KINDS = ("dense", "conv", "layer_norm", "gelu", "softmax", "matmul", "attention")
 
 
 @dataclasses.dataclass(frozen=True)

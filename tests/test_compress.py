@@ -161,7 +161,7 @@ def test_scan_made_inside_the_model_carries_the_statistics():
     variables = init(compress(model), inputs(shape))
     block = variables["mesa"]["encoderblock"]
     assert block["Dense_0"]["inputs"].lo.shape == (model.depth, 1)
-    assert block["MultiHeadDotProductAttention_0"]["probs"].lo.shape == (model.depth, model.num_heads)
+    assert block["MultiHeadDotProductAttention_0"]["q"].lo.shape == (model.depth, model.num_heads)
 
 
 ScannedAtDefinition = nn.scan(stock_models.Encoder1DBlock, variable_axes={"params": 0},

@@ -166,13 +166,16 @@ def test_seeds_come_from_the_mesa_rng_when_given(key):
     assert not np.array_equal(grad(), grad(mesa=jax.random.key(3)))
 
 
-def test_attention_statistics_are_per_head(key):
+def test_attention_statistics_are_per_head_and_no_probabilities_are_kept(key):
     attn = mnn.SelfAttention(num_heads=4, quant=QuantConfig(num_groups=2))
     variables = attn.init(key, jnp.ones((2, 5, 16)))
     shapes = jax.tree.map(jnp.shape, variables["mesa"])
-    assert shapes["softmax_0"].lo == shapes["probs"].lo == (4,)
     assert shapes["q"].lo == shapes["k"].lo == shapes["v"].lo == (4,)
     assert shapes["query"]["inputs"].lo == shapes["out"]["inputs"].lo == (2,)  # channel groups: num_groups
+    assert "probs" not in shapes and "softmax_0" not in shapes  # the flash-style op: Q, K, V only
+    per_op = mnn.SelfAttention(num_heads=4, quant=Policy(kinds=("dense", "matmul", "softmax")))
+    shapes = jax.tree.map(jnp.shape, per_op.init(key, jnp.ones((2, 5, 16)))["mesa"])
+    assert shapes["softmax_0"].lo == shapes["probs"].lo == (4,)  # the op-by-op path, for comparison
 
 
 @pytest.mark.parametrize(

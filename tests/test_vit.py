@@ -101,7 +101,7 @@ def test_default_is_one_group_per_head_except_where_heads_do_not_divide(images):
     mesa = jax.tree.map(jnp.shape, variables["mesa"])
     assert mesa["embedding"]["inputs"].lo == (1,)  # 4 groups do not divide RGB
     assert mesa["block_0"]["mlp"]["fc1"]["inputs"].lo == (4,)
-    assert mesa["block_1"]["attn"]["softmax_0"].lo == mesa["block_1"]["attn"]["probs"].lo == (4,)
+    assert mesa["block_1"]["attn"]["q"].lo == mesa["block_1"]["attn"]["v"].lo == (4,)
 
 
 def test_policy_override_turns_a_layer_off(images):

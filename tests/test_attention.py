@@ -1,0 +1,120 @@
+"""mesa_jax.attention: the baseline's forward, packed Q/K/V, a blocked backward with no N x N residual."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+from jax.test_util import check_grads
+
+from mesa_jax import QuantConfig, attention, memory, quant
+from mesa_jax.nn import FlaxAttention
+
+B, T, H, D = 2, 37, 3, 8  # ragged: 37 queries
+SEEDS = tuple(jnp.uint32(s) for s in (3, 4, 5))
+
+
+def qkv(key, dtype=jnp.float32, t=T):
+    return tuple(jax.random.normal(k, (B, t, H, D), dtype) for k in jax.random.split(key, 3))
+
+
+def flax_forward(**kwargs):
+    return attention.Forward(FlaxAttention(**kwargs), scale=1.0 / np.sqrt(D))
+
+
+@functools.cache
+def jax_forward(is_causal=False):
+    fn = lambda q, k, v, bias, mask: jax.nn.dot_product_attention(q, k, v, bias, mask, is_causal=is_causal)
+    return attention.Forward(fn, is_causal=is_causal)
+
+
+def op(forward, config, mask=None):
+    """The op as a function of (q, k, v, bias), with each tensor's own statistics."""
+
+    def f(q, k, v, bias):
+        stats = tuple(quant.stats_of(t, 2, H) for t in (q, k, v)) if config else (None,) * 3
+        return attention.attention(q, k, v, bias, mask, stats, SEEDS, config, forward)[0]
+
+    return f
+
+
+BIASES = {"none": None, "per_query": (1, H, T, T), "shared": (1, H, 1, T)}  # shared by all queries
+MASK = jax.random.bernoulli(jax.random.key(6), 0.8, (B, 1, T, T))
+
+
+@pytest.mark.parametrize("bias", BIASES)
+@pytest.mark.parametrize("forward", ["flax", "jax", "jax_causal"])
+def test_forward_is_the_baseline_s_and_the_exact_backward_is_autodiff_s(forward, bias, key):
+    q, k, v = qkv(key)
+    b = None if BIASES[bias] is None else jax.random.normal(jax.random.key(5), BIASES[bias])
+    mask = None if forward == "jax_causal" else MASK
+    spec = {"flax": flax_forward(), "jax": jax_forward(), "jax_causal": jax_forward(True)}[forward]
+    g = jax.random.normal(jax.random.key(7), (B, T, H, D))
+    out, vjp = jax.vjp(op(spec, None, mask), q, k, v, b)
+    want_out, want_vjp = jax.vjp(lambda q, k, v, b: spec(q, k, v, b, mask), q, k, v, b)
+    np.testing.assert_array_equal(out, want_out)
+    np.testing.assert_array_equal(jax.jit(op(spec, QuantConfig(), mask))(q, k, v, b),
+                                  jax.jit(lambda *a: spec(*a, mask))(q, k, v, b))
+    eps = float(jnp.finfo(jnp.float32).eps)
+    for got, want in zip(vjp(g), want_vjp(g)):
+        if want is not None:  # float32 sums over up to T terms, in another order
+            np.testing.assert_allclose(got, want, rtol=0, atol=T * eps * float(jnp.max(jnp.abs(want))))
+
+
+def test_exact_mode_numerical_gradients_float64(key):
+    """flax's forward computes in the inputs' dtype (jax.nn's softmax is always float32)."""
+    with jax.enable_x64(True):
+        q, k, v = qkv(key, jnp.float64, t=9)
+        bias = jax.random.normal(jax.random.key(5), (1, H, 9, 9), jnp.float64)
+        check_grads(op(flax_forward(), None), (q, k, v, bias), order=1, modes=["rev"])
+
+
+def test_blocks_give_the_one_block_backward(key):
+    q, k, v = qkv(key)
+    bias = jax.random.normal(jax.random.key(5), (1, H, T, T))
+    g = jax.random.normal(jax.random.key(7), (B, T, H, D))
+    whole = attention.blocked_backward(q, k, v, bias, MASK, g, flax_forward(), block=T)
+    for block in (8, 16, 64):
+        for a, b in zip(attention.blocked_backward(q, k, v, bias, MASK, g, flax_forward(), block=block), whole):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+
+
+def test_the_quantized_backward_is_the_exact_one_at_the_dequantized_inputs(key):
+    """What the op keeps: q, k, v packed per head, the same codes quant.fake_quantize gives."""
+    config = QuantConfig()
+    q, k, v = qkv(key)
+    g = jax.random.normal(jax.random.key(7), (B, T, H, D))
+    _, vjp = jax.vjp(op(flax_forward(), config, MASK), q, k, v, None)
+    hats = [quant.fake_quantize(t, quant.stats_of(t, 2, H), config, seed, 2) for t, seed in zip((q, k, v), SEEDS)]
+    want = attention.blocked_backward(*hats, None, MASK, g, flax_forward())
+    for a, b in zip(vjp(g)[:3], want[:3]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+
+
+def test_the_gradient_error_scales_with_the_step(key):
+    q, k, v = qkv(key)
+    g = jax.random.normal(jax.random.key(7), (B, T, H, D))
+    exact = ravel_pytree(jax.vjp(op(flax_forward(), None, MASK), q, k, v, None)[1](g)[:3])[0]
+    errors = {}
+    for bits in (8, 4):
+        got = ravel_pytree(jax.vjp(op(flax_forward(), QuantConfig(bits=bits), MASK), q, k, v, None)[1](g)[:3])[0]
+        errors[bits] = float(jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact))
+    assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
+
+
+def test_only_packed_q_k_v_are_kept_no_n_by_n_tensor(key):
+    q, k, v = qkv(key)
+    kept = memory.saved_residuals(lambda q, k, v, mask: op(flax_forward(), QuantConfig(), mask)(q, k, v, None),
+                                  q, k, v, MASK)
+    assert sorted(r.shape for r in kept if r.dtype == jnp.uint32) == [(B, T, H, D // 4)] * 3  # int8 q, k, v
+    assert all(np.prod(r.shape) < B * T * H * D for r in kept if jnp.issubdtype(r.dtype, jnp.floating)), kept
+
+
+def test_bfloat16_in_bfloat16_grads_out(key):
+    q, k, v = qkv(key, jnp.bfloat16)
+    out, vjp = jax.vjp(op(flax_forward(dtype=jnp.bfloat16), QuantConfig()), q, k, v, None)
+    grads = vjp(jnp.ones_like(out))[:3]
+    assert [d.dtype for d in grads] == [jnp.bfloat16] * 3 and all(jnp.all(jnp.isfinite(d)) for d in grads)
