@@ -4,10 +4,13 @@
     python -m benchmarks.memory --models deit-s --batches 32 64 128 256 --plot mem.png
     python -m benchmarks.memory --models deit-s --budget-gib 16    # + largest batch that fits
     python -m benchmarks.memory --models deit-s --scan --no-max-batch   # nn.scan over the blocks
+    python -m benchmarks.memory --models deit-s --image-sizes 224 384 512 --methods baseline flash_like mesa8 \
+        --no-max-batch                                                  # memory against tokens
 
 For each model, dtype, batch and method: XLA's compile-time peak bytes of the
 jitted, state-donating train step (forward, backward, AdamW update), its ratio to
-the baseline's, and the bytes autodiff keeps for the backward pass. Nothing is
+the baseline's, and the bytes autodiff keeps for the backward pass, in all and per
+token and block (in bytes and in units of the width C). Nothing is
 executed, so this runs on a laptop CPU; on XLA:CPU the peak can understate what
 mesa saves (it drops optimization barriers), the residual bytes cannot.
 """
@@ -29,14 +32,23 @@ DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 DEFAULT_METHODS = ("baseline", "remat_nothing", "remat_dots", "mesa8")
 
 
-def rows(models, dtypes, batches, methods, scan: bool = False):
-    """(model, dtype, batch, method, StepMemory) for every combination, baseline first."""
+def rows(models, dtypes, batches, methods, scan: bool = False, image_sizes=(None,)):
+    """(label, dtype, batch, method, StepMemory, model) for every combination, baseline first."""
     for name in models:
-        for dtype in dtypes:
-            for batch in batches:
-                for method in methods:
-                    model = step_memory.build(name, method, DTYPES[dtype], scan=scan)
-                    yield name + (" (scan)" if scan else ""), dtype, batch, method, step_memory.measure(model, batch)
+        for size in image_sizes:
+            sized = {} if size is None else {"image_size": size}
+            label = name + (f" @{size}" if size else "") + (" (scan)" if scan else "")
+            for dtype in dtypes:
+                for batch in batches:
+                    for method in methods:
+                        model = step_memory.build(name, method, DTYPES[dtype], scan=scan, **sized)
+                        yield label, dtype, batch, method, step_memory.measure(model, batch), model
+
+
+def per_token_block(m, model, batch: int) -> float:
+    """Residual bytes per token and block (the whole model's residuals: embedding and head included)."""
+    tokens = (model.image_size // model.patch_size) ** 2 + 1
+    return m.residuals / (batch * tokens * model.depth)
 
 
 def max_batches(models, dtypes, methods, budget_bytes: int):
@@ -62,16 +74,18 @@ def max_batch_table(results, budget_gib: float):
 def table(results) -> str:
     mib = lambda b: f"{b / 2**20:,.0f}"
     lines = [
-        "| model | dtype | batch | method | peak MiB | baseline / method | residuals MiB |",
-        "|---|---|---:|---|---:|---:|---:|",
+        "| model | dtype | batch | method | peak MiB | baseline / method | residuals MiB | B / token / block |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
     ]
     baseline = {}
-    for name, dtype, batch, method, m in results:
+    for name, dtype, batch, method, m, model in results:
         if method == "baseline":
             baseline[name, dtype, batch] = m.peak
         ref = baseline.get((name, dtype, batch))
         ratio = f"{ref / m.peak:.2f}x" if ref else "-"
-        lines.append(f"| {name} | {dtype} | {batch} | {method} | {mib(m.peak)} | {ratio} | {mib(m.residuals)} |")
+        per_token = per_token_block(m, model, batch)
+        lines.append(f"| {name} | {dtype} | {batch} | {method} | {mib(m.peak)} | {ratio} | {mib(m.residuals)} | "
+                     f"{per_token:,.0f} ({per_token / model.width:.1f} C) |")
     return "\n".join(lines)
 
 
@@ -82,7 +96,7 @@ def plot(results, path: str) -> None:
     import matplotlib.pyplot as plt
 
     series = {}
-    for name, dtype, batch, method, m in results:
+    for name, dtype, batch, method, m, _ in results:
         series.setdefault((name, dtype, method), []).append((batch, m.peak / 2**30))
     colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(step_memory.METHODS)}
     styles = {"float32": "-", "bfloat16": "--"}
@@ -104,6 +118,8 @@ def main(argv=None):
     parser.add_argument("--batches", nargs="+", type=int, default=[128])
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=step_memory.METHODS)
     parser.add_argument("--scan", action="store_true", help="nn.scan over the blocks (scan=True)")
+    parser.add_argument("--image-sizes", nargs="+", type=int, default=[None], metavar="PIXELS",
+                        help="image sizes (default: the preset's); tokens = (size / patch)^2 + 1")
     parser.add_argument("--plot", metavar="PNG", help="also plot peak memory against batch size")
     parser.add_argument("--budget-gib", type=float, default=16.0,
                         help="memory budget of the largest-batch search (default: 16)")
@@ -113,7 +129,7 @@ def main(argv=None):
     if "baseline" not in args.methods:
         args.methods.insert(0, "baseline")
     start = time.time()
-    results = list(rows(args.models, args.dtypes, args.batches, args.methods, args.scan))
+    results = list(rows(args.models, args.dtypes, args.batches, args.methods, args.scan, args.image_sizes))
     print(f"compile-time peak of one train step; jax {jax.__version__} on {jax.default_backend()}, "
           f"{time.time() - start:.0f} s")
     print(table(results))

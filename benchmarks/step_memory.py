@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -16,13 +17,30 @@ from mesa_jax import memory
 from mesa_jax.models import vit
 from train import loop
 
-METHODS = ("baseline", "remat_nothing", "remat_dots", "mesa8", "mesa4", "mesa2")
+METHODS = ("baseline", "flash_like", "remat_nothing", "remat_dots", "mesa8", "mesa4", "mesa2")
+
+
+def recomputed_attention(query, key, value, bias=None, mask=None, broadcast_dropout: bool = True, dropout_rng=None,
+                         dropout_rate: float = 0.0, deterministic: bool = False, dtype=None, precision=None,
+                         force_fp32_for_softmax: bool = False):
+    """flax's dot_product_attention under jax.checkpoint: its backward recomputes the
+    probabilities from q, k, v and keeps nothing N x N, which is what flash attention keeps
+    (the baseline a modern JAX user compares against; its speed is not flash attention's)."""
+
+    def attend(query, key, value, bias, mask):
+        return nn.dot_product_attention(query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
+                                        deterministic, dtype, precision, force_fp32_for_softmax=force_fp32_for_softmax)
+
+    return jax.checkpoint(attend)(query, key, value, bias, mask)
 
 
 def build(model_name: str, method: str, dtype=None, **overrides) -> vit.ViT:
-    """The model a method trains: baseline, nn.remat with a policy, or mesa at 8/4/2 bits."""
+    """The model a method trains: baseline, flash-like (the baseline with its attention core
+    recomputed), nn.remat with a policy, or mesa at 8/4/2 bits."""
     remat = {"remat_nothing": "nothing_saveable", "remat_dots": "dots_saveable"}.get(method)
-    if method == "baseline" or remat:
+    if method == "flash_like":
+        overrides = {**overrides, "attention_fn": recomputed_attention}
+    if method in ("baseline", "flash_like") or remat:
         quant = None
     elif method in ("mesa8", "mesa4", "mesa2"):
         quant = vit.QuantConfig(bits=int(method[4:]), num_groups=vit.PRESETS[model_name]["num_heads"])

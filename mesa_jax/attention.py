@@ -1,9 +1,9 @@
 """Attention that keeps packed Q, K and V and no N x N tensor: the flash-attention trade.
 
-``attention(q, k, v, bias, mask, stats, seeds, config, forward)`` computes the forward
-with ``forward`` itself (flax's dot_product_attention, or jax.nn.dot_product_attention:
-whatever the baseline runs, cuDNN included), so the output is the baseline's bit for
-bit. It keeps Q, K and V packed per head (int8) and nothing of size N x N: the
+``attention(q, k, v, stats, seed, config, ...)`` is jax.nn.dot_product_attention's;
+``packed_attention(..., forward)`` computes the forward with ``forward`` itself (flax's
+dot_product_attention, or jax.nn.dot_product_attention: whatever the baseline runs,
+cuDNN included), so the output is the baseline's bit for bit. It keeps Q, K and V packed per head (int8) and nothing of size N x N: the
 backward recomputes the probabilities from the restored Q and K one block of queries
 at a time, so no full [B, H, N, N] float tensor is alive at once, and their
 normalization from the restored logits themselves (rows sum to one: see README for
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mesa_jax import ops
+from pallas_kernels.hashing import combine
 from mesa_jax.quant import QuantConfig
 
 BLOCK = 64  # queries per backward block: [B, H, BLOCK, S] floats alive at once, not [B, H, T, S]
@@ -36,71 +37,127 @@ class Forward:
     """A baseline attention as a static map, and the semantics its backward needs.
 
     ``fn(q, k, v, bias, mask) -> out``; ``scale`` multiplies q @ k (None: 1/sqrt(D));
-    ``is_causal`` adds a causal mask.
+    ``is_causal`` adds a causal mask. ``saved_lse``: the forward also keeps each query
+    row's log-sum-exp of the exact logits (float32, [B, H, T]) and the backward
+    normalizes the restored logits with it, instead of with their own log-sum-exp.
     """
 
     fn: Any
     scale: float | None = None
     is_causal: bool = False
+    saved_lse: bool = False
 
     def __call__(self, q, k, v, bias, mask):
         return self.fn(q, k, v, bias, mask)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def attention(q, k, v, bias, mask, stats, seeds, config: QuantConfig, forward: Forward):
-    """``forward(q, k, v, bias, mask)``, keeping packed q, k, v (one group per head).
+@dataclasses.dataclass(frozen=True)
+class JaxAttention:
+    """jax.nn.dot_product_attention as a static map (its implementation choice: cuDNN's
+    flash attention on a GPU when asked)."""
+
+    scale: float | None = None
+    is_causal: bool = False
+    implementation: str | None = None
+
+    def __call__(self, q, k, v, bias, mask):
+        return jax.nn.dot_product_attention(q, k, v, bias, mask, scale=self.scale, is_causal=self.is_causal,
+                                            implementation=self.implementation)
+
+
+def attention(q, k, v, stats, seed, config: QuantConfig | None, *, bias=None, mask=None, is_causal: bool = False,
+              scale: float | None = None, implementation: str | None = None, saved_lse: bool = False):
+    """``jax.nn.dot_product_attention(q, k, v, bias, mask, scale=, is_causal=, implementation=)``,
+    keeping q, k and v packed per head and nothing of size N x N. ``stats``: the running
+    statistics of q, k, v (a triple); ``seed``: a uint32 from which each gets its own.
+    Returns ``(out, updated stats)``; ``config=None`` keeps q, k, v as they are (exact).
+    """
+    forward = Forward(JaxAttention(scale, is_causal, implementation), scale, is_causal, saved_lse)
+    seeds = tuple(combine(jnp.asarray(seed, jnp.uint32), jnp.uint32(i)) for i in range(3))
+    return packed_attention(q, k, v, bias, mask, stats, seeds, config, forward)
+
+
+def packed_attention(q, k, v, bias, mask, stats, seeds, config: QuantConfig | None, forward: Forward):
+    """``forward(q, k, v, bias, mask)``, keeping q, k, v packed (one group per head).
 
     ``stats``/``seeds``: triples for q, k, v. Returns ``(out, updated stats)``.
     """
     layout = q.ndim - 2  # [B, L, H, D]: one group per head
-    updated = tuple(ops.updated(s, t, config, layout) for s, t in zip(stats, (q, k, v)))
-    return forward(q, k, v, bias, mask), updated
-
-
-def _attention_fwd(q, k, v, bias, mask, stats, seeds, config, forward):
-    layout = q.ndim - 2
     kept, updated = zip(*(ops.keep(t, s, seed, config, layout) for t, s, seed in zip((q, k, v), stats, seeds)))
+    return _attention(q, k, v, bias, mask, tuple(kept), forward), tuple(updated)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention(q, k, v, bias, mask, kept, forward: Forward):
+    return forward(q, k, v, bias, mask)
+
+
+def _attention_fwd(q, k, v, bias, mask, kept, forward):
+    lse = row_log_sum_exp(q, k, bias, mask, forward) if forward.saved_lse else None
     out, kept = ops._materialize(forward(q, k, v, bias, mask), *kept)
-    return (out, tuple(updated)), (kept, bias, mask)
+    return out, (kept, bias, mask, lse)
 
 
-def _attention_bwd(config, forward, residuals, cotangents):
-    kept, bias, mask = residuals
-    g, _ = cotangents
+def _attention_bwd(forward, residuals, g):
+    kept, bias, mask, lse = residuals
     q, g = ops.restore(kept[0], g)
     k, g = ops.restore(kept[1], g)
     v, g = ops.restore(kept[2], g)
-    dq, dk, dv, dbias = blocked_backward(q, k, v, bias, mask, g, forward)
-    return dq, dk, dv, dbias, None, None, None
+    dq, dk, dv, dbias = blocked_backward(q, k, v, bias, mask, g, forward, lse=lse)
+    return dq, dk, dv, dbias, None, None
 
 
-attention.defvjp(ops.own(_attention_fwd), _attention_bwd)
+_attention.defvjp(ops.own(_attention_fwd), _attention_bwd)
 
 
-def probabilities(q, k, bias, mask, forward: Forward, first_query: int = 0):
-    """softmax(scale * q @ k + bias, masked) in >= float32: [B, H, Tq, S] for the queries of q
-    (``first_query`` is the index of q's first row, for the causal mask)."""
+def logits(q, k, bias, mask, forward: Forward, first_query: int = 0):
+    """scale * q @ k + bias, masked, in >= float32: [B, H, Tq, S] for the queries of q
+    (``first_query`` is the index of q's first row, for the causal mask), and the scale."""
     scale = forward.scale if forward.scale is not None else 1.0 / math.sqrt(q.shape[-1])
     compute = jnp.promote_types(q.dtype, jnp.float32)
-    logits = jnp.einsum("bthd,bshd->bhts", q.astype(compute), k.astype(compute)) * scale
+    s = jnp.einsum("bthd,bshd->bhts", q.astype(compute), k.astype(compute)) * scale
     if bias is not None:
-        logits = logits + jnp.reshape(bias, (1,) * (logits.ndim - bias.ndim) + bias.shape).astype(compute)
-    allowed = None if mask is None else jnp.broadcast_to(mask, logits.shape)
+        s = s + jnp.reshape(bias, (1,) * (s.ndim - bias.ndim) + bias.shape).astype(compute)
+    allowed = None if mask is None else jnp.broadcast_to(mask, s.shape)
     if forward.is_causal:
-        rows = first_query + lax.broadcasted_iota(jnp.int32, logits.shape[-2:], 0)
-        causal = rows >= lax.broadcasted_iota(jnp.int32, logits.shape[-2:], 1)
+        rows = first_query + lax.broadcasted_iota(jnp.int32, s.shape[-2:], 0)
+        causal = rows >= lax.broadcasted_iota(jnp.int32, s.shape[-2:], 1)
         allowed = causal if allowed is None else allowed & causal
     if allowed is not None:
-        logits = jnp.where(allowed, logits, jnp.finfo(compute).min)
-    return jax.nn.softmax(logits, axis=-1), scale
+        s = jnp.where(allowed, s, jnp.finfo(compute).min)
+    return s, scale
 
 
-def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int = BLOCK):
+def probabilities(q, k, bias, mask, forward: Forward, first_query: int = 0, lse=None):
+    """softmax of ``logits``, or exp(logits - lse) with a given per-row log-sum-exp."""
+    s, scale = logits(q, k, bias, mask, forward, first_query)
+    return (jax.nn.softmax(s, axis=-1) if lse is None else jnp.exp(s - lse[..., None])), scale
+
+
+def row_log_sum_exp(q, k, bias, mask, forward: Forward, block: int = BLOCK):
+    """Each query row's log-sum-exp of the logits, float32 [B, H, T], one block of queries at a time."""
+    rows = []
+    for start in range(0, q.shape[1], block):
+        q_b = q[:, start: start + block]
+        bias_b = _rows(bias, start, q_b.shape[1], q.shape[1])
+        s, _ = logits(q_b, k, bias_b, _rows(mask, start, q_b.shape[1], q.shape[1]), forward, start)
+        rows.append(jax.nn.logsumexp(s, axis=-1).astype(jnp.float32))
+    return jnp.concatenate(rows, axis=-1)
+
+
+def _rows(a, start, size, t):
+    """The query rows [start, start + size) of a bias or mask that has per-query rows, else a."""
+    if a is None or a.ndim < 2 or a.shape[-2] != t:
+        return a
+    return lax.slice_in_dim(a, start, start + size, axis=a.ndim - 2)
+
+
+def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int = BLOCK, lse=None):
     """(dq, dk, dv, dbias) of softmax attention, one block of ``block`` queries at a time.
 
-    Per block: P = softmax(scale q_b k^T + bias_b), dP = g_b v^T, dS = P (dP - rowsum(P dP)),
-    dq_b = scale dS k, dk += scale dS^T q_b, dv += P^T g_b, dbias_b = dS (summed to bias's shape).
+    Per block: P = softmax(scale q_b k^T + bias_b) (or exp(. - lse_b) with a saved
+    log-sum-exp), dP = g_b v^T, dS = P (dP - rowsum(P dP)), dq_b = scale dS k,
+    dk += scale dS^T q_b, dv += P^T g_b, dbias_b = dS (summed to bias's shape).
     """
     t = q.shape[1]
     blocks = -(-t // block)
@@ -111,6 +168,7 @@ def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int = BLOC
     bias_rows, mask_rows = per_query(bias), per_query(mask)
     bias_p = padded(bias, bias.ndim - 2) if bias_rows else bias
     mask_p = padded(mask, mask.ndim - 2) if mask_rows else mask
+    lse_p = None if lse is None else jnp.pad(lse, [(0, 0), (0, 0), (0, pad)], constant_values=jnp.inf)  # P = 0
 
     def rows(a, start, follows):
         return lax.slice_in_dim(a, start, start + block, axis=a.ndim - 2) if follows else a
@@ -123,7 +181,8 @@ def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int = BLOC
     for start in range(0, blocks * block, block):  # unrolled: XLA schedules and frees block by block
         q_b, g_b = qp[:, start : start + block].astype(compute), gp[:, start : start + block].astype(compute)
         bias_b = rows(bias_p, start, bias_rows)
-        p, scale = probabilities(q_b, k, bias_b, rows(mask_p, start, mask_rows), forward, start)
+        lse_b = None if lse is None else lse_p[..., start: start + block]
+        p, scale = probabilities(q_b, k, bias_b, rows(mask_p, start, mask_rows), forward, start, lse_b)
         dp = jnp.einsum("bthd,bshd->bhts", g_b, v32)
         ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))
         dqs.append(jnp.einsum("bhts,bshd->bthd", ds, k32) * scale)

@@ -86,19 +86,22 @@ def _seed(module: nn.Module, name: str, count):
 def _compressed(module: nn.Module, kept, op, exact, strict: bool):
     """Run ``op(stats, seeds, configs) -> (y, updated stats)`` (an op's own return) on the tensors ``kept``
     ([(name, x, layout, config)]) with their running statistics, storing the updates when
-    the collection is mutable; ``exact()`` when the module has no statistics."""
-    found = [_statistics(module, name, x, layout, config, strict) for name, x, layout, config in kept]
+    the collection is mutable; ``exact()`` when the module has no statistics. A tensor
+    another op's residual already stands for (``ops.shared``) has none (stats and seed None)."""
+    found = [(None, config) if ops.shared(x) is not None else _statistics(module, name, x, layout, config, strict)
+             for name, x, layout, config in kept]  # a tensor another op's residual stands for needs none
     if any(f is None for f in found):
         return exact()
     variables = [v for v, _ in found]
-    stats = [v.value for v in variables]
-    seeds = [_seed(module, name, s.count) for (name, *_), s in zip(kept, stats)]
+    stats = [None if v is None else v.value for v in variables]
+    seeds = [None if s is None else _seed(module, name, s.count) for (name, *_), s in zip(kept, stats)]
     with interception.suspended():
         y, updated = op(stats, seeds, [c for _, c in found])
-    updated = [updated] if isinstance(updated, quant.Stats) else updated  # ops return Stats or a pair
+    updated = [updated] if isinstance(updated, quant.Stats) or updated is None else updated  # Stats or a pair
     if module.is_mutable_collection(COLLECTION) and not module.is_initializing():
         for variable, value in zip(variables, updated):
-            variable.value = value
+            if variable is not None:
+                variable.value = value
     return y
 
 
@@ -114,7 +117,8 @@ def _unsupported(module: nn.Module, argument: str, next_fun, args, kwargs):
 
 
 def _is_mesa(fn) -> bool:
-    return getattr(fn, "_mesa", False)
+    """A function mesa injected, or a mesa layer (which applies its own quant)."""
+    return getattr(fn, "_mesa", False) or getattr(fn, "_mesa_layer", False)
 
 
 def _mesa(fn):
@@ -294,13 +298,37 @@ class FlaxAttention:
                                         force_fp32_for_softmax=self.force_fp32_for_softmax, deterministic=True)
 
 
+class _AttentionFunction(nn.Module):
+    """flax.linen.dot_product_attention as a module (its namesake has none): what
+    mnn.DotProductAttention compresses. The signature is the function's: MHDPA passes an
+    ``attention_fn`` only the arguments its signature names."""
+
+    @nn.compact
+    def __call__(self, query, key, value, bias=None, mask=None, broadcast_dropout: bool = True, dropout_rng=None,
+                 dropout_rate: float = 0.0, deterministic: bool = False, dtype=None, precision=None, module=None,
+                 force_fp32_for_softmax: bool = False, einsum_dot_general=None, qk_attn_weights_einsum=None,
+                 attn_weights_value_einsum=None):
+        return nn.dot_product_attention(query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
+                                        deterministic, dtype, precision, module, force_fp32_for_softmax,
+                                        einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum)
+
+
 def _fused_attention(module, config, forward, query, key, value, bias, mask):
     """mesa_jax.attention with q, k, v statistics in ``module`` (one group per head)."""
     spec = attention_op.Forward(forward, scale=1.0 / math.sqrt(query.shape[-1]))
     kept = [(name, t, t.ndim - 2, config) for name, t in (("q", query), ("k", key), ("v", value))]
-    op = lambda stats, seeds, configs: attention_op.attention(query, key, value, bias, mask, tuple(stats),
+    op = lambda stats, seeds, configs: attention_op.packed_attention(query, key, value, bias, mask, tuple(stats),
                                                               tuple(seeds), configs[0], spec)
     return _compressed(module, kept, op, lambda: forward(query, key, value, bias, mask), interception.strict())
+
+
+def _dot_product_attention(module, kind, next_fun, args, kwargs):
+    """mnn.DotProductAttention: mesa's attention core, the statistics in the layer itself."""
+    path = path_of(module)
+    fused, per_op = interception.config("attention", path), interception.config("matmul", path)
+    if fused is None and per_op is None:
+        return next_fun(*args, **kwargs)
+    return _attention_fn(module, fused, per_op)(*args, **kwargs)
 
 
 def _attention_einsum(module, config, names, axes, precision):
@@ -352,6 +380,7 @@ interception.register_module(nn.Conv, "conv", _injected(
     "conv_general_dilated", lambda module, config: functools.partial(_conv_general_dilated, module, config)))
 interception.register_module(nn.LayerNorm, "layer_norm", _layer_norm)
 interception.register_module(nn.MultiHeadDotProductAttention, "attention", _attention)
+interception.register_module(_AttentionFunction, "attention", _dot_product_attention)
 interception.register_function(jax.nn.gelu, _gelu)
 interception.register_function(jax.nn.softmax, _softmax)
 
@@ -382,6 +411,23 @@ MultiHeadDotProductAttention = _compressed_namesake(
     nn.MultiHeadDotProductAttention, "the projections' inputs, query, key, probabilities and value (per head)")
 SelfAttention = _compressed_namesake(
     nn.SelfAttention, "the projections' inputs, query, key, probabilities and value (per head)")
+
+
+class DotProductAttention(_AttentionFunction):
+    """flax.linen.dot_product_attention as a layer, for ``attention_fn=`` of
+    nn.MultiHeadDotProductAttention (``attention_fn=mnn.DotProductAttention()``: the params
+    tree is unchanged, the statistics live under ``attention_fn``). The forward is flax's
+    function; the backward keeps q, k, v packed per head and no N x N map (the fused op).
+    With attention dropout, a custom einsum, or a Policy without the "attention" kind:
+    flax's function with mesa's einsums and softmax, op by op (the probabilities kept)."""
+
+    quant: Quant = DEFAULT
+    _mesa_layer = True
+
+    @functools.wraps(_AttentionFunction.__call__)
+    def __call__(self, *args, **kwargs):
+        with interception.scope(self.quant, owner=self):
+            return _AttentionFunction.__call__(self, *args, **kwargs)
 
 
 class _Function(nn.Module):

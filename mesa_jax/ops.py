@@ -8,9 +8,18 @@ Every op returns ``(y, stats)``: its output and the statistics updated with the
 range of what it kept, measured in the same read that packs it (see
 quant.pack_and_update); exact mode returns the statistics unchanged.
 
-Each op reads top to bottom: primal, its ``*_reference`` (the plain jnp
-computation, differentiated by JAX: what ``quant=None`` layers run), ``_fwd``
-(what is kept), ``_bwd`` (the formula on the restored activation), ``defvjp``.
+An op packs what it keeps *before* its custom_vjp (``keep``, in the primal
+computation), and hands the residual to it. So residuals are data that flow
+between ops: inside ``sharing()`` an activation several ops keep is packed once,
+and an op's output that the next op keeps (LayerNorm -> Dense, GELU -> Dense,
+softmax -> matmul) is kept as a function of the first op's residual, at no cost
+(``share``, ``Derived``), also inside a scanned body, whose custom_vjp forwards
+JAX traces one by one.
+
+Each op reads top to bottom: the op (keeps, then calls its core), its
+``*_reference`` (the plain jnp computation, differentiated by JAX: what
+``quant=None`` layers run), the custom_vjp core, ``_fwd`` (ties the residual to
+the output), ``_bwd`` (the formula on the restored activation), ``defvjp``.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import threading
 from typing import Any, Sequence
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
@@ -65,26 +75,54 @@ def running() -> bool:
 def keep(x, stats: Stats | None, seed, config: QuantConfig | None, layout: Layout = "channels", normalized_by=None):
     """(what the backward pass keeps of x, the statistics updated with it): packed codes,
     or x itself in exact mode. ``normalized_by``: keep quant.normalize_rows(x, normalized_by).
+    Called in the primal computation: the residual is data, not differentiated.
 
-    Inside ``sharing()``, an array another op already kept (the same object, layout and
-    config) is not packed again: its residual is reused, and x's measured range is
-    folded into this op's statistics.
+    Inside ``sharing()``: an op's output another op shared (``share``) is kept as that
+    op's residual, and the statistics are returned unchanged (``stats`` may be None); an
+    array another op already packed (the same object, layout and config) is not packed
+    again, and its measured range is folded into this op's statistics.
     """
     if config is None:
-        return quant.normalize_rows(x, normalized_by), stats
-    key = (id(x), layout, config) if normalized_by is None and _shared.kept is not None else None
-    if key is not None and key in _shared.kept:
-        _, packed, lo, hi = _shared.kept[key]
+        return (x if normalized_by is None else lax.stop_gradient(quant.normalize_rows(x, normalized_by))), stats
+    if normalized_by is None and shared(x) is not None:
+        return shared(x), stats
+    key = (id(x), layout, config) if normalized_by is None and _shared.packed is not None else None
+    if key is not None and _current(_shared.packed.get(key)):
+        _, _, packed, lo, hi = _shared.packed[key]
     else:
-        packed, lo, hi = quant.pack_and_measure(x, stats, config, seed, layout, normalized_by)
+        packed, lo, hi = quant.pack_and_measure(*lax.stop_gradient((x, stats)), config, seed, layout,
+                                                lax.stop_gradient(normalized_by))
         packed = checkpoint_name(packed, RESIDUAL_NAME)
         if key is not None:
-            _shared.kept[key] = (x, packed, lo, hi)  # x held: its id stays its own
+            _shared.packed[key] = (x, _trace(), packed, lo, hi)  # x held: its id stays its own
     return packed, quant.fold_range(stats, lo, hi, config)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["source", "args"], meta_fields=["fn"])
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """An activation kept as ``fn(restored source, *args)``: the residual of the op that
+    produced it, e.g. LayerNorm's output as x_hat * scale + bias of LayerNorm's packed x_hat,
+    GELU's output as gelu of GELU's packed input. It costs no bytes of its own."""
+
+    source: Packed
+    args: tuple
+    fn: Any
+
+
 class _Shared(threading.local):
-    kept: dict | None = None
+    packed: dict | None = None  # (id(x), layout, config) -> (x, trace, Packed, lo, hi)
+    outputs: dict | None = None  # id(y) -> (y, trace, residual): ops' outputs kept by their residuals
+
+
+def _trace():
+    return jax.extend.core.get_opaque_trace_state()
+
+
+def _current(entry) -> bool:
+    """Whether a table entry was made in the trace now running: an array passed unchanged into
+    several traces (a vmapped layer's broadcast input) is another value in each."""
+    return entry is not None and entry[1] == _trace()
 
 
 _shared = _Shared()
@@ -92,19 +130,31 @@ _shared = _Shared()
 
 @contextlib.contextmanager
 def sharing():
-    """Pack a tensor that several ops keep once (e.g. the input of an attention layer's
-    query, key and value projections), for the ops run (traced) inside."""
-    outer = _shared.kept
-    _shared.kept = {} if outer is None else outer
+    """Keep each activation once, for the ops run (traced) inside: a tensor several ops keep
+    (an attention layer's q/k/v input) is packed once, an op's output the next op keeps is
+    kept by the first op's residual (``share``)."""
+    outer = _shared.packed, _shared.outputs
+    if _shared.packed is None:
+        _shared.packed, _shared.outputs = {}, {}
     try:
         yield
     finally:
-        _shared.kept = outer
+        _shared.packed, _shared.outputs = outer
 
 
-def updated(stats: Stats | None, kept, config: QuantConfig | None, layout: Layout = "channels"):
-    """The statistics ``keep`` returns, without packing: what a primal (undifferentiated) op returns."""
-    return stats if config is None else quant.update(stats, kept, config, layout)
+def share(y, kept, fn=None, *args):
+    """Within ``sharing()``: an op that keeps ``y`` (this op's output) keeps ``kept`` (this op's
+    residual), or ``Derived(kept, args, fn)``, instead of packing y. Packed residuals only:
+    exact mode keeps what JAX keeps."""
+    if _shared.outputs is not None and isinstance(kept, Packed):
+        residual = kept if fn is None else Derived(kept, args, fn)  # args: parameters, not copied
+        _shared.outputs[id(y)] = (y, _trace(), residual)  # y held: its id stays its own
+
+
+def shared(x):
+    """The residual another op shares for ``x`` (see ``share``), or None."""
+    entry = None if _shared.outputs is None else _shared.outputs.get(id(x))
+    return entry[2] if _current(entry) else None
 
 
 def restore(res, g):
@@ -116,6 +166,9 @@ def restore(res, g):
     dependency on GPU; XLA:CPU drops barriers, so the words also get a data
     dependency on the cotangent that changes no value (``_after``).
     """
+    if isinstance(res, Derived):
+        x, g = restore(res.source, g)
+        return res.fn(x, *res.args), g
     if not isinstance(res, Packed):
         return res, g
     res, g = lax.optimization_barrier((res, g))
@@ -145,7 +198,7 @@ def _kernel_args(res: Packed) -> dict:
 
 def _materialize(y, *kept):
     """Tie packed residuals to the forward output, so the codes are written in the forward."""
-    if not any(isinstance(k, Packed) for k in kept):
+    if not any(isinstance(k, (Packed, Derived)) for k in kept):
         return y, kept
     return lax.optimization_barrier((y, kept))
 
@@ -163,7 +216,6 @@ def _channels_last(v, ndim):
 # --------------------------------------------------------------------- linear
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def linear(x, params, stats, seed, config, fn):
     """``fn(x, params)`` for any ``fn`` affine in x: a dense layer, a convolution, an einsum
     with a kernel. Keeps x packed (channel groups of its last axis); the backward is
@@ -171,24 +223,28 @@ def linear(x, params, stats, seed, config, fn):
 
     ``fn`` is static: a hashable map such as ``DotGeneral`` or ``ConvGeneral``.
     """
-    return fn(x, params), updated(stats, x, config)
-
-
-def _linear_fwd(x, params, stats, seed, config, fn):
     kept, stats = keep(x, stats, seed, config)
+    return _linear(x, params, kept, fn), stats
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _linear(x, params, kept, fn):
+    return fn(x, params)
+
+
+def _linear_fwd(x, params, kept, fn):
     y, (kept,) = _materialize(fn(x, params), kept)
-    return (y, stats), (kept, params)
+    return y, (kept, params)
 
 
-def _linear_bwd(config, fn, residuals, cotangents):
+def _linear_bwd(fn, residuals, g):
     res, params = residuals
-    g, _ = cotangents
     x, g = restore(res, g)
     dx, dparams = jax.vjp(fn, x, params)[1](g)
-    return dx, dparams, None, None
+    return dx, dparams, None
 
 
-linear.defvjp(own(_linear_fwd), _linear_bwd)
+_linear.defvjp(own(_linear_fwd), _linear_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,39 +350,54 @@ def _channels_last_conv(x, kernel, strides, padding) -> ConvGeneral:
 # ----------------------------------------------------------------------- gelu
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def gelu(x, stats, seed, config, approximate: bool = False):
-    """GELU, exact (erf) or with the tanh approximation."""
-    return gelu_reference(x, approximate), updated(stats, x, config)
+    """GELU, exact (erf) or with the tanh approximation. Keeps its input; shares its output
+    as gelu of that residual (an elementwise recomputation in the next op's backward)."""
+    kept, stats = keep(x, stats, seed, config)
+    y = _gelu(x, kept, approximate)
+    share(y, kept, GeluOf(approximate))
+    return y, stats
 
 
 def gelu_reference(x, approximate: bool = False):
     return jax.nn.gelu(x, approximate=approximate)
 
 
-def _gelu_fwd(x, stats, seed, config, approximate):
-    kept, stats = keep(x, stats, seed, config)
-    y, res = _materialize(gelu_reference(x, approximate), kept)
-    return (y, stats), res
+@dataclasses.dataclass(frozen=True)
+class GeluOf:
+    """GELU's output from its restored input: what an op keeping that output restores."""
+
+    approximate: bool
+
+    def __call__(self, x):
+        return gelu_reference(x, self.approximate)
 
 
-def _gelu_bwd(config, approximate, res, cotangents):
-    (res,), (g, _) = res, cotangents
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _gelu(x, kept, approximate):
+    return gelu_reference(x, approximate)
+
+
+def _gelu_fwd(x, kept, approximate):
+    return _materialize(gelu_reference(x, approximate), kept)
+
+
+def _gelu_bwd(approximate, res, g):
+    (res,) = res
     if _fused_kernel(res):
         dx = fused.gelu_backward(res.words, res.shift, res.scale, g, approximate=approximate, layout=res.layout,
                                  **_kernel_args(res))
-        return dx.astype(res.dtype), None, None
+        return dx.astype(res.dtype), None
     x, g = restore(res, g)
-    return (g * arithmetic.gelu_derivative(_f32(x), approximate)).astype(x.dtype), None, None
+    return (g * arithmetic.gelu_derivative(_f32(x), approximate)).astype(x.dtype), None
 
 
-gelu.defvjp(own(_gelu_fwd), _gelu_bwd)
+_gelu.defvjp(own(_gelu_fwd), _gelu_bwd)
 
 
 # ----------------------------------------------------------------- layer_norm
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
 def layer_norm(x, scale, bias, stats, seed, config, epsilon: float = 1e-6, fast_variance: bool = True, dtype=None):
     """LayerNorm over the last axis; scale/bias ([C]) may be None. Statistics in >= float32;
     the output in ``dtype``, else the inputs' result type (flax's rule).
@@ -334,10 +405,14 @@ def layer_norm(x, scale, bias, stats, seed, config, epsilon: float = 1e-6, fast_
     Keeps the *normalized* input, packed, and the per-row rstd: every row then has
     unit scale, so one range per group fits all rows (the raw input's rows differ
     by orders of magnitude, e.g. the class token against the patches).
-    ``stats`` describe the normalized input (see ``normalized_input``).
+    ``stats`` describe the normalized input (see ``normalized_input``). Shares its
+    output as x_hat * scale + bias of that residual (the next Dense keeps nothing).
     """
-    y = layer_norm_reference(x, scale, bias, epsilon, fast_variance, dtype)
-    return y, updated(stats, normalized_input(x, epsilon, fast_variance)[0], config)
+    mean, rstd = row_moments(x, epsilon, fast_variance)
+    kept, stats = keep(x, stats, seed, config, normalized_by=(mean, rstd))  # a kernel normalizes as it packs
+    y = _layer_norm(x, scale, bias, kept, lax.stop_gradient(rstd), epsilon, fast_variance, dtype)
+    share(y, kept, AffineOf(y.dtype), scale, bias)
+    return y, stats
 
 
 def layer_norm_reference(x, scale, bias, epsilon=1e-6, fast_variance: bool = True, dtype=None):
@@ -375,17 +450,34 @@ def normalized_input(x, epsilon=1e-6, fast_variance: bool = True):
     return quant.normalize_rows(x, (mean, rstd)), rstd
 
 
-def _layer_norm_fwd(x, scale, bias, stats, seed, config, epsilon, fast_variance, dtype):
-    mean, rstd = row_moments(x, epsilon, fast_variance)
-    kept, stats = keep(x, stats, seed, config, normalized_by=(mean, rstd))  # a kernel normalizes as it packs
+@dataclasses.dataclass(frozen=True)
+class AffineOf:
+    """LayerNorm's output from its restored normalized input: x_hat * scale + bias, in ``dtype``."""
+
+    dtype: Any
+
+    def __call__(self, x_hat, scale, bias):
+        y = _f32(x_hat)
+        if scale is not None:
+            y = y * _channels_last(scale, y.ndim)
+        if bias is not None:
+            y = y + _channels_last(bias, y.ndim)
+        return y.astype(self.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _layer_norm(x, scale, bias, kept, rstd, epsilon, fast_variance, dtype):
+    return layer_norm_reference(x, scale, bias, epsilon, fast_variance, dtype)
+
+
+def _layer_norm_fwd(x, scale, bias, kept, rstd, epsilon, fast_variance, dtype):
     y, (kept,) = _materialize(layer_norm_reference(x, scale, bias, epsilon, fast_variance, dtype), kept)
     x_dtype = jnp.zeros((0,), x.dtype)  # zero bytes: the dtype dx must come back in
-    return (y, stats), (kept, rstd, scale, bias, x_dtype)
+    return y, (kept, rstd, scale, bias, x_dtype)
 
 
-def _layer_norm_bwd(config, epsilon, fast_variance, dtype, residuals, cotangents):
+def _layer_norm_bwd(epsilon, fast_variance, dtype, residuals, g):
     res, rstd, scale, bias, x_dtype = residuals
-    g, _ = cotangents
     if _fused_kernel(res):
         gamma = jnp.ones(g.shape[-1], jnp.float32) if scale is None else scale
         dx, dscale, dbias = fused.layer_norm_backward(res.words, res.shift, res.scale, rstd, g, gamma,
@@ -403,7 +495,7 @@ def _layer_norm_bwd(config, epsilon, fast_variance, dtype, residuals, cotangents
     return dx.astype(x_dtype.dtype), dscale, dbias, None, None
 
 
-layer_norm.defvjp(own(_layer_norm_fwd), _layer_norm_bwd)
+_layer_norm.defvjp(own(_layer_norm_fwd), _layer_norm_bwd)
 
 
 # -------------------------------------------------------------------- softmax
@@ -414,26 +506,32 @@ def attention_layout(ndim: int) -> Layout:
     return ndim - 3 if ndim >= 4 else "channels"
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def softmax(x, stats, seed, config):
-    """Softmax over the last axis. Keeps only its output: the backward needs nothing else."""
-    y = softmax_reference(x)
-    return y, updated(stats, y, config, attention_layout(y.ndim))
+    """Softmax over the last axis. Keeps only its output (the backward needs nothing else),
+    and shares it: the matmul that takes the probabilities keeps nothing."""
+    y = lax.stop_gradient(softmax_reference(x))  # computed once: packed, and the core's output
+    kept, stats = keep(y, stats, seed, config, attention_layout(y.ndim))
+    y = _softmax(x, y, kept)
+    share(y, kept)
+    return y, stats
 
 
 def softmax_reference(x):
     return jax.nn.softmax(x, axis=-1)
 
 
-def _softmax_fwd(x, stats, seed, config):
-    y = softmax_reference(x)
-    kept, stats = keep(y, stats, seed, config, attention_layout(y.ndim))
-    y, res = _materialize(y, kept)
-    return (y, stats), res
+@jax.custom_vjp
+def _softmax(x, y, kept):
+    """``y`` (softmax(x)) as a function of x, whose backward reads ``kept``."""
+    return y
 
 
-def _softmax_bwd(config, res, cotangents):
-    (res,), (g, _) = res, cotangents
+def _softmax_fwd(x, y, kept):
+    return _materialize(y, kept)
+
+
+def _softmax_bwd(res, g):
+    (res,) = res
     if _fused_kernel(res):
         dx = fused.softmax_backward(res.words, res.shift, res.scale, g, layout=res.layout, **_kernel_args(res))
         return dx.astype(res.dtype), None, None
@@ -443,38 +541,40 @@ def _softmax_bwd(config, res, cotangents):
     return dx.astype(y.dtype), None, None
 
 
-softmax.defvjp(own(_softmax_fwd), _softmax_bwd)
+_softmax.defvjp(own(_softmax_fwd), _softmax_bwd)
 
 
 # ------------------------------------------------------------------- bilinear
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def bilinear(a, b, stats_a, stats_b, seed_a, seed_b, config, fn, layouts=("channels", "channels")):
     """``fn(a, b)`` for ``fn`` linear in each of two activations (a matmul, an attention einsum).
     Keeps both packed, grouped by ``layouts``; the backward is fn's VJP at the restored
     pair. Returns ``(y, (stats_a, stats_b))``.
     """
-    stats = updated(stats_a, a, config, layouts[0]), updated(stats_b, b, config, layouts[1])
-    return fn(a, b), stats
-
-
-def _bilinear_fwd(a, b, stats_a, stats_b, seed_a, seed_b, config, fn, layouts):
     kept_a, stats_a = keep(a, stats_a, seed_a, config, layouts[0])
     kept_b, stats_b = keep(b, stats_b, seed_b, config, layouts[1])
-    y, kept = _materialize(fn(a, b), kept_a, kept_b)
-    return (y, (stats_a, stats_b)), kept
+    return _bilinear(a, b, kept_a, kept_b, fn), (stats_a, stats_b)
 
 
-def _bilinear_bwd(config, fn, layouts, kept, cotangents):
-    (res_a, res_b), (g, _) = kept, cotangents
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _bilinear(a, b, kept_a, kept_b, fn):
+    return fn(a, b)
+
+
+def _bilinear_fwd(a, b, kept_a, kept_b, fn):
+    return _materialize(fn(a, b), kept_a, kept_b)
+
+
+def _bilinear_bwd(fn, kept, g):
+    res_a, res_b = kept
     a, g = restore(res_a, g)
     b, g = restore(res_b, g)
     da, db = jax.vjp(fn, a, b)[1](g)
-    return da, db, None, None, None, None
+    return da, db, None, None
 
 
-bilinear.defvjp(own(_bilinear_fwd), _bilinear_bwd)
+_bilinear.defvjp(own(_bilinear_fwd), _bilinear_bwd)
 
 
 def matmul(a, b, stats_a, stats_b, seed_a, seed_b, config):

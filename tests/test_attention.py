@@ -10,7 +10,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from jax.test_util import check_grads
 
-from mesa_jax import QuantConfig, attention, memory, quant
+import mesa_jax.nn as mnn
+from mesa_jax import QuantConfig, attention, compress, memory, quant
 from mesa_jax.nn import FlaxAttention
 
 B, T, H, D = 2, 37, 3, 8  # ragged: 37 queries
@@ -25,10 +26,8 @@ def flax_forward(**kwargs):
     return attention.Forward(FlaxAttention(**kwargs), scale=1.0 / np.sqrt(D))
 
 
-@functools.cache
-def jax_forward(is_causal=False):
-    fn = lambda q, k, v, bias, mask: jax.nn.dot_product_attention(q, k, v, bias, mask, is_causal=is_causal)
-    return attention.Forward(fn, is_causal=is_causal)
+def jax_forward(is_causal=False, saved_lse=False):
+    return attention.Forward(attention.JaxAttention(is_causal=is_causal), is_causal=is_causal, saved_lse=saved_lse)
 
 
 def op(forward, config, mask=None):
@@ -36,7 +35,7 @@ def op(forward, config, mask=None):
 
     def f(q, k, v, bias):
         stats = tuple(quant.stats_of(t, 2, H) for t in (q, k, v)) if config else (None,) * 3
-        return attention.attention(q, k, v, bias, mask, stats, SEEDS, config, forward)[0]
+        return attention.packed_attention(q, k, v, bias, mask, stats, SEEDS, config, forward)[0]
 
     return f
 
@@ -46,12 +45,13 @@ MASK = jax.random.bernoulli(jax.random.key(6), 0.8, (B, 1, T, T))
 
 
 @pytest.mark.parametrize("bias", BIASES)
-@pytest.mark.parametrize("forward", ["flax", "jax", "jax_causal"])
+@pytest.mark.parametrize("forward", ["flax", "jax", "jax_causal", "jax_saved_lse"])
 def test_forward_is_the_baseline_s_and_the_exact_backward_is_autodiff_s(forward, bias, key):
     q, k, v = qkv(key)
     b = None if BIASES[bias] is None else jax.random.normal(jax.random.key(5), BIASES[bias])
     mask = None if forward == "jax_causal" else MASK
-    spec = {"flax": flax_forward(), "jax": jax_forward(), "jax_causal": jax_forward(True)}[forward]
+    spec = {"flax": flax_forward(), "jax": jax_forward(), "jax_causal": jax_forward(True),
+            "jax_saved_lse": jax_forward(saved_lse=True)}[forward]
     g = jax.random.normal(jax.random.key(7), (B, T, H, D))
     out, vjp = jax.vjp(op(spec, None, mask), q, k, v, b)
     want_out, want_vjp = jax.vjp(lambda q, k, v, b: spec(q, k, v, b, mask), q, k, v, b)
@@ -72,26 +72,49 @@ def test_exact_mode_numerical_gradients_float64(key):
         check_grads(op(flax_forward(), None), (q, k, v, bias), order=1, modes=["rev"])
 
 
-def test_blocks_give_the_one_block_backward(key):
+@pytest.mark.parametrize("saved_lse", [False, True])
+def test_blocks_give_the_one_block_backward(saved_lse, key):
     q, k, v = qkv(key)
     bias = jax.random.normal(jax.random.key(5), (1, H, T, T))
     g = jax.random.normal(jax.random.key(7), (B, T, H, D))
-    whole = attention.blocked_backward(q, k, v, bias, MASK, g, flax_forward(), block=T)
+    lse = attention.row_log_sum_exp(q, k, bias, MASK, flax_forward(), block=T) if saved_lse else None
+    whole = attention.blocked_backward(q, k, v, bias, MASK, g, flax_forward(), block=T, lse=lse)
     for block in (8, 16, 64):
-        for a, b in zip(attention.blocked_backward(q, k, v, bias, MASK, g, flax_forward(), block=block), whole):
+        lse = attention.row_log_sum_exp(q, k, bias, MASK, flax_forward(), block=block) if saved_lse else None
+        for a, b in zip(attention.blocked_backward(q, k, v, bias, MASK, g, flax_forward(), block=block, lse=lse),
+                        whole):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(b))))
 
 
-def test_the_quantized_backward_is_the_exact_one_at_the_dequantized_inputs(key):
-    """What the op keeps: q, k, v packed per head, the same codes quant.fake_quantize gives."""
-    config = QuantConfig()
+@pytest.mark.parametrize("saved_lse", [False, True])
+def test_the_quantized_backward_is_the_exact_one_at_the_dequantized_inputs(saved_lse, key):
+    """What the op keeps: q, k, v packed per head, the same codes quant.fake_quantize gives,
+    and with ``saved_lse`` the log-sum-exp of the exact logits."""
+    config, spec = QuantConfig(), jax_forward(saved_lse=saved_lse)
     q, k, v = qkv(key)
     g = jax.random.normal(jax.random.key(7), (B, T, H, D))
-    _, vjp = jax.vjp(op(flax_forward(), config, MASK), q, k, v, None)
+    _, vjp = jax.vjp(op(spec, config, MASK), q, k, v, None)
     hats = [quant.fake_quantize(t, quant.stats_of(t, 2, H), config, seed, 2) for t, seed in zip((q, k, v), SEEDS)]
-    want = attention.blocked_backward(*hats, None, MASK, g, flax_forward())
+    lse = attention.row_log_sum_exp(q, k, None, MASK, spec) if saved_lse else None
+    want = attention.blocked_backward(*hats, None, MASK, g, spec, lse=lse)
     for a, b in zip(vjp(g)[:3], want[:3]):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+
+
+def test_the_public_op_is_jax_s_dot_product_attention(key):
+    """``attention(q, k, v, stats, seed, config, ...)``: jax.nn.dot_product_attention's arguments
+    and output, statistics for q, k, v updated, one seed for all three."""
+    q, k, v = qkv(key)
+    stats = tuple(quant.init_stats(H) for _ in range(3))
+    out, updated = jax.jit(functools.partial(attention.attention, config=QuantConfig(), mask=MASK, scale=0.3))(
+        q, k, v, stats, jnp.uint32(9))
+    np.testing.assert_array_equal(out, jax.jit(functools.partial(jax.nn.dot_product_attention, mask=MASK,
+                                                                 scale=0.3))(q, k, v))
+    for s, t in zip(updated, (q, k, v)):
+        np.testing.assert_array_equal(s.lo, jnp.min(t, axis=(0, 1, 3)))
+        assert int(s.count) == 1
+    with pytest.raises(ValueError, match="groups"):
+        attention.attention(q, k, v, (quant.init_stats(2),) * 3, 0, QuantConfig())
 
 
 def test_the_gradient_error_scales_with_the_step(key):
@@ -118,3 +141,51 @@ def test_bfloat16_in_bfloat16_grads_out(key):
     out, vjp = jax.vjp(op(flax_forward(dtype=jnp.bfloat16), QuantConfig()), q, k, v, None)
     grads = vjp(jnp.ones_like(out))[:3]
     assert [d.dtype for d in grads] == [jnp.bfloat16] * 3 and all(jnp.all(jnp.isfinite(d)) for d in grads)
+
+
+def mhdpa(attention_fn=nn.dot_product_attention, **kwargs):
+    return nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=H * D, attention_fn=attention_fn, **kwargs)
+
+
+def test_dot_product_attention_layer_is_an_attention_fn_for_stock_mhdpa(key):
+    """``attention_fn=mnn.DotProductAttention()``: flax's params tree and forward, statistics of
+    q, k, v per head under attention_fn, and gradients whose error shrinks with the step."""
+    x = jax.random.normal(key, (B, T, 12))
+    plain = mhdpa()
+    variables = plain.init(jax.random.key(1), x, x)
+    layer = lambda quant: mhdpa(mnn.DotProductAttention(quant=quant))
+    mesa_vars = layer(QuantConfig()).init(jax.random.key(1), x, x)
+    assert jax.tree.map(jnp.shape, mesa_vars["params"]) == jax.tree.map(jnp.shape, variables["params"])
+    assert {name: s.lo.shape for name, s in mesa_vars["mesa"]["attention_fn"].items()} == {n: (H,) for n in "qkv"}
+    np.testing.assert_array_equal(jax.jit(layer(QuantConfig()).apply)(mesa_vars, x, x),
+                                  jax.jit(plain.apply)(variables, x, x))
+
+    def grads(model, variables):
+        loss = lambda p: jnp.sum(model.apply({**variables, "params": p}, x, x, mutable=["mesa"])[0] ** 2)
+        return ravel_pytree(jax.jit(jax.grad(loss))(variables["params"]))[0]
+
+    exact = grads(plain, variables)
+    errors = {bits: float(jnp.linalg.norm(grads(layer(QuantConfig(bits=bits)), {**mesa_vars, "params":
+                                                                              variables["params"]}) - exact))
+              for bits in (8, 4)}
+    assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
+
+
+def test_dot_product_attention_layer_with_dropout_runs_op_by_op(key):
+    """Attention dropout needs the probabilities: flax's function with mesa's einsums and softmax."""
+    x = jax.random.normal(key, (B, T, 12))
+    model = mhdpa(mnn.DotProductAttention(), dropout_rate=0.5, deterministic=False)
+    variables = model.init({"params": jax.random.key(1), "dropout": jax.random.key(2)}, x, x)
+    # the dropped-out probabilities are another tensor than the softmax's output: kept apart
+    assert set(variables["mesa"]["attention_fn"]) == {"q", "k", "v", "softmax_0", "probs"}
+    plain = mhdpa(dropout_rate=0.5, deterministic=False)
+    rngs = {"dropout": jax.random.key(3)}
+    np.testing.assert_array_equal(model.apply(variables, x, x, rngs=rngs),
+                                  plain.apply({"params": variables["params"]}, x, x, rngs=rngs))
+
+
+def test_compress_leaves_a_mesa_attention_fn_its_own_quant(key):
+    x = jax.random.normal(key, (B, T, 12))
+    model = mhdpa(mnn.DotProductAttention(quant=None))
+    mesa = compress(model).init(jax.random.key(1), x, x)["mesa"]
+    assert set(mesa) == {"query", "key", "value", "out"}  # the projections only: no "attention_fn"

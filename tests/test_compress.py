@@ -160,7 +160,8 @@ def test_scan_made_inside_the_model_carries_the_statistics():
     model, shape, _ = MODELS["scanned_vit"]
     variables = init(compress(model), inputs(shape))
     block = variables["mesa"]["encoderblock"]
-    assert block["Dense_0"]["inputs"].lo.shape == (model.depth, 1)
+    assert block["LayerNorm_1"]["normalized"].lo.shape == (model.depth, 1)
+    assert "Dense_0" not in block  # its input is LayerNorm_1's output: LayerNorm_1's residual stands for it
     assert block["MultiHeadDotProductAttention_0"]["q"].lo.shape == (model.depth, model.num_heads)
 
 

@@ -14,7 +14,7 @@ model, one params tree and one path.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -74,11 +74,13 @@ class Block(nn.Module):
     num_heads: int
     mlp_dim: int
     dtype: Any = None
+    attention_fn: Callable = nn.dot_product_attention
 
     @nn.compact
     def __call__(self, x, drop_rate, train: bool = False):
         y = nn.LayerNorm(dtype=self.dtype, name="ln1")(x)
-        y = nn.MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype, name="attn")(y, y)
+        y = nn.MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype, attention_fn=self.attention_fn,
+                                            name="attn")(y, y)
         x = x + DropPath()(y, drop_rate, train)
         y = nn.LayerNorm(dtype=self.dtype, name="ln2")(x)
         y = MlpBlock(self.mlp_dim, self.dtype, name="mlp")(y)
@@ -99,6 +101,7 @@ class ViT(nn.Module):
     dtype: Any = None  # compute dtype (e.g. jnp.bfloat16); params stay float32
     scan: bool = False  # nn.scan over blocks: one compiled block, stacked params
     remat: str | None = None  # jax.checkpoint policy name for each block
+    attention_fn: Callable = nn.dot_product_attention  # MHDPA's core (e.g. mnn.DotProductAttention())
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -124,7 +127,8 @@ class ViT(nn.Module):
 
     def _unrolled(self, x, rates, train):
         for i in range(self.depth):
-            x, _ = self._block_class()(self.num_heads, self.mlp_dim, self.dtype, name=f"block_{i}")(x, rates[i], train)
+            block = self._block_class()(self.num_heads, self.mlp_dim, self.dtype, self.attention_fn, name=f"block_{i}")
+            x, _ = block(x, rates[i], train)
         return x
 
     def _scanned(self, x, rates, train):
@@ -134,7 +138,7 @@ class ViT(nn.Module):
             split_rngs={"params": True, "dropout": True, COLLECTION: True},
             in_axes=(0, nn.broadcast),
             length=self.depth,
-        )(self.num_heads, self.mlp_dim, self.dtype, name="blocks")
+        )(self.num_heads, self.mlp_dim, self.dtype, self.attention_fn, name="blocks")
         return blocks(x, rates, train)[0]
 
     def _check(self, images):
