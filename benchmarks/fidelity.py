@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from mesa_jax import QuantConfig
+from mesa_jax.policy import KINDS, Policy
 from mesa_jax.models import vit
 from train import data, loop
 
@@ -188,8 +189,12 @@ def plot_curves(curves, path: str) -> None:
 
 
 def configs(num_heads: int):
+    default = QuantConfig(num_groups=num_heads)
     return {
-        "int8, group per head (default)": QuantConfig(num_groups=num_heads),
+        "int8, group per head (default)": default,
+        "int8, attention with a saved log-sum-exp": QuantConfig(num_groups=num_heads, saved_lse=True),
+        "int8, attention op by op (probabilities kept)": Policy(default, kinds=tuple(k for k in KINDS
+                                                                                    if k != "attention")),
         "int8, 1 group": QuantConfig(num_groups=1),
         "int8, nearest rounding": QuantConfig(num_groups=num_heads, stochastic=False),
         "int8, update then pack (Mesa's order)": QuantConfig(num_groups=num_heads, update_first=True),

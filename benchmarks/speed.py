@@ -22,7 +22,7 @@ from benchmarks import step_memory
 from mesa_jax.models import vit
 from train import loop
 
-DEFAULT_METHODS = ("baseline", "mesa8", "remat_nothing", "remat_dots")
+DEFAULT_METHODS = ("baseline", "mesa8", "flash_like", "remat_nothing", "remat_dots")
 
 
 def make_runner(model: vit.ViT, batch: int, seed: int = 0):

@@ -66,12 +66,15 @@ class JaxAttention:
 
 
 def attention(q, k, v, stats, seed, config: QuantConfig | None, *, bias=None, mask=None, is_causal: bool = False,
-              scale: float | None = None, implementation: str | None = None, saved_lse: bool = False):
+              scale: float | None = None, implementation: str | None = None):
     """``jax.nn.dot_product_attention(q, k, v, bias, mask, scale=, is_causal=, implementation=)``,
     keeping q, k and v packed per head and nothing of size N x N. ``stats``: the running
     statistics of q, k, v (a triple); ``seed``: a uint32 from which each gets its own.
     Returns ``(out, updated stats)``; ``config=None`` keeps q, k, v as they are (exact).
+    ``implementation``: jax.nn.dot_product_attention's (e.g. "cudnn"); the packing kernels
+    follow ``config.implementation``.
     """
+    saved_lse = config is not None and config.saved_lse
     forward = Forward(JaxAttention(scale, is_causal, implementation), scale, is_causal, saved_lse)
     seeds = tuple(combine(jnp.asarray(seed, jnp.uint32), jnp.uint32(i)) for i in range(3))
     return packed_attention(q, k, v, bias, mask, stats, seeds, config, forward)

@@ -15,7 +15,8 @@ Inside ``scope(quant)`` (entered around a compressed model's methods, and by eve
   dispatcher calls the original;
 - mesa's own computations run ``suspended()`` (and op forwards, traced whenever JAX
   traces them, ``ops.own``): nothing inside them is intercepted again;
-- a tensor several ops keep is packed once (``ops.sharing``).
+- each activation is kept once (``ops.sharing``): a tensor several ops keep is packed
+  once, and an op's output that the next op keeps is kept by the first op's residual.
 
 Handlers find the configuration of a site with ``config(kind, path)`` and the module
 a function was called from with ``current_module()``.

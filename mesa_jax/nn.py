@@ -315,7 +315,7 @@ class _AttentionFunction(nn.Module):
 
 def _fused_attention(module, config, forward, query, key, value, bias, mask):
     """mesa_jax.attention with q, k, v statistics in ``module`` (one group per head)."""
-    spec = attention_op.Forward(forward, scale=1.0 / math.sqrt(query.shape[-1]))
+    spec = attention_op.Forward(forward, scale=1.0 / math.sqrt(query.shape[-1]), saved_lse=config.saved_lse)
     kept = [(name, t, t.ndim - 2, config) for name, t in (("q", query), ("k", key), ("v", value))]
     op = lambda stats, seeds, configs: attention_op.packed_attention(query, key, value, bias, mask, tuple(stats),
                                                               tuple(seeds), configs[0], spec)

@@ -168,7 +168,7 @@ def restore(res, g):
     """
     if isinstance(res, Derived):
         x, g = restore(res.source, g)
-        return res.fn(x, *res.args), g
+        return res.fn(x, *(after(a, g) for a in res.args)), g
     if not isinstance(res, Packed):
         return res, g
     res, g = lax.optimization_barrier((res, g))
@@ -176,15 +176,28 @@ def restore(res, g):
 
 
 def _after(p: Packed, g) -> Packed:
-    """``p`` with words that depend on the cotangent ``g`` and equal ``p.words`` bit for bit.
+    """``p`` with words that depend on the cotangent ``g`` and equal ``p.words`` bit for bit."""
+    return dataclasses.replace(p, words=after(p.words, g))
+
+
+def after(a, g):
+    """``a`` bit for bit, as a value that depends on the cotangent ``g``: what a backward
+    reads of the forward (a residual, a parameter it broadcasts) is then computed there, not
+    kept from the forward (XLA:CPU merges a parameter's [B, N, C] broadcast in the forward
+    with the backward's, keeping it alive in between).
 
     ``min(w, w | b) == w`` for unsigned integers, whatever ``b`` (here the bits of
     g's first element, 0 if g is empty), and XLA's simplifier does not know it.
     """
+    if a is None:
+        return None
     first = g.reshape(-1)[:1]
     bits = lax.bitcast_convert_type(first, jnp.dtype(f"uint{8 * first.dtype.itemsize}")).astype(jnp.uint32)
     bits = jnp.sum(bits, dtype=jnp.uint32)  # a scalar; sharded g: a sum all-reduce (no OR one on CPU)
-    return dataclasses.replace(p, words=jnp.minimum(p.words, p.words | bits))
+    uint = jnp.dtype(f"uint{8 * a.dtype.itemsize}")
+    w = a if a.dtype == uint else lax.bitcast_convert_type(a, uint)
+    w = jnp.minimum(w, w | bits.astype(uint))
+    return w if a.dtype == uint else lax.bitcast_convert_type(w, a.dtype)
 
 
 def _fused_kernel(res) -> bool:
@@ -478,6 +491,7 @@ def _layer_norm_fwd(x, scale, bias, kept, rstd, epsilon, fast_variance, dtype):
 
 def _layer_norm_bwd(epsilon, fast_variance, dtype, residuals, g):
     res, rstd, scale, bias, x_dtype = residuals
+    scale = after(scale, g)
     if _fused_kernel(res):
         gamma = jnp.ones(g.shape[-1], jnp.float32) if scale is None else scale
         dx, dscale, dbias = fused.layer_norm_backward(res.words, res.shift, res.scale, rstd, g, gamma,
@@ -588,3 +602,13 @@ def matmul(a, b, stats_a, stats_b, seed_a, seed_b, config):
 
 def matmul_reference(a, b):
     return jnp.matmul(a, b)
+
+
+def __getattr__(name):
+    """``ops.attention`` is mesa_jax.attention.attention: it lives in its own module, which
+    builds on these ops (imported on first use, not circularly)."""
+    if name == "attention":
+        from mesa_jax.attention import attention
+
+        return attention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -59,6 +59,10 @@ class QuantConfig:
     # "xla" (this module's jnp), "pallas" (Triton kernels) or "pallas_interpret"; None:
     # the process default (pallas_kernels.default: MESA_JAX_IMPL, else by backend).
     implementation: str | None = None
+    # Attention (mesa_jax.attention): also keep each query row's log-sum-exp of the exact
+    # logits (float32: 4 bytes per head and token) and normalize the restored logits with
+    # it. False: normalize them by their own log-sum-exp (restored rows sum to one).
+    saved_lse: bool = False
 
     def __post_init__(self):
         def integer(name):
@@ -75,7 +79,7 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.num_groups must be an int >= 1, got {self.num_groups!r}")
         if not isinstance(self.ema_decay, numbers.Real) or not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"QuantConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        for flag in ("stochastic", "update_first"):
+        for flag in ("stochastic", "update_first", "saved_lse"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"QuantConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
         if self.implementation is not None:

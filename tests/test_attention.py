@@ -11,7 +11,7 @@ from jax.flatten_util import ravel_pytree
 from jax.test_util import check_grads
 
 import mesa_jax.nn as mnn
-from mesa_jax import QuantConfig, attention, compress, memory, quant
+from mesa_jax import QuantConfig, attention, compress, memory, ops, quant
 from mesa_jax.nn import FlaxAttention
 
 B, T, H, D = 2, 37, 3, 8  # ragged: 37 queries
@@ -106,7 +106,7 @@ def test_the_public_op_is_jax_s_dot_product_attention(key):
     and output, statistics for q, k, v updated, one seed for all three."""
     q, k, v = qkv(key)
     stats = tuple(quant.init_stats(H) for _ in range(3))
-    out, updated = jax.jit(functools.partial(attention.attention, config=QuantConfig(), mask=MASK, scale=0.3))(
+    out, updated = jax.jit(functools.partial(ops.attention, config=QuantConfig(), mask=MASK, scale=0.3))(
         q, k, v, stats, jnp.uint32(9))
     np.testing.assert_array_equal(out, jax.jit(functools.partial(jax.nn.dot_product_attention, mask=MASK,
                                                                  scale=0.3))(q, k, v))
@@ -114,7 +114,7 @@ def test_the_public_op_is_jax_s_dot_product_attention(key):
         np.testing.assert_array_equal(s.lo, jnp.min(t, axis=(0, 1, 3)))
         assert int(s.count) == 1
     with pytest.raises(ValueError, match="groups"):
-        attention.attention(q, k, v, (quant.init_stats(2),) * 3, 0, QuantConfig())
+        ops.attention(q, k, v, (quant.init_stats(2),) * 3, 0, QuantConfig())
 
 
 def test_the_gradient_error_scales_with_the_step(key):
@@ -128,12 +128,16 @@ def test_the_gradient_error_scales_with_the_step(key):
     assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
 
 
-def test_only_packed_q_k_v_are_kept_no_n_by_n_tensor(key):
+@pytest.mark.parametrize("saved_lse", [False, True])
+def test_only_packed_q_k_v_are_kept_no_n_by_n_tensor(saved_lse, key):
+    """And with ``saved_lse``, the float32 log-sum-exp of each head's query rows."""
     q, k, v = qkv(key)
-    kept = memory.saved_residuals(lambda q, k, v, mask: op(flax_forward(), QuantConfig(), mask)(q, k, v, None),
-                                  q, k, v, MASK)
+    stats = tuple(quant.stats_of(t, 2, H) for t in (q, k, v))
+    config = QuantConfig(saved_lse=saved_lse)
+    kept = memory.saved_residuals(lambda q, k, v: ops.attention(q, k, v, stats, 3, config, mask=MASK)[0], q, k, v)
     assert sorted(r.shape for r in kept if r.dtype == jnp.uint32) == [(B, T, H, D // 4)] * 3  # int8 q, k, v
-    assert all(np.prod(r.shape) < B * T * H * D for r in kept if jnp.issubdtype(r.dtype, jnp.floating)), kept
+    floats = [r for r in kept if jnp.issubdtype(r.dtype, jnp.floating) and r.nbytes > 4 * 2 * H]  # not the ranges
+    assert [(r.shape, r.dtype) for r in floats] == ([((B, H, T), jnp.float32)] if saved_lse else []), kept
 
 
 def test_bfloat16_in_bfloat16_grads_out(key):
