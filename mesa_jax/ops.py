@@ -210,10 +210,15 @@ def _kernel_args(res: Packed) -> dict:
 
 
 def _materialize(y, *kept):
-    """Tie packed residuals to the forward output, so the codes are written in the forward."""
+    """Tie packed residuals to the forward output, so the codes are written in the forward.
+
+    Returns the residuals themselves, not the barrier's copies: a residual several ops
+    keep stays one value (one stacked output of a scanned body, not one per op).
+    """
     if not any(isinstance(k, (Packed, Derived)) for k in kept):
         return y, kept
-    return lax.optimization_barrier((y, kept))
+    y, _ = lax.optimization_barrier((y, kept))
+    return y, kept
 
 
 def _f32(x):
