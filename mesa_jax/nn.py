@@ -345,29 +345,53 @@ def _attention_einsum(module, config, names, axes, precision):
 # ------------------------------------------------- functions, compressed
 
 
-def _function_site(original, name: str, kind: str, x, layout: Layout, op, *args, **kwargs):
-    """A registered function called inside a module: its statistics live in that module."""
+def _function_site(name: str, kind: str, tensors, op, exact):
+    """A registered function called inside a module: its statistics live in that module, named
+    after the call (``gelu_0``; ``dot_product_attention_0_q`` where it keeps several tensors,
+    given as [(suffix or None, tensor, layout)]). ``exact()``: the original call."""
     module = interception.current_module()
     state = getattr(module, "_state", None)
     if not (state is not None and (state.in_compact_method or state.in_setup)):
-        return original(x, *args, **kwargs)  # variables need @compact or setup
+        return exact()  # variables need @compact or setup
     site = interception.next_call_name(name)
     config = interception.config(kind, f"{path_of(module)}/{site}")
     if config is None:
-        return original(x, *args, **kwargs)
-    return _compressed(module, [(site, x, layout, config)], op, lambda: original(x, *args, **kwargs), False)
+        return exact()
+    kept = [(site if suffix is None else f"{site}_{suffix}", x, layout, config) for suffix, x, layout in tensors]
+    return _compressed(module, kept, op, exact, False)
 
 
 def _gelu(original, x, approximate: bool = True):
     op = lambda stats, seeds, configs: ops.gelu(x, stats[0], seeds[0], configs[0], approximate)
-    return _function_site(original, "gelu", "gelu", x, "channels", op, approximate=approximate)
+    return _function_site("gelu", "gelu", [(None, x, "channels")], op,
+                          lambda: original(x, approximate=approximate))
 
 
 def _softmax(original, x, axis=-1, where=None, **kwargs):
     if where is not None or kwargs or axis not in (-1, x.ndim - 1):
         return original(x, axis=axis, where=where, **kwargs)
     op = lambda stats, seeds, configs: ops.softmax(x, stats[0], seeds[0], configs[0])
-    return _function_site(original, "softmax", "softmax", x, ops.attention_layout(x.ndim), op, axis=axis)
+    return _function_site("softmax", "softmax", [(None, x, ops.attention_layout(x.ndim))], op,
+                          lambda: original(x, axis=axis))
+
+
+def _jax_attention(original, query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
+                   implementation=None, **kwargs):
+    """jax.nn.dot_product_attention called inside a module: the fused op with it as the forward
+    (4-D inputs; sequence lengths, local windows and returned residuals run exactly)."""
+    exact = lambda: original(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+                             implementation=implementation, **kwargs)
+    if any(v is not None and v is not False for v in kwargs.values()) or jax.numpy.ndim(query) != 4:
+        return exact()
+
+    def op(stats, seeds, configs):
+        forward = attention_op.Forward(attention_op.JaxAttention(scale, is_causal, implementation), scale, is_causal,
+                                       configs[0].saved_lse)
+        return attention_op.packed_attention(query, key, value, bias, mask, tuple(stats), tuple(seeds), configs[0],
+                                             forward)
+
+    tensors = [(name, t, 2) for name, t in (("q", query), ("k", key), ("v", value))]  # [B, L, H, D]: per head
+    return _function_site("dot_product_attention", "attention", tensors, op, exact)
 
 
 # Dense, DenseGeneral: flax's call with a dot_general that keeps its input packed. Conv: flax's
@@ -383,6 +407,7 @@ interception.register_module(nn.MultiHeadDotProductAttention, "attention", _atte
 interception.register_module(_AttentionFunction, "attention", _dot_product_attention)
 interception.register_function(jax.nn.gelu, _gelu)
 interception.register_function(jax.nn.softmax, _softmax)
+interception.register_function(jax.nn.dot_product_attention, _jax_attention)
 
 
 # -------------------------------------------------------------- the layers

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -120,3 +121,18 @@ class ScannedViT(nn.Module):
             self.mlp_dim, self.num_heads, dtype=self.dtype, name="encoderblock")(x, not train)
         x = nn.LayerNorm(name="encoder_norm", dtype=self.dtype)(x)
         return nn.Dense(self.num_classes, name="head", dtype=self.dtype)(x[:, 0])
+
+
+class WindowAttention(nn.Module):
+    """Attention over windows of tokens with a learned relative bias, written as recent JAX
+    models write it: a fused qkv Dense and jax.nn.dot_product_attention."""
+
+    num_heads: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        b, n, c = x.shape
+        qkv = nn.Dense(3 * c, name="qkv")(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        bias = self.param("relative_bias", nn.initializers.normal(0.02), (self.num_heads, n, n))
+        y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias=bias[None])
+        return nn.Dense(c, name="proj")(y.reshape(b, n, c))

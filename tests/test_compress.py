@@ -269,3 +269,23 @@ def test_compress_of_a_compressed_model_and_back():
         compress(lambda x: x)
     with pytest.raises(ValueError, match="no method 'encode'"):
         compress(model, methods=("encode",))
+
+
+def test_jax_dot_product_attention_called_in_a_module_is_the_fused_op():
+    """jax.nn.dot_product_attention inside a module: the same forward, q, k, v packed per head
+    (statistics named after the call), no N x N residual, the bias's gradient within the step."""
+    model, x = stock_models.WindowAttention(), inputs((2, 49, 24))
+    original = init(model, x)
+    variables = init(compress(model), x)
+    shapes = {name: s.lo.shape for name, s in variables["mesa"].items() if isinstance(s, quant.Stats)}
+    assert shapes == {f"dot_product_attention_0_{t}": (3,) for t in "qkv"}
+    np.testing.assert_array_equal(jax.jit(compress(model).apply)(variables, x), jax.jit(model.apply)(original, x))
+    floats = [r for r in kept_by(compress(model), x) if jnp.issubdtype(r.dtype, jnp.floating)]
+    # the bias [1, H, N, N] (a parameter) is kept; nothing as large as the probabilities [B, H, N, N]
+    assert all(np.prod(r.shape) < 2 * 3 * 49 * 49 for r in floats), floats
+    _, exact = loss_and_grads(model, original, x)
+    errors = {}
+    for bits in (8, 4):
+        _, got = loss_and_grads(compress(model, QuantConfig(bits=bits)), {**variables, "params": original["params"]}, x)
+        errors[bits] = float(jnp.linalg.norm(got["relative_bias"] - exact["relative_bias"]))
+    assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
