@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import inspect
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -84,8 +84,9 @@ def keep(x, stats: Stats | None, seed, config: QuantConfig | None, layout: Layou
     """
     if config is None:
         return (x if normalized_by is None else lax.stop_gradient(quant.normalize_rows(x, normalized_by))), stats
-    if normalized_by is None and shared(x) is not None:
-        return shared(x), stats
+    residual = shared(x) if normalized_by is None else None
+    if residual is not None:
+        return residual, stats
     key = (id(x), layout, config) if normalized_by is None and _shared.packed is not None else None
     if key is not None and _current(_shared.packed.get(key)):
         _, _, packed, lo, hi = _shared.packed[key]
