@@ -44,14 +44,14 @@ PER_HEAD = "per_head"  # create()'s default: QuantConfig(num_groups=num_heads)
 class DropPath(nn.Module):
     """Stochastic depth: drops a sample's whole residual branch; ``rate`` may be traced.
 
-    A per-sample [B, 1, 1] scale, so the backward pass keeps no full-size mask.
+    A per-sample [B, 1, ...] scale, so the backward pass keeps no full-size mask.
     """
 
     @nn.compact
     def __call__(self, x, rate, train: bool):
         if not train:
             return x
-        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, (x.shape[0], 1, 1))
+        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
         return x * (keep / (1.0 - rate)).astype(x.dtype)
 
 
