@@ -1,0 +1,82 @@
+"""PVT v1 in stock flax, compressed: spatial-reduction attention (keys from a shorter sequence than
+the queries), stages of different widths; mesa's forward is the baseline's."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from mesa_jax import QuantConfig, quant
+from mesa_jax.models import pvt
+
+TINY = dict(embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 3, 4), mlp_ratios=(2, 2, 2, 2))  # pvt-c100: sr 4, 2, 1, 1
+
+
+def tiny(quant="per_head", **overrides):
+    return pvt.create("pvt-c100", num_classes=10, quant=quant, **{**TINY, **overrides})
+
+
+@pytest.fixture(scope="module")
+def images():
+    return jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+
+
+def init(model, images):
+    return jax.jit(model.init)(jax.random.key(1), images)
+
+
+def test_stages_and_reduction_ratios(images):
+    """Stage grids 16, 8, 4, 2; keys and values from grids reduced 4x and 2x, then none."""
+    model = tiny(quant=None)
+    _, state = model.apply(init(model, images), images, capture_intermediates=True, mutable=["intermediates"])
+    def out_of(tree, path):
+        for key in path:
+            tree = tree[key]
+        return tree["__call__"][0].shape
+
+    assert out_of(state["intermediates"], ["stage_0_block_1"]) == (2, 256, 8)
+    assert out_of(state["intermediates"], ["stage_0_block_0", "attn", "sr"]) == (2, 4, 4, 8)  # 16 / 4
+    assert out_of(state["intermediates"], ["stage_1_block_0", "attn", "sr"]) == (2, 4, 4, 16)  # 8 / 2
+    assert "sr" not in state["intermediates"]["stage_2_block_0"]["attn"]  # ratio 1: keys are the tokens
+    assert out_of(state["intermediates"], ["stage_3_block_1"]) == (2, 1 + 4, 32)  # the class token + 2 x 2
+
+
+def test_mesa_forward_is_the_baseline_s_and_the_gradient_error_scales_with_the_step(images):
+    base = tiny(quant=None)
+    base_vars = init(base, images)
+
+    def grads(model, variables):
+        def loss(params):
+            logits, _ = model.apply({**variables, "params": params}, images, mutable=["mesa"])
+            return -jnp.mean(jax.nn.log_softmax(logits)[:, 0])
+
+        return ravel_pytree(jax.jit(jax.grad(loss))(variables["params"]))[0]
+
+    exact = grads(base, base_vars)
+    errors = {}
+    for bits in (8, 4):
+        mesa = tiny(quant=QuantConfig(bits=bits))
+        variables = init(mesa, images)
+        assert jax.tree.map(jnp.shape, variables["params"]) == jax.tree.map(jnp.shape, base_vars["params"])
+        variables = {**variables, "params": base_vars["params"]}
+        np.testing.assert_array_equal(jax.jit(mesa.apply)(variables, images), jax.jit(base.apply)(base_vars, images))
+        errors[bits] = float(jnp.linalg.norm(grads(mesa, variables) - exact) / jnp.linalg.norm(exact))
+    assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
+
+
+def test_queries_and_reduced_keys_are_packed_per_head(images):
+    attn = init(tiny(), images)["mesa"]["stage_1_block_0"]["attn"]
+    shapes = {k: v.lo.shape for k, v in attn["attn"].items() if isinstance(v, quant.Stats)}
+    assert shapes == {"q": (2,), "k": (2,), "v": (2,)}
+    assert "norm" in attn and "sr" in attn  # the reduction's convolution and LayerNorm are compressed too
+
+
+@pytest.mark.parametrize("name, overrides, match", [
+    ("pvt-x", {}, r"valid names: \['pvt-c100', 'pvt-s', 'pvt-ti'\]"),
+    ("pvt-c100", {"sr_ratios": (3, 2, 1, 1)}, "reduction ratio"),
+    ("pvt-c100", {"num_heads": (3, 2, 5, 8)}, "does not divide"),
+])
+def test_bad_configurations_say_what_is_wrong(name, overrides, match, images):
+    with pytest.raises(ValueError, match=match):
+        pvt.create(name, num_classes=10, quant=None, **overrides).init(jax.random.key(0), images)
