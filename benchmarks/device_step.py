@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import speed, step_memory
-from mesa_jax.models import vit
+from mesa_jax import models
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", required=True, choices=step_memory.METHODS)
-    parser.add_argument("--model", default="deit-s", choices=sorted(vit.PRESETS))
+    parser.add_argument("--model", default="deit-s", choices=models.names())
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=10)

@@ -34,15 +34,14 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from mesa_jax import QuantConfig
+from mesa_jax import QuantConfig, models
 from mesa_jax.policy import KINDS, Policy
-from mesa_jax.models import vit
 from train import data, loop
 
 WARM_BATCHES = 3
 
 
-def inputs(kind: str, model: vit.ViT, batch: int, index: int):
+def inputs(kind: str, model, batch: int, index: int):
     """Batch ``index`` of images [B, S, S, 3] (normalised) and labels."""
     size = model.image_size
     if kind == "gaussian":
@@ -110,8 +109,8 @@ def fidelity_grads(name: str, quant, kind: str, batch: int, params=None, held_ou
                    **overrides):
     """(mesa gradient, exact gradient) of batch ``held_out``, statistics warmed on the
     WARM_BATCHES batches before it."""
-    model = vit.create(name, num_classes=100, quant=quant, **overrides)
-    baseline = vit.create(name, num_classes=100, quant=None, **overrides)
+    model = models.create(name, num_classes=100, quant=quant, **overrides)
+    baseline = models.create(name, num_classes=100, quant=None, **overrides)
     variables = model.init(jax.random.key(0), inputs(kind, model, 1, 0)[0])
     if params is not None:
         variables = {**variables, "params": params}
@@ -205,7 +204,7 @@ def configs(num_heads: int):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vit-c100", choices=sorted(vit.PRESETS))
+    parser.add_argument("--model", default="vit-c100", choices=models.names())
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--inputs", nargs="+", default=["structured", "gaussian"], choices=["structured", "gaussian"])
     parser.add_argument("--train-steps", type=int, default=0, help="also train vit-c100 for this many steps")
@@ -215,7 +214,7 @@ def main(argv=None):
     parser.add_argument("--held-out", type=int, default=4, help="held-out batches at the trained parameters")
     parser.add_argument("--default-only", action="store_true", help="only the default config (large models)")
     args = parser.parse_args(argv)
-    heads = vit.PRESETS[args.model]["num_heads"]
+    heads = models.presets.per_head(models.preset(args.model)).num_groups
     print(f"{args.model}, batch {args.batch}, at initialisation, statistics warmed on {WARM_BATCHES} batches; "
           f"jax {jax.__version__} on {jax.default_backend()}")
     print(f"| config | inputs | {HEADER}")
@@ -249,7 +248,7 @@ def report_training(args) -> None:
     print(f"eval loss mesa/baseline - 1: {mesa['eval_loss'] / base['eval_loss'] - 1:+.2%}; "
           f"accuracy difference: {100 * (mesa['eval_accuracy'] - base['eval_accuracy']):+.2f} points")
     params = trained_params(args.workdir, args.train_steps, args.train_batch)
-    heads = vit.PRESETS["vit-c100"]["num_heads"]
+    heads = models.preset("vit-c100")["num_heads"]
     held_out = range(WARM_BATCHES, WARM_BATCHES + args.held_out)
     print(f"\nat the trained baseline parameters, int8, group per head, by packing order; held-out batches "
           f"{held_out.start}-{held_out.stop - 1}, each after warming on the {WARM_BATCHES} before it:")

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from benchmarks import step_memory
 from mesa_jax import memory
+from mesa_jax import models
 from mesa_jax.models import vit
 from train import loop
 
@@ -32,29 +33,32 @@ DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 DEFAULT_METHODS = ("baseline", "remat_nothing", "remat_dots", "mesa8")
 
 
-def rows(models, dtypes, batches, methods, scan: bool = False, image_sizes=(None,)):
+def rows(model_names, dtypes, batches, methods, scan: bool = False, image_sizes=(None,)):
     """(label, dtype, batch, method, StepMemory, model) for every combination, baseline first."""
-    for name in models:
+    for name in model_names:
         for size in image_sizes:
-            sized = {} if size is None else {"image_size": size}
+            sized = ({} if size is None else {"image_size": size}) | ({"scan": True} if scan else {})
             label = name + (f" @{size}" if size else "") + (" (scan)" if scan else "")
             for dtype in dtypes:
                 for batch in batches:
                     for method in methods:
-                        model = step_memory.build(name, method, DTYPES[dtype], scan=scan, **sized)
+                        model = step_memory.build(name, method, DTYPES[dtype], **sized)
                         yield label, dtype, batch, method, step_memory.measure(model, batch), model
 
 
-def per_token_block(m, model, batch: int) -> float:
-    """Residual bytes per token and block (the whole model's residuals: embedding and head included)."""
+def per_token_block(m, model, batch: int) -> float | None:
+    """Residual bytes per token and block (the whole model's residuals: embedding and head
+    included); ViT/DeiT only (a pyramid's stages differ in tokens and width)."""
+    if not isinstance(model, vit.ViT):
+        return None
     tokens = (model.image_size // model.patch_size) ** 2 + 1
     return m.residuals / (batch * tokens * model.depth)
 
 
-def max_batches(models, dtypes, methods, budget_bytes: int):
+def max_batches(model_names, dtypes, methods, budget_bytes: int):
     """(model, dtype, method, largest batch, a multiple of 8, whose step peak fits the budget)."""
     tx = loop.make_optimizer(loop.learning_rate_schedule(1e-3, 10, 100), 0.05)
-    for name in models:
+    for name in model_names:
         for dtype in dtypes:
             for method in methods:
                 model = step_memory.build(name, method, DTYPES[dtype])
@@ -84,8 +88,9 @@ def table(results) -> str:
         ref = baseline.get((name, dtype, batch))
         ratio = f"{ref / m.peak:.2f}x" if ref else "-"
         per_token = per_token_block(m, model, batch)
+        per_token = "-" if per_token is None else f"{per_token:,.0f} ({per_token / model.width:.1f} C)"
         lines.append(f"| {name} | {dtype} | {batch} | {method} | {mib(m.peak)} | {ratio} | {mib(m.residuals)} | "
-                     f"{per_token:,.0f} ({per_token / model.width:.1f} C) |")
+                     f"{per_token} |")
     return "\n".join(lines)
 
 
@@ -113,7 +118,7 @@ def plot(results, path: str) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["deit-ti", "deit-s", "deit-b"], choices=sorted(vit.PRESETS))
+    parser.add_argument("--models", nargs="+", default=["deit-ti", "deit-s", "deit-b"], choices=models.names())
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--batches", nargs="+", type=int, default=[128])
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=step_memory.METHODS)

@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import step_memory
-from mesa_jax.models import vit
+from mesa_jax import models
 from train import loop
 
 DEFAULT_METHODS = ("baseline", "mesa8", "flash_like", "remat_nothing", "remat_dots")
 
 
-def make_runner(model: vit.ViT, batch: int, seed: int = 0):
+def make_runner(model, batch: int, seed: int = 0):
     """A closure running one jitted, state-donating train step on fixed random data."""
     tx = loop.make_optimizer(loop.learning_rate_schedule(1e-4, 1, 10**6), 0.05)
     shape = (model.image_size, model.image_size, 3)
@@ -74,7 +74,7 @@ def table(times: dict[str, list[float]], batch: int) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vit-c100", choices=sorted(vit.PRESETS))
+    parser.add_argument("--model", default="vit-c100", choices=models.names())
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=step_memory.METHODS)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mesa_jax import memory
-from mesa_jax.models import vit
+from mesa_jax import models
 from train import loop
 
 METHODS = ("baseline", "flash_like", "remat_nothing", "remat_dots", "mesa8", "mesa4", "mesa2")
@@ -34,19 +34,22 @@ def recomputed_attention(query, key, value, bias=None, mask=None, broadcast_drop
     return jax.checkpoint(attend)(query, key, value, bias, mask)
 
 
-def build(model_name: str, method: str, dtype=None, **overrides) -> vit.ViT:
+def build(model_name: str, method: str, dtype=None, **overrides) -> nn.Module:
     """The model a method trains: baseline, flash-like (the baseline with its attention core
-    recomputed), nn.remat with a policy, or mesa at 8/4/2 bits."""
+    recomputed), nn.remat with a policy (these two: ViT/DeiT, which have the fields), or mesa
+    at 8/4/2 bits."""
     remat = {"remat_nothing": "nothing_saveable", "remat_dots": "dots_saveable"}.get(method)
+    if remat:
+        overrides = {**overrides, "remat": remat}
     if method == "flash_like":
         overrides = {**overrides, "attention_fn": recomputed_attention}
     if method in ("baseline", "flash_like") or remat:
         quant = None
     elif method in ("mesa8", "mesa4", "mesa2"):
-        quant = vit.QuantConfig(bits=int(method[4:]), num_groups=vit.PRESETS[model_name]["num_heads"])
+        quant = models.presets.per_head(models.preset(model_name), bits=int(method[4:]))
     else:
         raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
-    return vit.create(model_name, num_classes=1000, quant=quant, dtype=dtype, remat=remat, **overrides)
+    return models.create(model_name, num_classes=1000, quant=quant, dtype=dtype, **overrides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +59,7 @@ class StepMemory:
     residuals: int  # bytes autodiff keeps for the backward pass (jaxpr level, params excluded)
 
 
-def measure(model: vit.ViT, batch: int) -> StepMemory:
+def measure(model: nn.Module, batch: int) -> StepMemory:
     shape = (model.image_size, model.image_size, 3)
     tx = loop.make_optimizer(loop.learning_rate_schedule(1e-3, 10, 100), 0.05)
     compiled = loop.step_memory(model, tx, batch, shape)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mesa_jax.models import vit
+from mesa_jax.models import pvt, swin, vit
 from train import data, loop, run
 from train_cases import (cli, config, dies_after, restored, rows, small_synthetic, tiny_preset,  # noqa: F401
                          use_small_synthetic)
@@ -138,6 +138,28 @@ def test_every_preset_trains_through_the_program(tmp_path, use_small_synthetic, 
         assert np.isfinite(final["loss"]) and 0 <= final["eval_accuracy"] <= 1, name
 
 
+PYRAMIDS = {  # tiny widths and depths, the presets' own image, patch, window and reduction sizes
+    "swin": (swin, dict(embed_dim=12, depths=(2, 2, 1, 1), num_heads=(3, 3, 3, 3))),
+    "pvt": (pvt, dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4),
+                      mlp_ratios=(2, 2, 2, 2))),
+}
+
+
+@pytest.mark.parametrize("name", ["swin-c100", "pvt-c100",
+                                  pytest.param("swin-ti", marks=pytest.mark.slow),
+                                  pytest.param("pvt-ti", marks=pytest.mark.slow)])
+def test_swin_and_pvt_train_through_the_program(name, tmp_path, use_small_synthetic, monkeypatch):
+    family, tiny = PYRAMIDS[name.split("-")[0]]
+    monkeypatch.setitem(family.PRESETS, name, {**family.PRESETS[name], **tiny})
+    final = run.train_and_evaluate(config(model=name, steps=2, eval_every=100), str(tmp_path))
+    assert np.isfinite(final["loss"]) and 0 <= final["eval_accuracy"] <= 1
+
+
+def test_unknown_models_list_every_family_s_presets():
+    with pytest.raises(ValueError, match=r"--model must be one of .*'pvt-ti'.*'swin-ti'.*'vit-c100'"):
+        config(model="resnet-50")
+
+
 def test_a_finished_run_reports_its_final_metrics(tmp_path, use_small_synthetic, capsys):
     flags = ["--workdir", str(tmp_path), "--model", "vit-test", "--steps", "2", "--batch-size", "8",
              "--dataset", "synthetic", "--eval-every", "100"]
@@ -174,7 +196,7 @@ def test_augment_keeps_shape_and_flips(small_synthetic):
 
 SHARDED = """
 import json, sys, jax, numpy as np
-from mesa_jax.models import vit
+from mesa_jax.models import pvt, swin, vit
 vit.PRESETS["vit-test"] = dict(image_size=32, patch_size=8, width=24, depth=1, num_heads=2, mlp_dim=48, drop_path=0.0)
 from train import data, run, vit_cifar100
 from train.config import TrainConfig

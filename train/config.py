@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from mesa_jax.models import vit
+from mesa_jax import models
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    model: str = "vit-c100"  # a mesa_jax.models.vit preset
+    model: str = "vit-c100"  # a mesa_jax.models preset (ViT/DeiT, Swin, PVT)
     mesa: bool = True  # False: the plain-Flax baseline, same everything else
     bits: int = 8  # code width of the kept activations (8, 4 or 2)
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
@@ -35,7 +35,7 @@ class TrainConfig:
 
     def __post_init__(self):
         checks = [
-            (self.model in vit.PRESETS, f"--model must be one of {sorted(vit.PRESETS)}, got {self.model!r}"),
+            (self.model in models.names(), f"--model must be one of {models.names()}, got {self.model!r}"),
             (self.bits in (8, 4, 2), f"--bits must be 8, 4 or 2, got {self.bits}"),
             (self.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {self.dtype!r}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),

@@ -18,12 +18,12 @@ import os
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mesa_jax import QuantConfig
+from mesa_jax import models
 from mesa_jax.memory import compiled_analysis
-from mesa_jax.models import vit
 from train import data, loop
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig
@@ -37,12 +37,11 @@ class NonFinite(RuntimeError):
     """A step's loss, gradient or updated parameters were not finite."""
 
 
-def build_model(config: TrainConfig, mesa: bool | None = None) -> vit.ViT:
+def build_model(config: TrainConfig, mesa: bool | None = None) -> nn.Module:
     mesa = config.mesa if mesa is None else mesa
-    heads = vit.PRESETS[config.model]["num_heads"]
-    quant = QuantConfig(bits=config.bits, num_groups=heads) if mesa else None
+    quant = models.presets.per_head(models.preset(config.model), bits=config.bits) if mesa else None
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else None
-    return vit.create(config.model, num_classes=data.NUM_CLASSES, quant=quant, dtype=dtype)
+    return models.create(config.model, num_classes=data.NUM_CLASSES, quant=quant, dtype=dtype)
 
 
 def image_shape(model) -> tuple[int, int, int]:
@@ -50,13 +49,13 @@ def image_shape(model) -> tuple[int, int, int]:
     return model.image_size, model.image_size, data.IMAGE_SHAPE[-1]
 
 
-def make_train_step(model: vit.ViT, label_smoothing: float):
+def make_train_step(model: nn.Module, label_smoothing: float):
     """Augment on the device (crop, flip, resize for 224-pixel models), then one step."""
     augment = lambda images, key: _resize(data.augment(images, key), model.image_size)
     return functools.partial(loop.train_step, label_smoothing=label_smoothing, augment=augment)
 
 
-def make_eval_step(model: vit.ViT):
+def make_eval_step(model: nn.Module):
     def step(state, images, labels, mask):
         return loop.eval_step(state, _resize(data.standardize(images), model.image_size), labels, mask)
 
@@ -69,7 +68,7 @@ def _resize(images, size: int):
     return jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "bilinear")
 
 
-def compile_train_step(model: vit.ViT, config: TrainConfig, state, batches):
+def compile_train_step(model: nn.Module, config: TrainConfig, state, batches):
     """The jitted, state-donating train step, compiled for this run's shapes and shardings
     (``state`` may be abstract): what the loop runs, and whose memory the header reports."""
     spec = (jax.ShapeDtypeStruct((config.batch_size, *data.IMAGE_SHAPE), jnp.uint8, sharding=batches),

@@ -21,7 +21,7 @@ import sys
 from train.config import TrainConfig
 
 HELP = {
-    "model": "mesa_jax.models.vit preset",
+    "model": "a mesa_jax.models preset (vit-c100, deit-*, swin-*, pvt-*)",
     "bits": "code width of the kept activations (8, 4 or 2)",
     "dtype": "compute dtype; params stay float32",
     "batch_size": "global batch size, split across devices",

@@ -14,7 +14,6 @@ different sequences), nn.Dense and nn.gelu, so ``compress`` reaches all of it.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -22,10 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mesa_jax.compress import compress
+from mesa_jax.models import presets
 from mesa_jax.models.vit import DropPath
-from mesa_jax.policy import Quant
-from mesa_jax.quant import QuantConfig
 
 PRESETS = {
     # name: image size, first patch (later stages: 2), widths, blocks, heads, MLP ratios, reduction ratios
@@ -37,7 +34,6 @@ PRESETS = {
     "pvt-c100": dict(image_size=32, patch_size=2, embed_dims=(64, 128, 320, 512), depths=(2, 2, 2, 2),
                      num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4), sr_ratios=(4, 2, 1, 1), drop_path=0.1),
 }
-PER_HEAD = "per_head"  # create()'s default: int8, one channel group (the first stage has one head)
 
 
 class SpatialReductionAttention(nn.Module):
@@ -139,18 +135,6 @@ class PVT(nn.Module):
                 raise ValueError(f"num_heads={heads} does not divide stage {stage}'s width {width}")
 
 
-def create(name: str, *, num_classes: int, quant: Quant | str = PER_HEAD, dtype=None, **overrides) -> PVT:
-    """A preset PVT. ``quant``: "per_head" (default: int8, one channel group; attention tensors
-    per head), a QuantConfig or Policy, or None (the plain-flax baseline)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown PVT preset {name!r}; valid names: {sorted(PRESETS)}")
-    fields = {**PRESETS[name], **overrides}
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(PVT)}
-    if unknown:
-        raise TypeError(f"unknown PVT field(s) {sorted(unknown)}")
-    if isinstance(quant, str):
-        if quant != PER_HEAD:
-            raise ValueError(f"quant must be {PER_HEAD!r}, a QuantConfig, a Policy or None, got {quant!r}")
-        quant = QuantConfig(num_groups=fields["num_heads"][0])
-    model = PVT(num_classes=num_classes, dtype=dtype, **fields)
-    return model if quant is None else compress(model, quant)
+def create(name: str, **kwargs) -> PVT:
+    """A preset PVT (see presets.create): int8 by default, ``quant=None`` the plain-flax baseline."""
+    return presets.create(PVT, PRESETS, name, **kwargs)

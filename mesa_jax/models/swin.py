@@ -14,7 +14,6 @@ and the mask stay exact.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -23,10 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mesa_jax.compress import compress
+from mesa_jax.models import presets
 from mesa_jax.models.vit import DropPath, MlpBlock
-from mesa_jax.policy import Quant
-from mesa_jax.quant import QuantConfig
 
 PRESETS = {
     # name: image size, patch, width of stage 1, blocks and heads per stage, window, max drop-path rate
@@ -38,7 +35,6 @@ PRESETS = {
     "swin-c100": dict(image_size=32, patch_size=2, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
                       window_size=4, drop_path=0.1),
 }
-PER_HEAD = "per_head"  # create()'s default: int8, channel groups = the first stage's heads
 
 
 def window_partition(x, window: int):
@@ -190,18 +186,6 @@ class Swin(nn.Module):
                 raise ValueError(f"num_heads={heads} does not divide stage {stage}'s width {width(stage)}")
 
 
-def create(name: str, *, num_classes: int, quant: Quant | str = PER_HEAD, dtype=None, **overrides) -> Swin:
-    """A preset Swin. ``quant``: "per_head" (default: int8, channel groups = the first stage's
-    heads; attention tensors per head), a QuantConfig or Policy, or None (plain flax)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown Swin preset {name!r}; valid names: {sorted(PRESETS)}")
-    fields = {**PRESETS[name], **overrides}
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(Swin)}
-    if unknown:
-        raise TypeError(f"unknown Swin field(s) {sorted(unknown)}")
-    if isinstance(quant, str):
-        if quant != PER_HEAD:
-            raise ValueError(f"quant must be {PER_HEAD!r}, a QuantConfig, a Policy or None, got {quant!r}")
-        quant = QuantConfig(num_groups=fields["num_heads"][0])
-    model = Swin(num_classes=num_classes, dtype=dtype, **fields)
-    return model if quant is None else compress(model, quant)
+def create(name: str, **kwargs) -> Swin:
+    """A preset Swin (see presets.create): int8 by default, ``quant=None`` the plain-flax baseline."""
+    return presets.create(Swin, PRESETS, name, **kwargs)

@@ -13,7 +13,6 @@ model, one params tree and one path.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -21,10 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mesa_jax.compress import compress
+from mesa_jax.models import presets
 from mesa_jax.nn import COLLECTION
-from mesa_jax.policy import Quant
-from mesa_jax.quant import QuantConfig
 
 PRESETS = {
     # name: image size, patch, width, depth, heads, MLP width, max drop-path rate
@@ -38,7 +35,6 @@ REMAT_POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
 }
-PER_HEAD = "per_head"  # create()'s default: QuantConfig(num_groups=num_heads)
 
 
 class DropPath(nn.Module):
@@ -153,18 +149,7 @@ class ViT(nn.Module):
             raise ValueError(f"patch_size={self.patch_size} does not divide image_size={self.image_size}")
 
 
-def create(name: str, *, num_classes: int, quant: Quant | str = PER_HEAD, dtype=None, **overrides) -> ViT:
-    """A preset ViT. ``quant``: "per_head" (default: int8, one group per head, as Mesa's
-    DeiT), a QuantConfig or Policy (for every layer), or None (the plain-flax baseline)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown ViT preset {name!r}; valid names: {sorted(PRESETS)}")
-    fields = {**PRESETS[name], **overrides}
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(ViT)}
-    if unknown:
-        raise TypeError(f"unknown ViT field(s) {sorted(unknown)}")
-    if isinstance(quant, str):
-        if quant != PER_HEAD:
-            raise ValueError(f"quant must be {PER_HEAD!r}, a QuantConfig, a Policy or None, got {quant!r}")
-        quant = QuantConfig(num_groups=fields["num_heads"])
-    model = ViT(num_classes=num_classes, dtype=dtype, **fields)
-    return model if quant is None else compress(model, quant)
+def create(name: str, **kwargs) -> ViT:
+    """A preset ViT (see presets.create): ``create("deit-s", num_classes=1000)`` is int8, one
+    group per head (Mesa's DeiT); ``quant=None`` is the plain-flax baseline."""
+    return presets.create(ViT, PRESETS, name, **kwargs)
