@@ -139,6 +139,7 @@ def test_kernels_clamp_out_of_range_values():
     np.testing.assert_allclose(xh[0, [0, 2, 3, 4]], [0.0, 1.0, 0.0, 1.0])
 
 
+@pytest.mark.slow  # a whole ViT's gradient through the interpreted kernels (about 10 s cold); gpu_check runs it
 def test_whole_vit_gradients_are_the_same_under_the_kernels():
     images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
 

@@ -10,7 +10,7 @@ from jax.flatten_util import ravel_pytree
 from mesa_jax import QuantConfig, quant
 from mesa_jax.models import pvt
 
-TINY = dict(embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 3, 4), mlp_ratios=(2, 2, 2, 2))  # pvt-c100: sr 4, 2, 1, 1
+TINY = dict(embed_dims=(8, 16, 24, 32), depths=(2, 1, 1, 1), num_heads=(1, 2, 3, 4), mlp_ratios=(2, 2, 2, 2))  # sr 4, 2, 1, 1
 
 
 def tiny(quant="per_head", **overrides):
@@ -29,7 +29,9 @@ def init(model, images):
 def test_stages_and_reduction_ratios(images):
     """Stage grids 16, 8, 4, 2; keys and values from grids reduced 4x and 2x, then none."""
     model = tiny(quant=None)
-    _, state = model.apply(init(model, images), images, capture_intermediates=True, mutable=["intermediates"])
+    variables = jax.eval_shape(model.init, jax.random.key(1), images)  # shapes only: nothing compiled
+    _, state = jax.eval_shape(lambda v: model.apply(v, images, capture_intermediates=True, mutable=["intermediates"]),
+                              variables)
     def out_of(tree, path):
         for key in path:
             tree = tree[key]
@@ -39,10 +41,19 @@ def test_stages_and_reduction_ratios(images):
     assert out_of(state["intermediates"], ["stage_0_block_0", "attn", "sr"]) == (2, 4, 4, 8)  # 16 / 4
     assert out_of(state["intermediates"], ["stage_1_block_0", "attn", "sr"]) == (2, 4, 4, 16)  # 8 / 2
     assert "sr" not in state["intermediates"]["stage_2_block_0"]["attn"]  # ratio 1: keys are the tokens
-    assert out_of(state["intermediates"], ["stage_3_block_1"]) == (2, 1 + 4, 32)  # the class token + 2 x 2
+    assert out_of(state["intermediates"], ["stage_3_block_0"]) == (2, 1 + 4, 32)  # the class token + 2 x 2
 
 
-def test_mesa_forward_is_the_baseline_s_and_the_gradient_error_scales_with_the_step(images):
+def test_mesa_forward_and_params_are_the_baseline_s(images):
+    base, mesa = tiny(quant=None), tiny()
+    base_vars, variables = init(base, images), init(mesa, images)
+    assert jax.tree.map(jnp.shape, variables["params"]) == jax.tree.map(jnp.shape, base_vars["params"])
+    variables = {**variables, "params": base_vars["params"]}
+    np.testing.assert_array_equal(jax.jit(mesa.apply)(variables, images), jax.jit(base.apply)(base_vars, images))
+
+
+@pytest.mark.slow  # three compiled gradients of the model (about 40 s cold)
+def test_the_gradient_error_scales_with_the_step(images):
     base = tiny(quant=None)
     base_vars = init(base, images)
 
@@ -57,10 +68,7 @@ def test_mesa_forward_is_the_baseline_s_and_the_gradient_error_scales_with_the_s
     errors = {}
     for bits in (8, 4):
         mesa = tiny(quant=QuantConfig(bits=bits))
-        variables = init(mesa, images)
-        assert jax.tree.map(jnp.shape, variables["params"]) == jax.tree.map(jnp.shape, base_vars["params"])
-        variables = {**variables, "params": base_vars["params"]}
-        np.testing.assert_array_equal(jax.jit(mesa.apply)(variables, images), jax.jit(base.apply)(base_vars, images))
+        variables = {**init(mesa, images), "params": base_vars["params"]}
         errors[bits] = float(jnp.linalg.norm(grads(mesa, variables) - exact) / jnp.linalg.norm(exact))
     assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
 

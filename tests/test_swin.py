@@ -9,7 +9,7 @@ from jax.flatten_util import ravel_pytree
 from mesa_jax import QuantConfig, quant
 from mesa_jax.models import swin
 
-TINY = dict(image_size=32, patch_size=2, embed_dim=12, depths=(2, 2, 2), num_heads=(3, 3, 6), window_size=4)
+TINY = dict(image_size=32, patch_size=2, embed_dim=12, depths=(2, 2, 1), num_heads=(3, 3, 6), window_size=4)
 
 
 def tiny(quant="per_head", **overrides):
@@ -51,14 +51,25 @@ def test_windows_round_trip_and_relative_positions():
 
 def test_stages_halve_the_grid_and_double_the_width(images):
     model = tiny(quant=None)
-    _, state = model.apply(init(model, images), images, capture_intermediates=True, mutable=["intermediates"])
+    variables = jax.eval_shape(model.init, jax.random.key(1), images)  # shapes only: nothing compiled
+    _, state = jax.eval_shape(lambda v: model.apply(v, images, capture_intermediates=True, mutable=["intermediates"]),
+                              variables)
     shapes = {k: v["__call__"][0].shape for k, v in state["intermediates"].items() if k.startswith("stage_")}
     assert shapes["stage_0_block_1"] == (2, 16, 16, 12) and shapes["stage_0_merge"] == (2, 8, 8, 24)
     assert shapes["stage_1_block_1"] == (2, 8, 8, 24) and shapes["stage_1_merge"] == (2, 4, 4, 48)
-    assert shapes["stage_2_block_1"] == (2, 4, 4, 48)  # a grid of one window: no shift
+    assert shapes["stage_2_block_0"] == (2, 4, 4, 48)  # a grid of one window
 
 
-def test_mesa_forward_is_the_baseline_s_and_the_gradient_error_scales_with_the_step(images):
+def test_mesa_forward_and_params_are_the_baseline_s(images):
+    base, mesa = tiny(quant=None), tiny()
+    base_vars, variables = init(base, images), init(mesa, images)
+    assert jax.tree.map(jnp.shape, variables["params"]) == jax.tree.map(jnp.shape, base_vars["params"])
+    variables = {**variables, "params": base_vars["params"]}
+    np.testing.assert_array_equal(jax.jit(mesa.apply)(variables, images), jax.jit(base.apply)(base_vars, images))
+
+
+@pytest.mark.slow  # three compiled gradients of the model (about 40 s cold)
+def test_the_gradient_error_scales_with_the_step(images):
     base = tiny(quant=None)
     base_vars = init(base, images)
     labels = jnp.arange(2)
@@ -74,10 +85,7 @@ def test_mesa_forward_is_the_baseline_s_and_the_gradient_error_scales_with_the_s
     errors = {}
     for bits in (8, 4):
         mesa = tiny(quant=QuantConfig(bits=bits, num_groups=3))
-        variables = init(mesa, images)
-        assert jax.tree.map(jnp.shape, variables["params"]) == jax.tree.map(jnp.shape, base_vars["params"])
-        variables = {**variables, "params": base_vars["params"]}
-        np.testing.assert_array_equal(jax.jit(mesa.apply)(variables, images), jax.jit(base.apply)(base_vars, images))
+        variables = {**init(mesa, images), "params": base_vars["params"]}
         errors[bits] = float(jnp.linalg.norm(grads(mesa, variables) - exact) / jnp.linalg.norm(exact))
     assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
 
