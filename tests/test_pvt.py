@@ -2,13 +2,12 @@
 the queries), stages of different widths; mesa's forward is the baseline's."""
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
 
-from mesa_jax import QuantConfig, quant
+from mesa_jax import quant
 from mesa_jax.models import pvt
+
+from pyramid_cases import assert_forward_is_the_baseline_s, assert_gradient_error_scales_with_the_step, init
 
 TINY = dict(embed_dims=(8, 16, 24, 32), depths=(2, 1, 1, 1), num_heads=(1, 2, 3, 4), mlp_ratios=(2, 2, 2, 2))  # sr 4, 2, 1, 1
 
@@ -20,10 +19,6 @@ def tiny(quant="per_head", **overrides):
 @pytest.fixture(scope="module")
 def images():
     return jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-
-
-def init(model, images):
-    return jax.jit(model.init)(jax.random.key(1), images)
 
 
 def test_stages_and_reduction_ratios(images):
@@ -45,33 +40,12 @@ def test_stages_and_reduction_ratios(images):
 
 
 def test_mesa_forward_and_params_are_the_baseline_s(images):
-    base, mesa = tiny(quant=None), tiny()
-    base_vars, variables = init(base, images), init(mesa, images)
-    assert jax.tree.map(jnp.shape, variables["params"]) == jax.tree.map(jnp.shape, base_vars["params"])
-    variables = {**variables, "params": base_vars["params"]}
-    np.testing.assert_array_equal(jax.jit(mesa.apply)(variables, images), jax.jit(base.apply)(base_vars, images))
+    assert_forward_is_the_baseline_s(tiny(quant=None), tiny(), images)
 
 
 @pytest.mark.slow  # three compiled gradients of the model (about 40 s cold)
 def test_the_gradient_error_scales_with_the_step(images):
-    base = tiny(quant=None)
-    base_vars = init(base, images)
-
-    def grads(model, variables):
-        def loss(params):
-            logits, _ = model.apply({**variables, "params": params}, images, mutable=["mesa"])
-            return -jnp.mean(jax.nn.log_softmax(logits)[:, 0])
-
-        return ravel_pytree(jax.jit(jax.grad(loss))(variables["params"]))[0]
-
-    exact = grads(base, base_vars)
-    errors = {}
-    for bits in (8, 4):
-        mesa = tiny(quant=QuantConfig(bits=bits))
-        variables = {**init(mesa, images), "params": base_vars["params"]}
-        errors[bits] = float(jnp.linalg.norm(grads(mesa, variables) - exact) / jnp.linalg.norm(exact))
-    assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
-
+    assert_gradient_error_scales_with_the_step(tiny, images)
 
 def test_queries_and_reduced_keys_are_packed_per_head(images):
     attn = init(tiny(), images)["mesa"]["stage_1_block_0"]["attn"]

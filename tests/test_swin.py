@@ -1,13 +1,13 @@
 """Swin Transformer in stock flax, compressed: the paper's shapes, masks and bias; mesa's forward is the baseline's."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
 
-from mesa_jax import QuantConfig, quant
+from mesa_jax import quant
 from mesa_jax.models import swin
+
+from pyramid_cases import assert_forward_is_the_baseline_s, assert_gradient_error_scales_with_the_step, init
 
 TINY = dict(image_size=32, patch_size=2, embed_dim=12, depths=(2, 2, 1), num_heads=(3, 3, 6), window_size=4)
 
@@ -19,10 +19,6 @@ def tiny(quant="per_head", **overrides):
 @pytest.fixture(scope="module")
 def images():
     return jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-
-
-def init(model, images):
-    return jax.jit(model.init)(jax.random.key(1), images)
 
 
 @pytest.mark.parametrize("size, window, shift", [(4, 2, 1), (8, 4, 2), (12, 4, 2)])
@@ -61,34 +57,12 @@ def test_stages_halve_the_grid_and_double_the_width(images):
 
 
 def test_mesa_forward_and_params_are_the_baseline_s(images):
-    base, mesa = tiny(quant=None), tiny()
-    base_vars, variables = init(base, images), init(mesa, images)
-    assert jax.tree.map(jnp.shape, variables["params"]) == jax.tree.map(jnp.shape, base_vars["params"])
-    variables = {**variables, "params": base_vars["params"]}
-    np.testing.assert_array_equal(jax.jit(mesa.apply)(variables, images), jax.jit(base.apply)(base_vars, images))
+    assert_forward_is_the_baseline_s(tiny(quant=None), tiny(), images)
 
 
 @pytest.mark.slow  # three compiled gradients of the model (about 40 s cold)
 def test_the_gradient_error_scales_with_the_step(images):
-    base = tiny(quant=None)
-    base_vars = init(base, images)
-    labels = jnp.arange(2)
-
-    def grads(model, variables):
-        def loss(params):
-            logits, _ = model.apply({**variables, "params": params}, images, mutable=["mesa"])
-            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels])
-
-        return ravel_pytree(jax.jit(jax.grad(loss))(variables["params"]))[0]
-
-    exact = grads(base, base_vars)
-    errors = {}
-    for bits in (8, 4):
-        mesa = tiny(quant=QuantConfig(bits=bits, num_groups=3))
-        variables = {**init(mesa, images), "params": base_vars["params"]}
-        errors[bits] = float(jnp.linalg.norm(grads(mesa, variables) - exact) / jnp.linalg.norm(exact))
-    assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
-
+    assert_gradient_error_scales_with_the_step(tiny, images, num_groups=3)
 
 def test_attention_is_packed_per_head_and_the_bias_stays_exact(images):
     variables = init(tiny(), images)

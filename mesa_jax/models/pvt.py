@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mesa_jax.models import presets
-from mesa_jax.models.vit import DropPath
+from mesa_jax.models.vit import DropPath, MlpBlock
 
 PRESETS = {
     # name: image size, first patch (later stages: 2), widths, blocks, heads, MLP ratios, reduction ratios
@@ -56,16 +56,6 @@ class SpatialReductionAttention(nn.Module):
         return nn.MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype, name="attn")(x, reduced)
 
 
-class Mlp(nn.Module):
-    hidden: int
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(self, x):
-        y = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(nn.gelu(y, approximate=False))
-
-
 class Block(nn.Module):
     num_heads: int
     mlp_ratio: int
@@ -78,7 +68,7 @@ class Block(nn.Module):
         y = SpatialReductionAttention(self.num_heads, self.sr_ratio, self.dtype, name="attn")(y, grid)
         x = x + DropPath()(y, drop_rate, train)
         y = nn.LayerNorm(dtype=self.dtype, name="norm2")(x)
-        y = Mlp(self.mlp_ratio * x.shape[-1], self.dtype, name="mlp")(y)
+        y = MlpBlock(self.mlp_ratio * x.shape[-1], self.dtype, name="mlp")(y)
         return x + DropPath()(y, drop_rate, train)
 
 
