@@ -57,7 +57,7 @@ class QuantConfig:
     # measures its range in the same read (see pack_and_update).
     update_first: bool = False
     # "xla" (this module's jnp), "pallas" (Triton kernels) or "pallas_interpret"; None:
-    # the process default (pallas_kernels.default: MESA_JAX_IMPL, else by backend).
+    # the process default (pallas_kernels.default: MESA_JAX_IMPL, else "xla").
     implementation: str | None = None
     # Attention (mesa_jax.attention): also keep each query row's log-sum-exp of the exact
     # logits (float32: 4 bytes per head and token) and normalize the restored logits with

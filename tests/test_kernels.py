@@ -44,9 +44,9 @@ def fresh_default():
     pallas_kernels.default.cache_clear()
 
 
-def test_default_is_pallas_on_gpu_else_xla_read_once(fresh_default, monkeypatch):
+def test_default_is_xla_unless_the_environment_says_otherwise_read_once(fresh_default, monkeypatch):
     monkeypatch.delenv(pallas_kernels.ENV, raising=False)
-    assert pallas_kernels.resolve(None) == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    assert pallas_kernels.resolve(None) == "xla"
     monkeypatch.setenv(pallas_kernels.ENV, "pallas_interpret")
     assert pallas_kernels.resolve(None) != "pallas_interpret"  # read once per process: nothing changes
     pallas_kernels.default.cache_clear()
