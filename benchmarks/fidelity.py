@@ -3,6 +3,7 @@
     python -m benchmarks.fidelity                    # vit-c100, batch 32, several configs
     python -m benchmarks.fidelity --model deit-s --batch 8 --default-only --inputs structured
     python -m benchmarks.fidelity --train-steps 300 --plot curves.png   # + training curves
+    python -m benchmarks.fidelity --default-only --nnx   # + the NNX ViT compressed by mesa_jax.nnx
 
 With ``--train-steps N``, vit-c100 is also trained for N steps with and without
 mesa (same seed, data and schedule; CIFAR-100 when prepared, else the synthetic
@@ -127,6 +128,27 @@ def gradient_fidelity(name: str, quant, kind: str, batch: int, params=None, **ov
     return compare(*fidelity_grads(name, quant, kind, batch, params, **overrides))
 
 
+def nnx_fidelity(kind: str, batch: int) -> Fidelity:
+    """The NNX ViT of benchmarks.nnx_vit in vit-c100's shape, compressed in place by
+    mesa_jax.nnx.compress (int8, a group per head), against the same model uncompressed."""
+    from flax import nnx
+    from benchmarks import nnx_vit
+    from mesa_jax import nnx as mesa_nnx
+
+    shape = models.preset("vit-c100")
+    make = lambda: nnx_vit.VisionTransformer(100, img_size=shape["image_size"], patch_size=shape["patch_size"],
+                                             num_layers=shape["depth"], num_heads=shape["num_heads"],
+                                             mlp_dim=shape["mlp_dim"], hidden_size=shape["width"], dropout_rate=0.0,
+                                             rngs=nnx.Rngs(0))
+    baseline, model = make(), mesa_nnx.compress(make(), QuantConfig(num_groups=shape["num_heads"]))
+    grad = nnx.jit(nnx.grad(lambda m, images, labels: loop.cross_entropy(m(images), labels)))
+    sized = argparse.Namespace(image_size=shape["image_size"])
+    for i in range(WARM_BATCHES):
+        grad(model, *inputs(kind, sized, batch, i))
+    images, labels = inputs(kind, sized, batch, WARM_BATCHES)
+    return compare(nnx.to_pure_dict(grad(model, images, labels)), nnx.to_pure_dict(grad(baseline, images, labels)))
+
+
 def compare_per_param(approx, exact) -> list[tuple[str, float, float]]:
     """(parameter, cosine, relative error) for every parameter, worst cosine first."""
     out = [(name, cosine(a, e), float(jnp.linalg.norm(a - e) / (jnp.linalg.norm(e) + 1e-30)))
@@ -213,6 +235,7 @@ def main(argv=None):
     parser.add_argument("--plot", metavar="PNG", help="plot the training curves")
     parser.add_argument("--held-out", type=int, default=4, help="held-out batches at the trained parameters")
     parser.add_argument("--default-only", action="store_true", help="only the default config (large models)")
+    parser.add_argument("--nnx", action="store_true", help="also the NNX ViT in vit-c100's shape (mesa_jax.nnx)")
     args = parser.parse_args(argv)
     heads = models.presets.per_head(models.preset(args.model)).num_groups
     print(f"{args.model}, batch {args.batch}, at initialisation, statistics warmed on {WARM_BATCHES} batches; "
@@ -223,6 +246,9 @@ def main(argv=None):
     for label, config in chosen:
         for kind in args.inputs:
             print(f"| {label} | {kind} | {row(gradient_fidelity(args.model, config, kind, args.batch))}")
+    if args.nnx:
+        for kind in args.inputs:
+            print(f"| NNX ViT (vit-c100's shape), compressed in place | {kind} | {row(nnx_fidelity(kind, args.batch))}")
     if args.train_steps:
         report_training(args)
 

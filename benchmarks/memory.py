@@ -6,6 +6,8 @@
     python -m benchmarks.memory --models deit-s --scan --no-max-batch   # nn.scan over the blocks
     python -m benchmarks.memory --models deit-s --image-sizes 224 384 512 --methods baseline flash_like mesa8 \
         --no-max-batch                                                  # memory against tokens
+    python -m benchmarks.memory --models deit-s --dtypes float32 --methods baseline mesa8 --nnx --no-max-batch
+                                            # + the NNX ViT-S/16 compressed in place (mesa_jax.nnx)
 
 For each model, dtype, batch and method: XLA's compile-time peak bytes of the
 jitted, state-donating train step (forward, backward, AdamW update), its ratio to
@@ -49,6 +51,8 @@ def rows(model_names, dtypes, batches, methods, scan: bool = False, image_sizes=
 def per_token_block(m, model, batch: int) -> float | None:
     """Residual bytes per token and block (the whole model's residuals: embedding and head
     included); ViT/DeiT only (a pyramid's stages differ in tokens and width)."""
+    if model is None:  # the NNX ViT-S/16
+        return m.residuals / (batch * 197 * 12)
     if not isinstance(model, vit.ViT):
         return None
     tokens = (model.image_size // model.patch_size) ** 2 + 1
@@ -88,7 +92,8 @@ def table(results) -> str:
         ref = baseline.get((name, dtype, batch))
         ratio = f"{ref / m.peak:.2f}x" if ref else "-"
         per_token = per_token_block(m, model, batch)
-        per_token = "-" if per_token is None else f"{per_token:,.0f} ({per_token / model.width:.1f} C)"
+        width = 384 if model is None else getattr(model, "width", 1)
+        per_token = "-" if per_token is None else f"{per_token:,.0f} ({per_token / width:.1f} C)"
         lines.append(f"| {name} | {dtype} | {batch} | {method} | {mib(m.peak)} | {ratio} | {mib(m.residuals)} | "
                      f"{per_token} |")
     return "\n".join(lines)
@@ -128,6 +133,8 @@ def main(argv=None):
     parser.add_argument("--plot", metavar="PNG", help="also plot peak memory against batch size")
     parser.add_argument("--budget-gib", type=float, default=16.0,
                         help="memory budget of the largest-batch search (default: 16)")
+    parser.add_argument("--nnx", action="store_true",
+                        help="also the NNX ViT-S/16 (benchmarks.nnx_vit), float32, baseline and mesa8")
     parser.add_argument("--no-max-batch", dest="max_batch", action="store_false",
                         help="skip the largest-batch search (about 15 compilations per row)")
     args = parser.parse_args(argv)
@@ -135,6 +142,9 @@ def main(argv=None):
         args.methods.insert(0, "baseline")
     start = time.time()
     results = list(rows(args.models, args.dtypes, args.batches, args.methods, args.scan, args.image_sizes))
+    if args.nnx:
+        results += [("nnx vit-s16", "float32", batch, method, step_memory.measure_nnx(method, batch), None)
+                    for batch in args.batches for method in ("baseline", "mesa8")]
     print(f"compile-time peak of one train step; jax {jax.__version__} on {jax.default_backend()}, "
           f"{time.time() - start:.0f} s")
     print(table(results))

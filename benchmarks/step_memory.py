@@ -13,7 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mesa_jax import memory
+import optax
+
+from mesa_jax import QuantConfig, memory
 from mesa_jax import models
 from train import loop
 
@@ -73,5 +75,38 @@ def measure(model: nn.Module, batch: int) -> StepMemory:
         return loop.cross_entropy(logits, labels)
 
     kept = memory.saved_residuals(loss, state.params, state.mesa, images, labels)
+    residuals = sum(r.nbytes for r in kept if "argument" not in r.source)
+    return StepMemory(compiled.peak, compiled.temp, residuals)
+
+
+def measure_nnx(method: str, batch: int, image_size: int = 224) -> StepMemory:
+    """The same step for the NNX ViT-S/16 of benchmarks.nnx_vit (float32): ``baseline`` as
+    written, ``mesa8`` compressed in place by mesa_jax.nnx.compress (int8, per head)."""
+    from flax import nnx
+    from benchmarks import nnx_vit
+    from mesa_jax import nnx as mesa_nnx
+
+    if method not in ("baseline", "mesa8"):
+        raise ValueError(f"the NNX rows measure baseline and mesa8, not {method!r}")
+    model = nnx_vit.vit_s16(img_size=image_size, rngs=nnx.Rngs(0))
+    if method == "mesa8":
+        mesa_nnx.compress(model, QuantConfig(num_groups=6, bits=8))  # channel groups = heads, as deit-s
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = loop.make_optimizer(loop.learning_rate_schedule(1e-3, 10, 100), 0.05)
+    images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+
+    def loss(params, rest, images, labels):
+        model = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables at this trace level
+        return loop.cross_entropy(model(images), labels), nnx.state(model, nnx.Not(nnx.Param))
+
+    def step(params, rest, opt_state, images, labels):
+        (value, rest), grads = jax.value_and_grad(loss, has_aux=True)(params, rest, images, labels)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), rest, opt_state, value
+
+    opt_state = jax.eval_shape(tx.init, params)
+    compiled = memory.compiled_memory(jax.jit(step, donate_argnums=(0, 1, 2)), params, rest, opt_state, images, labels)
+    kept = memory.saved_residuals(lambda *args: loss(*args)[0], params, rest, images, labels)
     residuals = sum(r.nbytes for r in kept if "argument" not in r.source)
     return StepMemory(compiled.peak, compiled.temp, residuals)

@@ -19,7 +19,9 @@ Inside ``scope(quant)`` (entered around a compressed model's methods, and by eve
   once, and an op's output that the next op keeps is kept by the first op's residual.
 
 Handlers find the configuration of a site with ``config(kind, path)`` and the module
-a function was called from with ``current_module()``.
+a function was called from with ``current_module()``; ``function_site`` hands a function
+call to the runner registered for that module's framework (Linen's, NNX's), which
+keeps its statistics in the module.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ ModuleHandler = Callable  # (module, kind, next_fun, args, kwargs) -> output
 FunctionHandler = Callable  # (original, *args, **kwargs) -> output
 
 _module_handlers: dict[type, tuple[str, ModuleHandler]] = {}  # flax class -> (kind, handler)
+_site_runners: dict[type, Callable] = {}  # module base class -> (module, name, kind, tensors, op, exact) -> y
 _dispatchers: dict[Callable, Callable] = {}  # original function -> dispatcher
 _OWN = ("mesa_jax", "pallas_kernels", "jax._src", "jaxlib")  # modules whose names are never rebound
 
@@ -69,6 +72,23 @@ _state = _State()
 
 def register_module(cls: type, kind: str, handler: ModuleHandler) -> None:
     _module_handlers[cls] = (kind, handler)
+
+
+def register_site_runner(base: type, runner: Callable) -> None:
+    """How a function called inside a module of class ``base`` (flax.linen.Module,
+    flax.nnx.Module) finds its statistics: see ``function_site``."""
+    _site_runners[base] = runner
+
+
+def function_site(name: str, kind: str, tensors, op, exact):
+    """A registered function called inside a module: its statistics live in that module, named
+    after the call (``gelu_0``; ``dot_product_attention_0_q`` where it keeps several tensors,
+    given as [(suffix or None, tensor, layout)]). ``exact()``: the original call."""
+    module = current_module()
+    for cls in type(module).__mro__:
+        if cls in _site_runners:
+            return _site_runners[cls](module, name, kind, tensors, op, exact)
+    return exact()
 
 
 def register_function(original: Callable, handler: FunctionHandler) -> Callable:
@@ -110,8 +130,18 @@ def config(kind: str, path: str):
     return resolve(innermost().quant, kind, path)
 
 
-def current_module() -> nn.Module:
+def current_module():
     return _state.frames[-1].module
+
+
+@contextlib.contextmanager
+def called(module):
+    """A module call that is not Linen's (NNX): the functions called inside it are its sites."""
+    _state.frames.append(_Frame(module))
+    try:
+        yield
+    finally:
+        _state.frames.pop()
 
 
 def next_call_name(function: str) -> str:
@@ -152,7 +182,7 @@ def _intercept(next_fun, args, kwargs, context):
     module = context.module
     _state.frames.append(_Frame(module))
     try:
-        with _fields_rebound(module):
+        with rebound(module, [f.name for f in dataclasses.fields(module) if f.name not in ("parent", "name")]):
             found = _handler(module) if context.method_name == "__call__" else None
             if found is None:
                 return next_fun(*args, **kwargs)
@@ -218,18 +248,17 @@ def _rebind(module) -> None:
 
 
 @contextlib.contextmanager
-def _fields_rebound(module):
-    """A module's fields that hold a registered function (``act: Callable = nn.gelu``, a
-    ``functools.partial`` of one, a list of layers) hold its dispatcher during the call."""
+def rebound(module, names):
+    """A module's attributes ``names`` that hold a registered function (``act: Callable =
+    nn.gelu``, a ``functools.partial`` of one, a list of layers) hold its dispatcher during
+    the call."""
     changed = {}
-    for field in dataclasses.fields(module):
-        if field.name in ("parent", "name"):
-            continue
-        value = getattr(module, field.name, None)
-        new = _dispatching(value)
+    for name in names:
+        value = getattr(module, name, None)
+        new = dispatching(value)
         if new is not value:
-            changed[field.name] = value
-            object.__setattr__(module, field.name, new)
+            changed[name] = value
+            object.__setattr__(module, name, new)
     try:
         yield
     finally:
@@ -237,7 +266,8 @@ def _fields_rebound(module):
             object.__setattr__(module, name, value)
 
 
-def _dispatching(value):
+def dispatching(value):
+    """``value`` with the registered functions in it replaced by their dispatchers."""
     try:
         if value in _dispatchers:
             return _dispatchers[value]
@@ -245,8 +275,8 @@ def _dispatching(value):
         return value
     if isinstance(value, functools.partial) and value.func in _dispatchers:
         return functools.partial(_dispatchers[value.func], *value.args, **value.keywords)
-    if isinstance(value, (list, tuple)) and any(_dispatching(v) is not v for v in value):
-        return type(value)(_dispatching(v) for v in value)
+    if isinstance(value, (list, tuple)) and any(dispatching(v) is not v for v in value):
+        return type(value)(dispatching(v) for v in value)
     return value
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax import lax
 
 from mesa_jax import attention as attention_op, interception, ops, quant
 from mesa_jax.policy import Quant, resolve
@@ -150,8 +151,19 @@ def _injected(field: str, make):
     return handler
 
 
-def _dot_general(module, config, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+def _run(module: nn.Module):
+    """How a site in a Linen module runs: ``run(kept, op, exact)`` with the module's statistics."""
+    return lambda kept, op, exact: _compressed(module, kept, op, exact, interception.strict())
+
+
+def dot_general_site(run, config, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                     out_sharding=None):
+    """``lax.dot_general`` keeping ``lhs`` packed (flax's Dense, DenseGeneral; nnx.Linear,
+    LinearGeneral), run by a framework's ``run(kept, op, exact)``."""
     fn = ops.DotGeneral(_tuples(dimension_numbers), precision, preferred_element_type)
+    if out_sharding is not None:
+        return lax.dot_general(lhs, rhs, fn.dimension_numbers, precision, preferred_element_type,
+                               out_sharding=out_sharding)
     (contract, _), (batch, _) = fn.dimension_numbers
     x = lhs
     if not batch and len(contract) > 1 and sorted(a % lhs.ndim for a in contract) == list(
@@ -160,20 +172,24 @@ def _dot_general(module, config, lhs, rhs, dimension_numbers, precision=None, pr
         x = lhs.reshape(*lhs.shape[: -len(contract)], math.prod(lhs.shape[-len(contract):]))
         fn = ops.Reshaped(fn, lhs.shape)
     op = lambda stats, seeds, configs: ops.linear(x, rhs, stats[0], seeds[0], configs[0], fn)
-    return _compressed(module, [("inputs", x, "channels", config)], op, lambda: fn(x, rhs), interception.strict())
+    return run([("inputs", x, "channels", config)], op, lambda: fn(x, rhs))
 
 
 def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def _conv_general_dilated(module, config, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
-                          preferred_element_type=None):
+def conv_site(run, config, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+              dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+              preferred_element_type=None, out_sharding=None):
+    """``lax.conv_general_dilated`` keeping ``lhs`` packed (flax's Conv, nnx.Conv)."""
     fn = ops.ConvGeneral(_tuples(window_strides), _tuples(padding), _tuples(lhs_dilation), _tuples(rhs_dilation),
                          dimension_numbers, feature_group_count, batch_group_count, precision, preferred_element_type)
+    if out_sharding is not None:
+        return lax.conv_general_dilated(lhs, rhs, **{f.name: getattr(fn, f.name) for f in dataclasses.fields(fn)},
+                                        out_sharding=out_sharding)
     op = lambda stats, seeds, configs: ops.linear(lhs, rhs, stats[0], seeds[0], configs[0], fn)
-    return _compressed(module, [("inputs", lhs, "channels", config)], op, lambda: fn(lhs, rhs), interception.strict())
+    return run([("inputs", lhs, "channels", config)], op, lambda: fn(lhs, rhs))
 
 
 def _overrides_call(module, flax_cls) -> bool:
@@ -235,12 +251,17 @@ def _layer_norm(module, kind, next_fun, args, kwargs):
     features = (x.shape[-1],)
     scale = module.param("scale", module.scale_init, features, module.param_dtype) if module.use_scale else None
     bias = module.param("bias", module.bias_init, features, module.param_dtype) if module.use_bias else None
-    settings = dict(epsilon=module.epsilon, fast_variance=module.use_fast_variance, dtype=module.dtype)
-    x_hat = ops.normalized_input(x, module.epsilon, module.use_fast_variance)[0]
-    op = lambda stats, seeds, configs: ops.layer_norm(x, scale, bias, stats[0], seeds[0], configs[0],
-                                                             **settings)
-    return _compressed(module, [("normalized", x_hat, "channels", config)], op,
-                       lambda: ops.layer_norm_reference(x, scale, bias, **settings), interception.strict())
+    return layer_norm_site(_run(module), config, x, scale, bias, module.epsilon, module.use_fast_variance, module.dtype)
+
+
+def layer_norm_site(run, config, x, scale, bias, epsilon, fast_variance, dtype):
+    """LayerNorm over the last axis with flax's arithmetic, keeping the normalized input packed
+    (flax's nn.LayerNorm, nnx.LayerNorm)."""
+    settings = dict(epsilon=epsilon, fast_variance=fast_variance, dtype=dtype)
+    x_hat = ops.normalized_input(x, epsilon, fast_variance)[0]
+    op = lambda stats, seeds, configs: ops.layer_norm(x, scale, bias, stats[0], seeds[0], configs[0], **settings)
+    return run([("normalized", x_hat, "channels", config)], op,
+               lambda: ops.layer_norm_reference(x, scale, bias, **settings))
 
 
 def _attention(module, kind, next_fun, args, kwargs):
@@ -269,7 +290,7 @@ def _attention_fn(module, fused, per_op):
         dropout = kwargs.get("dropout_rate", 0.0) > 0 and not kwargs.get("deterministic", False)
         if fused is not None and not any(custom) and not dropout and kwargs.get("module") is None and query.ndim == 4:
             forward = FlaxAttention(kwargs.get("dtype"), precision, kwargs.get("force_fp32_for_softmax", False))
-            return _fused_attention(module, fused, forward, query, key, value, bias, mask)
+            return fused_attention_site(_run(module), fused, forward, query, key, value, bias, mask)
         if per_op is None or any(custom):
             return nn.dot_product_attention(query, key, value, bias, mask, precision=precision,
                                             einsum_dot_general=einsum_dot_general,
@@ -314,13 +335,15 @@ class _AttentionFunction(nn.Module):
                                         einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum)
 
 
-def _fused_attention(module, config, forward, query, key, value, bias, mask):
-    """mesa_jax.attention with q, k, v statistics in ``module`` (one group per head)."""
-    spec = attention_op.Forward(forward, scale=1.0 / math.sqrt(query.shape[-1]), saved_lse=config.saved_lse)
+def fused_attention_site(run, config, forward, query, key, value, bias, mask, is_causal: bool = False):
+    """mesa_jax.attention with ``forward`` (the framework's attention function, no dropout):
+    q, k, v kept per head ([B, L, H, D], one group per head)."""
+    spec = attention_op.Forward(forward, scale=1.0 / math.sqrt(query.shape[-1]), is_causal=is_causal,
+                                saved_lse=config.saved_lse)
     kept = [(name, t, t.ndim - 2, config) for name, t in (("q", query), ("k", key), ("v", value))]
     op = lambda stats, seeds, configs: attention_op.packed_attention(query, key, value, bias, mask, tuple(stats),
                                                               tuple(seeds), configs[0], spec)
-    return _compressed(module, kept, op, lambda: forward(query, key, value, bias, mask), interception.strict())
+    return run(kept, op, lambda: forward(query, key, value, bias, mask))
 
 
 def _dot_product_attention(module, kind, next_fun, args, kwargs):
@@ -346,11 +369,8 @@ def _attention_einsum(module, config, names, axes, precision):
 # ------------------------------------------------- functions, compressed
 
 
-def _function_site(name: str, kind: str, tensors, op, exact):
-    """A registered function called inside a module: its statistics live in that module, named
-    after the call (``gelu_0``; ``dot_product_attention_0_q`` where it keeps several tensors,
-    given as [(suffix or None, tensor, layout)]). ``exact()``: the original call."""
-    module = interception.current_module()
+def _linen_site(module: nn.Module, name: str, kind: str, tensors, op, exact):
+    """A function called inside a Linen module (interception.function_site)."""
     state = getattr(module, "_state", None)
     if not (state is not None and (state.in_compact_method or state.in_setup)):
         return exact()  # variables need @compact or setup
@@ -364,7 +384,7 @@ def _function_site(name: str, kind: str, tensors, op, exact):
 
 def _gelu(original, x, approximate: bool = True):
     op = lambda stats, seeds, configs: ops.gelu(x, stats[0], seeds[0], configs[0], approximate)
-    return _function_site("gelu", "gelu", [(None, x, "channels")], op,
+    return interception.function_site("gelu", "gelu", [(None, x, "channels")], op,
                           lambda: original(x, approximate=approximate))
 
 
@@ -372,7 +392,7 @@ def _softmax(original, x, axis=-1, where=None, **kwargs):
     if where is not None or kwargs or axis not in (-1, x.ndim - 1):
         return original(x, axis=axis, where=where, **kwargs)
     op = lambda stats, seeds, configs: ops.softmax(x, stats[0], seeds[0], configs[0])
-    return _function_site("softmax", "softmax", [(None, x, ops.attention_layout(x.ndim))], op,
+    return interception.function_site("softmax", "softmax", [(None, x, ops.attention_layout(x.ndim))], op,
                           lambda: original(x, axis=axis))
 
 
@@ -392,20 +412,21 @@ def _jax_attention(original, query, key, value, bias=None, mask=None, *, scale=N
                                              forward)
 
     tensors = [(name, t, 2) for name, t in (("q", query), ("k", key), ("v", value))]  # [B, L, H, D]: per head
-    return _function_site("dot_product_attention", "attention", tensors, op, exact)
+    return interception.function_site("dot_product_attention", "attention", tensors, op, exact)
 
 
 # Dense, DenseGeneral: flax's call with a dot_general that keeps its input packed. Conv: flax's
 # call (padding, dilation, feature groups, masks: all flax's) with such a conv_general_dilated.
-_dense = _injected("dot_general", lambda module, config: functools.partial(_dot_general, module, config))
+_dense = _injected("dot_general", lambda module, config: functools.partial(dot_general_site, _run(module), config))
 interception.register_module(nn.Dense, "dense", _dense)
 interception.register_module(nn.DenseGeneral, "dense", _dense)
 interception.register_module(nn.Einsum, "dense", _einsum)
 interception.register_module(nn.Conv, "conv", _injected(
-    "conv_general_dilated", lambda module, config: functools.partial(_conv_general_dilated, module, config)))
+    "conv_general_dilated", lambda module, config: functools.partial(conv_site, _run(module), config)))
 interception.register_module(nn.LayerNorm, "layer_norm", _layer_norm)
 interception.register_module(nn.MultiHeadDotProductAttention, "attention", _attention)
 interception.register_module(_AttentionFunction, "attention", _dot_product_attention)
+interception.register_site_runner(nn.Module, _linen_site)
 interception.register_function(jax.nn.gelu, _gelu)
 interception.register_function(jax.nn.softmax, _softmax)
 interception.register_function(jax.nn.dot_product_attention, _jax_attention)

@@ -1,0 +1,306 @@
+"""mesa_jax.nnx: NNX layers that are their namesakes, and in-place compression of NNX models."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+import mesa_jax
+import mesa_jax.nn as mnn
+from mesa_jax import Policy, QuantConfig, memory
+from mesa_jax import nnx as mnnx
+
+from benchmarks import nnx_vit
+
+NEAREST = QuantConfig(stochastic=False)
+
+# (id, class name in flax.nnx and mesa_jax.nnx, positional and keyword arguments, input shape)
+NNX_TWINS = [
+    ("linear", "Linear", (8, 6), dict(), (2, 5, 8)),
+    ("linear_nobias", "Linear", (8, 6), dict(use_bias=False), (2, 5, 8)),
+    ("linear_general_heads", "LinearGeneral", (8, (2, 3)), dict(), (2, 5, 8)),
+    ("linear_general_merge", "LinearGeneral", ((2, 4), 6), dict(axis=(-2, -1)), (2, 5, 2, 4)),
+    ("einsum", "Einsum", ("bnc,chd->bnhd", (8, 2, 3)), dict(bias_shape=(2, 3)), (2, 5, 8)),
+    ("conv_patch", "Conv", (3, 4), dict(kernel_size=(2, 2), strides=(2, 2), padding="VALID"), (2, 6, 6, 3)),
+    ("conv_same", "Conv", (4, 4), dict(kernel_size=(3, 3), feature_group_count=2), (2, 6, 6, 4)),
+    ("layer_norm", "LayerNorm", (8,), dict(), (2, 5, 8)),
+    ("layer_norm_slow_variance", "LayerNorm", (8,), dict(use_fast_variance=False, epsilon=1e-5), (2, 5, 8)),
+    ("attention", "MultiHeadAttention", (2, 8), dict(decode=False), (2, 5, 8)),
+]
+IDS = [t[0] for t in NNX_TWINS]
+
+
+def twins(name, args, kwargs, **extra):
+    return (getattr(nnx, name)(*args, **kwargs, rngs=nnx.Rngs(1)),
+            getattr(mnnx, name)(*args, **kwargs, **extra, rngs=nnx.Rngs(1)))
+
+
+run = nnx.jit(lambda model, x: model(x))  # eager NNX calls of a whole model dispatch op by op: slow
+
+
+def pure(module, *filters):
+    return nnx.to_pure_dict(nnx.state(module, *filters))
+
+
+@nnx.jit
+def grads(module, x):
+    """d/d(params, x) of a fixed nonlinear function of the output, as a training step takes it."""
+    loss = lambda module, x: jnp.sum(jnp.cos(module(x)) * module(x))
+    return nnx.grad(loss, argnums=(0, 1))(module, x)
+
+
+def relative_error(got, want):
+    a, b = ravel_pytree(got)[0], ravel_pytree(want)[0]
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.mark.parametrize("_, name, args, kwargs, shape", NNX_TWINS, ids=IDS)
+def test_params_and_forward_are_nnx_s(_, name, args, kwargs, shape, key):
+    plain, mesa = twins(name, args, kwargs)
+    x = jax.random.normal(key, shape)
+    assert jax.tree.map(jnp.shape, pure(plain, nnx.Param)) == jax.tree.map(jnp.shape, pure(mesa, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, pure(plain, nnx.Param), pure(mesa, nnx.Param))
+    want = plain(x)
+    np.testing.assert_array_equal(mesa(x), want)  # training: packs and updates its statistics
+    assert all(v.get_value().count == 1 for _, v in nnx.to_flat_state(nnx.state(mesa, mnnx.MesaStat)))
+    mesa.eval()
+    np.testing.assert_array_equal(mesa(x), want)
+
+
+@pytest.mark.parametrize("_, name, args, kwargs, shape", NNX_TWINS, ids=IDS)
+def test_gradients_approach_nnx_s_with_the_step_and_residuals_are_packed(_, name, args, kwargs, shape, key):
+    """As the Linen layers': the error is first order in the step (4 -> 8 bits divides it by
+    17; a factor 2 for the two noise draws), and only parameters and packed words are kept."""
+    x = jax.random.normal(key, shape)
+    plain = getattr(nnx, name)(*args, **kwargs, rngs=nnx.Rngs(1))
+    exact = grads(plain, x)
+    errors = {}
+    for bits in (8, 4):
+        mesa = getattr(mnnx, name)(*args, **kwargs, quant=QuantConfig(bits=bits), rngs=nnx.Rngs(1))
+        approx = grads(mesa, x)
+        errors[bits] = relative_error((nnx.to_pure_dict(approx[0]), approx[1]), (nnx.to_pure_dict(exact[0]), exact[1]))
+    assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
+    graphdef, params, rest = nnx.split(mesa, nnx.Param, ...)
+    loss = lambda params, rest: jnp.sum(nnx.merge(graphdef, params, rest, copy=True)(x))
+    size = min(x.size, plain(x).size)
+    for r in memory.saved_residuals(loss, params, rest):
+        if jnp.issubdtype(r.dtype, jnp.floating) and np.prod(r.shape) >= size:
+            assert "argument" in r.source, r
+
+
+def test_attention_keeps_q_k_v_per_head_and_no_probabilities():
+    attn = mnnx.MultiHeadAttention(4, 16, decode=False, quant=QuantConfig(num_groups=2), rngs=nnx.Rngs(0))
+    shapes = {"/".join(map(str, k)): v.get_value().lo.shape for k, v in nnx.to_flat_state(nnx.state(attn, mnnx.MesaStat))}
+    assert shapes == {"q": (4,), "k": (4,), "v": (4,), "query/inputs": (2,), "key/inputs": (2,),
+                      "value/inputs": (2,), "out/inputs": (2,)}  # created with the layer, before any call
+    x = jax.random.normal(jax.random.key(0), (2, 7, 16))
+    graphdef, params, rest = nnx.split(attn, nnx.Param, ...)
+    kept = memory.saved_residuals(lambda p: jnp.sum(nnx.merge(graphdef, p, rest, copy=True)(x)), params)
+    assert not [r for r in kept if r.shape[-2:] == (7, 7)], kept  # no N x N tensor
+
+
+def block_model(rngs):
+    """A pre-norm Transformer block as NNX's documentation writes one."""
+
+    class Block(nnx.Module):
+        def __init__(self, d, heads, *, rngs):
+            self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+            self.attn = nnx.MultiHeadAttention(heads, d, decode=False, rngs=rngs)
+            self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+            self.fc1 = nnx.Linear(d, 4 * d, rngs=rngs)
+            self.fc2 = nnx.Linear(4 * d, d, rngs=rngs)
+
+        def __call__(self, x):
+            x = x + self.attn(self.ln1(x))
+            return x + self.fc2(nnx.gelu(self.fc1(self.ln2(x))))
+
+    return Block(16, 2, rngs=rngs)
+
+
+def small_vit():
+    return nnx_vit.VisionTransformer(10, img_size=16, patch_size=4, num_layers=2, num_heads=2, mlp_dim=32,
+                                     hidden_size=16, dropout_rate=0.0, rngs=nnx.Rngs(0))
+
+
+def test_compress_works_in_place_keeping_the_param_objects_and_the_forward():
+    model = small_vit()
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    want = run(model, x)
+    params = {path: v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert mesa_jax.nnx.compress(model) is model
+    after = {path: v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert after.keys() == params.keys() and all(after[p] is params[p] for p in params)  # the same objects
+    assert isinstance(model, nnx_vit.VisionTransformer) and isinstance(model.encoder.layers[0].attn,
+                                                                        nnx.MultiHeadAttention)
+    np.testing.assert_array_equal(run(model, x), want)
+    stats = {"/".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(model, mnnx.MesaStat))}
+    assert {"patch_embeddings/inputs", "encoder/layers/0/attn/q", "encoder/layers/1/norm2/normalized",
+            "encoder/layers/0/mlp/gelu_0"} <= stats  # gelu inside nnx.Sequential: created at its first call
+
+
+def test_a_checkpoint_of_the_original_restores_into_the_compressed_model(tmp_path):
+    import orbax.checkpoint as ocp
+
+    original = small_vit()
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", nnx.state(original, nnx.Param))
+    checkpointer.wait_until_finished()
+    model = mnnx.compress(small_vit())
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    nnx.update(model, jax.tree.map(lambda a: a + 1, nnx.state(model, nnx.Param)))  # moved away
+    restored = checkpointer.restore(tmp_path / "ckpt", nnx.state(model, nnx.Param))
+    nnx.update(model, restored)
+    np.testing.assert_array_equal(run(model, x), run(original, x))
+
+
+def counts(model):
+    return {"/".join(map(str, k)): int(v.get_value().count) for k, v in nnx.to_flat_state(
+        nnx.state(model, mnnx.MesaStat))}
+
+
+def test_statistics_update_in_training_and_stay_fixed_in_evaluation_and_views():
+    model = mnnx.compress(block_model(nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 16))
+    run(model, x)
+    trained = counts(model)
+    assert trained["ln1/normalized"] == trained["gelu_0"] == trained["attn/q"] == 1
+    assert trained["fc1/inputs"] == 0  # LayerNorm's residual stands for it: nothing to measure
+    model.eval()
+    run(model, x)
+    assert counts(model) == trained
+    model.train()
+    run(nnx.view(model, use_running_average=True), x)
+    assert counts(model) == trained
+    run(model, x)
+    assert counts(model)["ln1/normalized"] == 2
+
+
+def linen_block():
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            y = nn.MultiHeadDotProductAttention(2, name="attn")(nn.LayerNorm(name="ln1", epsilon=1e-6)(x))
+            x = x + y
+            h = nn.Dense(64, name="fc1")(nn.LayerNorm(name="ln2", epsilon=1e-6)(x))
+            return x + nn.Dense(16, name="fc2")(nn.gelu(h))
+
+    return Block()
+
+
+def test_optimizer_steps_under_nnx_jit_match_the_linen_model_s_on_the_same_weights():
+    """The same block in NNX and Linen, compressed by each API with nearest rounding (no
+    noise: seeds differ by path): the optimizer steps agree to float rounding (the two
+    frameworks' attention forwards differ in the last bits)."""
+    x = jax.random.normal(jax.random.key(1), (4, 5, 16))
+    y = jax.random.normal(jax.random.key(2), (4, 5, 16))
+    model = mnnx.compress(block_model(nnx.Rngs(0)), NEAREST)
+    linen = mesa_jax.compress(linen_block(), NEAREST)
+    variables = linen.init(jax.random.key(0), x)
+    params = pure(model, nnx.Param)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, variables["params"])
+    tx = optax.sgd(0.1, momentum=0.9)  # not Adam: it would blow the key bias's zero-up-to-rounding gradient up
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def nnx_step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    @jax.jit
+    def linen_step(params, mesa, opt_state):
+        def loss(params):
+            out, state = linen.apply({"params": params, "mesa": mesa}, x, mutable=["mesa"])
+            return jnp.mean((out - y) ** 2), state["mesa"]
+
+        (value, mesa), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), mesa, opt_state, value
+
+    linen_params, mesa, opt_state = params, variables["mesa"], tx.init(params)
+    for _ in range(4):
+        nnx_loss = nnx_step(model, optimizer)
+        linen_params, mesa, opt_state, linen_loss = linen_step(linen_params, mesa, opt_state)
+        np.testing.assert_allclose(nnx_loss, linen_loss, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), pure(model, nnx.Param),
+                 linen_params)
+    np.testing.assert_allclose(model.ln1.normalized.get_value().lo, mesa["ln1"]["normalized"].lo, rtol=1e-5)
+    assert counts(model)["ln1/normalized"] == 4
+
+
+def test_the_bridge_maps_the_statistics_both_ways():
+    x = jnp.ones((2, 8))
+    bridged = nnx.bridge.ToNNX(mnn.Dense(4), rngs=nnx.Rngs(0))
+    nnx.bridge.lazy_init(bridged, x)
+    assert [type(v) for _, v in nnx.to_flat_state(nnx.state(bridged, mnnx.MesaStat))] == [mnnx.MesaStat]
+    linen = nnx.bridge.ToLinen(mnnx.Linear, args=(8, 4))
+    variables = linen.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, variables["mesa"])["inputs"].lo == (1,)
+
+
+def test_stacked_layers_under_nnx_vmap_and_scan_keep_stacked_statistics(key):
+    """Layers made by nnx.vmap (stacked Params) get statistics stacked the same way, and an
+    nnx.scan over them updates each layer's own."""
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.norm = nnx.LayerNorm(8, rngs=rngs)
+            self.linear = nnx.Linear(8, 8, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.linear(nnx.relu(self.norm(x)))
+
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+        return MLP(nnx.Rngs(key))
+
+    stack = make(jax.random.split(jax.random.key(0), 3))
+
+    def forward(stack, x):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def body(layer, x):
+            return layer(x)
+
+        return body(stack, x)
+
+    x = jax.random.normal(key, (2, 8))
+    want = forward(stack, x)
+    mnnx.compress(stack)
+    assert stack.norm.normalized.get_value().lo.shape == (3, 1)
+    np.testing.assert_array_equal(forward(stack, x), want)
+    np.testing.assert_array_equal(stack.linear.inputs.get_value().count, [1, 1, 1])
+    lo = stack.norm.normalized.get_value().lo[:, 0]
+    assert len(set(np.asarray(lo).tolist())) == 3  # each layer measured its own input
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: mnnx.compress(nn.Dense(3)), "takes a flax.nnx Module"),
+    (lambda: mnnx.compress(mnnx.compress(block_model(nnx.Rngs(0)))), "already compressed"),
+    (lambda: mnnx.compress(block_model(nnx.Rngs(0)), Policy(overrides={"fc3": None})), r"\['fc3'\] match no module"),
+    (lambda: mnnx.compress(block_model(nnx.Rngs(0)), quant="int8"), "quant must be"),
+    (lambda: mnnx.Linear(6, 4, quant=QuantConfig(num_groups=4), rngs=nnx.Rngs(0)), "does not divide"),
+])
+def test_bad_inputs_name_the_problem(make, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        make()
+
+
+def test_an_unsupported_setting_raises_for_a_layer_and_runs_exactly_inside_compress():
+    x = jnp.ones((2, 8))
+    custom = lambda *args, **kwargs: jax.lax.dot_general(*args, **kwargs)
+    with pytest.raises(NotImplementedError, match="custom dot_general"):
+        mnnx.Linear(8, 4, dot_general=custom, rngs=nnx.Rngs(0))(x)
+    plain = nnx.Linear(8, 4, dot_general=custom, rngs=nnx.Rngs(0))
+    want = plain(x)
+    np.testing.assert_array_equal(mnnx.compress(plain)(x), want)
+
+
+def test_a_policy_picks_configs_by_module_path():
+    model = mnnx.compress(block_model(nnx.Rngs(0)), Policy(QuantConfig(bits=8), overrides={
+        "fc2": QuantConfig(bits=4), "attn": None}))
+    assert model.fc2.mesa_config.bits == 4 and model.fc1.mesa_config.bits == 8
+    assert model.attn.mesa_config is None and not hasattr(model.attn, "q")
