@@ -381,7 +381,7 @@ def compress(model: nnx.Module, quant: Quant = QuantConfig()) -> nnx.Module:
     if quant is not None and not isinstance(quant, (QuantConfig, Policy)):
         raise TypeError(f"quant must be a QuantConfig, a Policy or None, got {type(quant).__name__}")
     modules = [("/".join(map(str, path)), module) for path, module in nnx.iter_modules(model)]
-    if any(hasattr(type(m), "_mesa_base") for _, m in modules):
+    if hasattr(type(model), "_mesa_base"):
         raise ValueError(f"{type(model).__name__} is already compressed (mesa_jax.nnx.compress runs once per model)")
     if isinstance(quant, Policy) and quant.overrides:
         sites = [p for p, _ in modules] + [f"{p}/{f}_0".lstrip("/") for p, _ in modules
@@ -391,8 +391,8 @@ def compress(model: nnx.Module, quant: Quant = QuantConfig()) -> nnx.Module:
             raise ValueError(f"Policy override(s) {dead} match no module; module paths are e.g. "
                              f"{[p for p, _ in modules if p][:6]}")
     for path, module in modules:
-        if isinstance(module, _Layer):
-            continue  # a mesa layer keeps its own quant
+        if isinstance(module, _Layer) or hasattr(type(module), "_mesa_base"):
+            continue  # a mesa layer (and its projections), or a part compressed before, keeps its quant
         if _supported(module):
             _attach(module, resolve(quant, _SUPPORTED[_namesake(module)][0], path), path, strict=False)
         else:

@@ -243,8 +243,9 @@ def test_the_bridge_maps_the_statistics_both_ways():
 
 
 def test_stacked_layers_under_nnx_vmap_and_scan_keep_stacked_statistics(key):
-    """Layers made by nnx.vmap (stacked Params) get statistics stacked the same way, and an
-    nnx.scan over them updates each layer's own."""
+    """Layers made by nnx.vmap (stacked Params) get statistics stacked the same way, an
+    nnx.scan over them updates each layer's own, and a function called inside them creates
+    its statistics stacked at the first scan."""
 
     class MLP(nnx.Module):
         def __init__(self, rngs):
@@ -252,7 +253,7 @@ def test_stacked_layers_under_nnx_vmap_and_scan_keep_stacked_statistics(key):
             self.linear = nnx.Linear(8, 8, rngs=rngs)
 
         def __call__(self, x):
-            return x + self.linear(nnx.relu(self.norm(x)))
+            return x + nnx.gelu(self.linear(nnx.relu(self.norm(x))))
 
     @nnx.vmap(in_axes=0, out_axes=0)
     def make(key):
@@ -273,6 +274,7 @@ def test_stacked_layers_under_nnx_vmap_and_scan_keep_stacked_statistics(key):
     assert stack.norm.normalized.get_value().lo.shape == (3, 1)
     np.testing.assert_array_equal(forward(stack, x), want)
     np.testing.assert_array_equal(stack.linear.inputs.get_value().count, [1, 1, 1])
+    assert stack.gelu_0.get_value().lo.shape == (3, 1)
     lo = stack.norm.normalized.get_value().lo[:, 0]
     assert len(set(np.asarray(lo).tolist())) == 3  # each layer measured its own input
 
@@ -304,3 +306,19 @@ def test_a_policy_picks_configs_by_module_path():
         "fc2": QuantConfig(bits=4), "attn": None}))
     assert model.fc2.mesa_config.bits == 4 and model.fc1.mesa_config.bits == 8
     assert model.attn.mesa_config is None and not hasattr(model.attn, "q")
+
+
+def test_mesa_layers_inside_a_model_keep_their_own_quant_under_compress():
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.attn = mnnx.MultiHeadAttention(2, 16, decode=False, quant=QuantConfig(bits=4), rngs=rngs)
+            self.fc = nnx.Linear(16, 16, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc(self.attn(x))
+
+    model = mnnx.compress(Model(nnx.Rngs(0)))
+    assert model.attn.mesa_config.bits == 4 and model.attn.query.mesa_config.bits == 4
+    assert model.fc.mesa_config.bits == 8
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    assert run(model, x).shape == (2, 5, 16) and counts(model)["attn/q"] == 1
