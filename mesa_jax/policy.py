@@ -21,28 +21,34 @@ KINDS = ("dense", "conv", "layer_norm", "gelu", "softmax", "matmul", "attention"
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """``config`` for every layer of ``kinds``; ``overrides`` (glob -> config or None) win, last first.
+    """``config`` for every layer of ``kinds``; ``by_kind`` (kind -> config or None) sets a
+    kind's own; ``overrides`` (glob on the module path -> config or None) win over both, last first.
 
     >>> Policy(QuantConfig(bits=8), kinds=("dense", "gelu"), overrides={"head": None})
+    >>> Policy(QuantConfig(bits=4), by_kind={"softmax": QuantConfig(bits=8)})
     """
 
     config: QuantConfig = QuantConfig()
     kinds: tuple[str, ...] = KINDS
     overrides: tuple[tuple[str, QuantConfig | None], ...] = ()
+    by_kind: tuple[tuple[str, QuantConfig | None], ...] = ()
 
     def __post_init__(self):
         kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
         unknown = sorted(set(kinds) - set(KINDS))
         if unknown:
             raise ValueError(f"unknown layer kind(s) {unknown} in Policy; valid kinds: {list(KINDS)}")
-        overrides = self.overrides
-        if isinstance(overrides, Mapping):
-            overrides = tuple(overrides.items())
-        for glob, config in overrides:
+        overrides, by_kind = (tuple(v.items()) if isinstance(v, Mapping) else tuple(v)
+                              for v in (self.overrides, self.by_kind))
+        for glob, config in overrides + by_kind:
             if config is not None and not isinstance(config, QuantConfig):
-                raise TypeError(f"Policy override {glob!r} must map to a QuantConfig or None, got {config!r}")
+                raise TypeError(f"Policy entry {glob!r} must map to a QuantConfig or None, got {config!r}")
+        unknown = sorted({kind for kind, _ in by_kind} - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown layer kind(s) {unknown} in Policy.by_kind; valid kinds: {list(KINDS)}")
         object.__setattr__(self, "kinds", kinds)
-        object.__setattr__(self, "overrides", tuple(overrides))
+        object.__setattr__(self, "overrides", overrides)
+        object.__setattr__(self, "by_kind", by_kind)
 
     def resolve(self, kind: str, path: str) -> QuantConfig | None:
         """The config of the ``kind`` layer at ``path`` ("block_0/mlp/fc1"), or None (exact)."""
@@ -50,6 +56,9 @@ class Policy:
             raise ValueError(f"unknown layer kind {kind!r}; valid kinds: {list(KINDS)}")
         for glob, config in reversed(self.overrides):
             if fnmatch.fnmatchcase(path, glob):
+                return config
+        for name, config in self.by_kind:
+            if name == kind:
                 return config
         return self.config if kind in self.kinds else None
 
@@ -64,9 +73,16 @@ class Policy:
 
     def map_configs(self, fn) -> "Policy":
         """The same policy with ``fn`` applied to every config it holds."""
-        return Policy(
-            fn(self.config), self.kinds, tuple((g, None if c is None else fn(c)) for g, c in self.overrides)
-        )
+        mapped = lambda pairs: tuple((k, None if c is None else fn(c)) for k, c in pairs)
+        return Policy(fn(self.config), self.kinds, mapped(self.overrides), mapped(self.by_kind))
+
+
+def int4_with_int8_attention(num_groups: int = 1) -> Policy:
+    """Row ranges everywhere; 4 bits for dense, conv, LayerNorm and GELU inputs, 8 for the
+    attention tensors (the fused core's Q, K, V; op by op: softmax and matmul operands),
+    which the prototype measurement found the most sensitive to low bits (issue 14)."""
+    low, high = (QuantConfig(bits=b, num_groups=num_groups, ranges="row") for b in (4, 8))
+    return Policy(low, by_kind={kind: high for kind in ("attention", "softmax", "matmul")})
 
 
 Quant = Union[QuantConfig, Policy, None]

@@ -42,6 +42,7 @@ Layout = Union[Literal["channels", "heads"], int]  # see pallas_kernels.arithmet
 
 EPS = 1e-8  # floor of a group's range: a constant group packs to code 0 and unpacks exactly
 VALID_BITS = (8, 4, 2)
+RANGES = ("running", "row")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,12 @@ class QuantConfig:
     # logits (float32: 4 bytes per head and token) and normalize the restored logits with
     # it. False: normalize them by their own log-sum-exp (restored rows sum to one).
     saved_lse: bool = False
+    # "running": each group's range is the running estimate (Mesa's). "row": each row of the
+    # last axis (per channel group; an attention tensor's rows lie within one head) packs
+    # with its own finite min/max, measured from the tensor itself in the read that packs
+    # it, and keeps that scale and shift in bfloat16 next to its codes. The running
+    # statistics are updated in both modes.
+    ranges: str = "running"
 
     def __post_init__(self):
         def integer(name):
@@ -84,6 +91,8 @@ class QuantConfig:
                 raise ValueError(f"QuantConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
         if self.implementation is not None:
             pallas_kernels.check(self.implementation)
+        if self.ranges not in RANGES:
+            raise ValueError(f"QuantConfig.ranges must be one of {list(RANGES)}, got {self.ranges!r}")
 
     @property
     def levels(self) -> int:
@@ -101,16 +110,17 @@ class Stats(NamedTuple):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Packed:
-    """An activation kept as packed integer codes plus per-group scale and shift."""
+    """An activation kept as packed integer codes plus per-group (or per-row) scale and shift."""
 
     words: jax.Array  # [..., ceil(C * bits / 32)] uint32: rows of codes packed into words
-    scale: jax.Array  # [G] float32
-    shift: jax.Array  # [G] float32
+    scale: jax.Array  # [G] float32; with ``rows``: [..., Gr] bfloat16, one per row and channel group
+    shift: jax.Array  # like scale
     shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
     bits: int = dataclasses.field(metadata=dict(static=True))
     layout: Layout = dataclasses.field(metadata=dict(static=True))
     implementation: str = dataclasses.field(metadata=dict(static=True))  # resolved: unpack runs the same
+    rows: bool = dataclasses.field(default=False, metadata=dict(static=True))  # QuantConfig(ranges="row")
 
     @property
     def nbytes(self) -> int:
@@ -283,6 +293,8 @@ def pack_and_measure(x: jax.Array, stats: Stats, config: QuantConfig, seed, layo
                      normalized_by=None) -> tuple[Packed, jax.Array, jax.Array]:
     """(x packed as pack_and_update packs it, x's per-group finite min, max)."""
     _check_groups(x, stats, config, layout)
+    if config.ranges == "row":  # each row's own range: no estimate needed, first observation or not
+        return _pack_measure(x, stats, config, seed, layout, normalized_by)
     if config.update_first:
         lo, hi = group_min_max(normalize_rows(x, normalized_by), layout, stats.lo.shape[0])
         return pack(x, fold_range(stats, lo, hi, config), config, seed, layout, normalized_by), lo, hi
@@ -301,6 +313,11 @@ def _pack_measure(x, stats: Stats, config: QuantConfig, seed, layout: Layout, no
     groups = stats.lo.shape[0]
     # the kernels need a non-empty grid; an empty tensor has nothing to pack anyway
     implementation = "xla" if x.size == 0 else pallas_kernels.resolve(config.implementation)
+    if config.ranges == "row":
+        if implementation != "xla":
+            raise NotImplementedError(f"QuantConfig(ranges='row') has no Pallas kernels yet; use "
+                                      f"implementation='xla' (got {implementation!r})")
+        return _pack_rows(x, config, seed, layout, normalized_by, groups)
     if implementation == "xla":
         xn = normalize_rows(x, normalized_by)
         codes, scale, shift = quantize(xn, stats, config, seed, layout)
@@ -317,8 +334,65 @@ def _pack_measure(x, stats: Stats, config: QuantConfig, seed, layout: Layout, no
     return Packed(words, scale, shift, x.shape, jnp.dtype(dtype), config.bits, layout, implementation), lo, hi
 
 
+def row_view(shape: tuple[int, ...], layout: Layout, groups: int) -> tuple[int, ...]:
+    """Row ranges: ``shape[:-1] + (Gr, C // Gr)``, one range per row of the last axis and
+    channel group (Gr = the groups for "channels", else 1: a head's rows are its own)."""
+    axis = arithmetic.group_axis(shape, layout)
+    split = groups if axis is None or axis == len(shape) - 1 else 1
+    return (*shape[:-1], split, shape[-1] // split)
+
+
+def _pack_rows(x, config: QuantConfig, seed, layout: Layout, normalized_by, groups: int):
+    """(x packed with each row's own range, x's per-group min, max for the running statistics)."""
+    xn = normalize_rows(x, normalized_by)
+    xr = xn.reshape(row_view(x.shape, layout, groups)).astype(jnp.float32)
+    finite = jnp.isfinite(jax.lax.stop_gradient(xr))
+    raw_lo = jnp.min(jnp.where(finite, xr, jnp.inf), axis=-1, initial=jnp.inf)
+    raw_hi = jnp.max(jnp.where(finite, xr, -jnp.inf), axis=-1, initial=-jnp.inf)
+    shift, scale = _row_affine(*arithmetic.range_or_zero(raw_lo, raw_hi), config)
+    u = noise(seed, xr.shape) if config.stochastic else 0.5
+    codes = arithmetic.quantize(xr, shift.astype(jnp.float32)[..., None], 1.0 / scale.astype(jnp.float32)[..., None],
+                                u, config.levels)
+    words = pack_codes(codes.astype(jnp.uint32).reshape(x.shape), config.bits)
+    axis = arithmetic.group_axis(x.shape, layout)
+    by_group = (-1 if axis is None or axis == x.ndim - 1 else axis)  # the axis of raw_lo holding the groups
+    view = grouped_shape(raw_lo.shape, by_group, groups)
+    lo, hi = _group_range(raw_lo.reshape(view), raw_hi.reshape(view))
+    dtype = x.dtype if normalized_by is None else jnp.promote_types(x.dtype, jnp.float32)
+    packed = Packed(words, scale, shift, x.shape, jnp.dtype(dtype), config.bits, layout, "xla", rows=True)
+    return packed, lo, hi
+
+
+ROW_SCALE_DTYPE = jnp.bfloat16  # 4 bytes of scale and shift per row and group (float32: 8)
+# Row ranges are clipped to +-2**126 (values beyond clamp): the top of the grid, shift +
+# levels * scale with both rounded outward, then stays below float32's maximum.
+ROW_LIMIT = 2.0**126
+
+
+def _row_affine(lo, hi, config: QuantConfig):
+    """Per-row (shift, scale) as stored: the shift rounded down and the scale up to bfloat16,
+    so that the stored grid still covers [lo, hi]; both finite whatever the range."""
+    lo, hi = jnp.clip(lo, -ROW_LIMIT, ROW_LIMIT), jnp.clip(hi, -ROW_LIMIT, ROW_LIMIT)
+    shift = _rounded(lo, down=True)
+    span = jnp.maximum(hi - shift.astype(jnp.float32), EPS)
+    return shift, _rounded(span * (1.0 / config.levels), down=False)
+
+
+def _rounded(v: jax.Array, down: bool) -> jax.Array:
+    """float32 ``v`` in ROW_SCALE_DTYPE, rounded toward -inf (``down``) or +inf."""
+    r = v.astype(ROW_SCALE_DTYPE)
+    off = r.astype(jnp.float32) > v if down else r.astype(jnp.float32) < v
+    return jnp.where(off, jnp.nextafter(r, jnp.asarray(-jnp.inf if down else jnp.inf, ROW_SCALE_DTYPE)), r)
+
+
 def unpack(p: Packed) -> jax.Array:
     """The dequantized tensor, in the original shape and dtype, by the implementation that packed it."""
+    if p.rows:
+        codes = unpack_codes(p.words, p.bits, p.shape[-1])
+        compute = jnp.promote_types(p.dtype, jnp.float32)
+        cg = codes.reshape(*p.shape[:-1], p.scale.shape[-1], p.shape[-1] // p.scale.shape[-1]).astype(compute)
+        x = arithmetic.dequantize(cg, p.shift[..., None].astype(compute), p.scale[..., None].astype(compute))
+        return x.reshape(p.shape).astype(p.dtype)
     if p.implementation != "xla":
         return kernels.unpack(p.words, p.shift, p.scale, shape=p.shape, dtype=p.dtype, layout=p.layout,
                               bits=p.bits, interpret=p.implementation == "pallas_interpret")

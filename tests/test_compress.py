@@ -117,6 +117,7 @@ def test_a_cnn_keeps_its_convolution_and_dense_inputs_packed():
     assert len(packed) == 4  # two Conv, two Dense
 
 
+@pytest.mark.slow  # repeated coverage: kept out of the default run
 def test_training_from_a_params_only_checkpoint_creates_the_statistics():
     model, shape, kwargs = MODELS["encoder"]
     x = inputs(shape)
@@ -128,6 +129,7 @@ def test_training_from_a_params_only_checkpoint_creates_the_statistics():
     assert {int(s.count) for s in stats_leaves(state["mesa"])} == {2}
 
 
+@pytest.mark.slow  # repeated coverage: kept out of the default run
 def test_training_mode_with_dropout_matches_the_original():
     model, shape, _ = MODELS["encoder"]
     x = inputs(shape)

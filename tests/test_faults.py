@@ -41,6 +41,7 @@ def test_a_rerun_with_other_settings_is_refused_naming_them(change, tmp_path, us
     assert rows(tmp_path) == before  # nothing touched
 
 
+@pytest.mark.slow  # repeated coverage: kept out of the default run
 def test_a_rerun_may_train_longer_and_change_its_intervals(tmp_path, use_small_synthetic):
     run.train_and_evaluate(config(steps=2), str(tmp_path))
     run.train_and_evaluate(config(steps=4, log_every=1, eval_every=4, checkpoint_every=4), str(tmp_path))

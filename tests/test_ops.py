@@ -148,7 +148,7 @@ def test_quantized_vjp_is_the_reference_vjp_at_the_dequantized_input(case, key):
             np.testing.assert_allclose(a, b, rtol=FLOAT64_ROUNDING, atol=FLOAT64_ROUNDING)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, pytest.param(4, marks=pytest.mark.slow)])  # same bound, coarser step
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_quantized_gradient_error_is_bounded_by_the_step(case, bits, key):
     config = QuantConfig(bits=bits)

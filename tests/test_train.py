@@ -71,6 +71,7 @@ def test_auto_falls_back_to_synthetic_loudly_and_records_it(tmp_path, use_small_
     assert header["dataset"] == "synthetic" and "SYNTHETIC" in header["dataset_warning"]
 
 
+@pytest.mark.slow  # repeated coverage: kept out of the default run
 def test_synthetic_data_is_learnable(tmp_path, use_small_synthetic):
     run.train_and_evaluate(config(steps=16, lr=3e-3, log_every=1, eval_every=100), str(tmp_path))
     losses = [r["loss"] for r in rows(tmp_path)[1:] if "loss" in r]

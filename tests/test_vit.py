@@ -117,6 +117,7 @@ def test_policy_override_turns_a_layer_off(images):
     assert "head" not in mesa and "ln1" not in mesa["block_0"] and "fc1" in mesa["block_0"]["mlp"]
 
 
+@pytest.mark.slow  # repeated coverage: kept out of the default run
 def test_training_apply_updates_statistics_and_eval_does_not(images):
     model = tiny()
     variables = init(model, images)
