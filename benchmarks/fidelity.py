@@ -4,6 +4,8 @@
     python -m benchmarks.fidelity --model deit-s --batch 8 --default-only --inputs structured
     python -m benchmarks.fidelity --train-steps 300 --plot curves.png   # + training curves
     python -m benchmarks.fidelity --default-only --nnx   # + the NNX ViT compressed by mesa_jax.nnx
+    python -m benchmarks.fidelity --default-only --train-steps 300 --train-dataset synthetic-hard \
+        --workdir results/fidelity-hard --train-methods baseline mesa mesa-int8-row mesa-int4-row-attention-int8
 
 With ``--train-steps N``, vit-c100 is also trained for N steps with and without
 mesa (same seed, data and schedule; CIFAR-100 when prepared, else the synthetic
@@ -35,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from mesa_jax import QuantConfig, models
+from mesa_jax import QuantConfig, models, policy
 from mesa_jax.policy import KINDS, Policy
 from train import data, loop
 
@@ -61,12 +63,14 @@ def _synthetic():
     return data.synthetic(seed=0, train_size=2_000, test_size=10)
 
 
-def _grads(model, variables, images, labels):
+@functools.partial(jax.jit, static_argnums=0)  # one compilation per model instance: warm-up and held-out share it
+def _grads(model, variables, images, labels, rng=None):
     def loss(params):
-        logits, state = model.apply({**variables, "params": params}, images, train=False, mutable=["mesa"])
+        logits, state = model.apply({**variables, "params": params}, images, train=False, mutable=["mesa"],
+                                    rngs={} if rng is None else {"mesa": rng})
         return loop.cross_entropy(logits, labels), state
 
-    return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+    return jax.grad(loss, has_aux=True)(variables["params"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +153,30 @@ def nnx_fidelity(kind: str, batch: int) -> Fidelity:
     return compare(nnx.to_pure_dict(grad(model, images, labels)), nnx.to_pure_dict(grad(baseline, images, labels)))
 
 
+def variance_criterion(name: str, config: QuantConfig, kinds, batch: int, params=None, draws: int = 4):
+    """ActNN's criterion, per layer kind: (kind, the variance quantizing only that kind adds to
+    the gradient, the minibatch sampling variance of the exact gradient), both summed over
+    all parameters at the same parameters. Quantization: E||g_mesa - g||^2 over ``draws``
+    noise seeds on one held-out batch (statistics warmed before it); sampling: the variance
+    of the exact gradient over ``draws`` batches of the same size."""
+    baseline = models.create(name, num_classes=100, quant=None)
+    if params is None:
+        params = baseline.init(jax.random.key(0), inputs("structured", baseline, 1, 0)[0])["params"]
+    flat = lambda tree: ravel_pytree(tree)[0]
+    batches = [inputs("structured", baseline, batch, i) for i in range(WARM_BATCHES, WARM_BATCHES + draws)]
+    exact = jnp.stack([flat(_grads(baseline, {"params": params}, *b)[0]) for b in batches])
+    sampling = float(jnp.mean(jnp.sum((exact - exact.mean(0)) ** 2, axis=-1)))
+    rows = []
+    for kind in kinds:
+        model = models.create(name, num_classes=100, quant=Policy(config, kinds=(kind,)))
+        variables = {**model.init(jax.random.key(0), batches[0][0][:1]), "params": params}
+        for i in range(WARM_BATCHES):
+            variables = {**variables, **_grads(model, variables, *inputs("structured", model, batch, i))[1]}
+        draws_ = jnp.stack([flat(_grads(model, variables, *batches[0], jax.random.key(j))[0]) for j in range(draws)])
+        rows.append((kind, float(jnp.mean(jnp.sum((draws_ - exact[0]) ** 2, axis=-1))), sampling))
+    return rows
+
+
 def compare_per_param(approx, exact) -> list[tuple[str, float, float]]:
     """(parameter, cosine, relative error) for every parameter, worst cosine first."""
     out = [(name, cosine(a, e), float(jnp.linalg.norm(a - e) / (jnp.linalg.norm(e) + 1e-30)))
@@ -156,8 +184,18 @@ def compare_per_param(approx, exact) -> list[tuple[str, float, float]]:
     return sorted(out, key=lambda t: t[1])
 
 
-def train_curves(steps: int, workdir: str, batch: int):
-    """Train vit-c100 with and without mesa for ``steps``; returns {method: (final metrics, rows)}."""
+# training runs (a workdir each, named by the key) and their TrainConfig settings
+TRAIN_METHODS = {
+    "baseline": dict(mesa=False),
+    "mesa": dict(),  # int8, running ranges: the default
+    "mesa-int8-row": dict(ranges="row"),
+    "mesa-int4-row-attention-int8": dict(bits=4, ranges="row", attention_bits=8),
+}
+
+
+def train_curves(steps: int, workdir: str, batch: int, methods=("baseline", "mesa"), dataset: str = "synthetic"):
+    """Train vit-c100 with each method for ``steps`` (same seed, data order, schedule);
+    returns {method: (final metrics, rows)}."""
     import json
     import os
 
@@ -165,9 +203,9 @@ def train_curves(steps: int, workdir: str, batch: int):
     from train.config import TrainConfig
 
     out = {}
-    for method, mesa in (("baseline", False), ("mesa", True)):
-        config = TrainConfig(mesa=mesa, steps=steps, batch_size=batch, eval_every=steps, log_every=10,
-                             checkpoint_every=steps, warmup_epochs=0.5)
+    for method in methods:
+        config = TrainConfig(**TRAIN_METHODS[method], steps=steps, batch_size=batch, eval_every=steps, log_every=10,
+                             checkpoint_every=steps, warmup_epochs=0.5, dataset=dataset)
         path = os.path.join(workdir, method)
         run.train_and_evaluate(config, path)
         with open(os.path.join(path, "metrics.jsonl")) as f:
@@ -182,7 +220,7 @@ def trained_params(workdir: str, steps: int, batch: int):
     from train.checkpoint import Checkpointer
     from train.config import TrainConfig
 
-    config = TrainConfig(mesa=False, steps=steps, batch_size=batch)
+    config = TrainConfig(mesa=False, steps=steps, batch_size=batch)  # the architecture: data set irrelevant
     tx = loop.make_optimizer(loop.learning_rate_schedule(config.lr, 1, 2), config.weight_decay)
     like = loop.create_state(run.build_model(config), tx, config.seed, data.IMAGE_SHAPE)
     ckpt = Checkpointer(f"{workdir}/baseline/checkpoints")
@@ -202,8 +240,8 @@ def plot_curves(curves, path: str) -> None:
     for method, (_, rows) in curves.items():
         points = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         ax.plot(*zip(*points), label=method)
-    dataset = curves["mesa"][1][0]["dataset"]
-    ax.set(xlabel="step", ylabel="training loss", title=f"vit-c100 on {dataset}: baseline vs mesa int8")
+    dataset = curves["baseline"][1][0]["dataset"]
+    ax.set(xlabel="step", ylabel="training loss", title=f"vit-c100 on {dataset}: baseline vs mesa")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -221,6 +259,18 @@ def configs(num_heads: int):
         "int8, update then pack (Mesa's order)": QuantConfig(num_groups=num_heads, update_first=True),
         "int4, group per head": QuantConfig(bits=4, num_groups=num_heads),
         "int2, group per head": QuantConfig(bits=2, num_groups=num_heads),
+        **ranges_configs(num_heads),
+    }
+
+
+def ranges_configs(num_heads: int):
+    """Row ranges (QuantConfig(ranges="row")) at 8, 4 and 2 bits, and the 4/8-bit mix."""
+    row = lambda bits: QuantConfig(bits=bits, num_groups=num_heads, ranges="row")
+    return {
+        "int8, row ranges": row(8),
+        "int4, row ranges": row(4),
+        "int4 row ranges, attention int8 (policy.int4_with_int8_attention)": policy.int4_with_int8_attention(num_heads),
+        "int2, row ranges": row(2),
     }
 
 
@@ -231,11 +281,18 @@ def main(argv=None):
     parser.add_argument("--inputs", nargs="+", default=["structured", "gaussian"], choices=["structured", "gaussian"])
     parser.add_argument("--train-steps", type=int, default=0, help="also train vit-c100 for this many steps")
     parser.add_argument("--train-batch", type=int, default=64)
+    parser.add_argument("--train-methods", nargs="+", default=["baseline", "mesa"], choices=list(TRAIN_METHODS),
+                        help="runs to train (baseline first)")
+    parser.add_argument("--train-dataset", default="synthetic", choices=["synthetic", "synthetic-hard", "cifar100"],
+                        help="synthetic-hard: a task that does not saturate")
     parser.add_argument("--workdir", default="results/fidelity", help="where the training runs go")
     parser.add_argument("--plot", metavar="PNG", help="plot the training curves")
     parser.add_argument("--held-out", type=int, default=4, help="held-out batches at the trained parameters")
     parser.add_argument("--default-only", action="store_true", help="only the default config (large models)")
     parser.add_argument("--nnx", action="store_true", help="also the NNX ViT in vit-c100's shape (mesa_jax.nnx)")
+    parser.add_argument("--variance", nargs="+", type=int, metavar="BITS", default=[],
+                        help="ActNN's criterion per layer kind at these bits, running and row ranges "
+                             "(at the trained parameters with --train-steps)")
     args = parser.parse_args(argv)
     heads = models.presets.per_head(models.preset(args.model)).num_groups
     print(f"{args.model}, batch {args.batch}, at initialisation, statistics warmed on {WARM_BATCHES} batches; "
@@ -251,6 +308,8 @@ def main(argv=None):
             print(f"| NNX ViT (vit-c100's shape), compressed in place | {kind} | {row(nnx_fidelity(kind, args.batch))}")
     if args.train_steps:
         report_training(args)
+    if args.variance:
+        report_variance(args, heads)
 
 
 HEADER = ("global cosine | worst param cosine | worst param | rel. error | exact-zero params (mesa norm / "
@@ -264,31 +323,34 @@ def row(f: Fidelity) -> str:
 
 
 def report_training(args) -> None:
-    curves = train_curves(args.train_steps, args.workdir, args.train_batch)
-    (base, rows), (mesa, _) = curves["baseline"], curves["mesa"]
+    curves = train_curves(args.train_steps, args.workdir, args.train_batch, args.train_methods, args.train_dataset)
+    base, rows = curves["baseline"]
     print(f"\nvit-c100 trained {args.train_steps} steps, batch {args.train_batch}, seed 0, "
           f"on {rows[0]['dataset']} data")
-    print("| method | final train loss | eval loss | eval accuracy |\n|---|---:|---:|---:|")
+    print("| method | final train loss | eval loss | eval accuracy | eval loss / baseline - 1 | accuracy - baseline |")
+    print("|---|---:|---:|---:|---:|---:|")
     for method, (final, _) in curves.items():
-        print(f"| {method} | {final['loss']:.4f} | {final['eval_loss']:.4f} | {final['eval_accuracy']:.4f} |")
-    print(f"eval loss mesa/baseline - 1: {mesa['eval_loss'] / base['eval_loss'] - 1:+.2%}; "
-          f"accuracy difference: {100 * (mesa['eval_accuracy'] - base['eval_accuracy']):+.2f} points")
+        print(f"| {method} | {final['loss']:.4f} | {final['eval_loss']:.4f} | {final['eval_accuracy']:.4f} | "
+              f"{final['eval_loss'] / base['eval_loss'] - 1:+.2%} | "
+              f"{100 * (final['eval_accuracy'] - base['eval_accuracy']):+.2f} points |")
     params = trained_params(args.workdir, args.train_steps, args.train_batch)
     heads = models.preset("vit-c100")["num_heads"]
     held_out = range(WARM_BATCHES, WARM_BATCHES + args.held_out)
-    print(f"\nat the trained baseline parameters, int8, group per head, by packing order; held-out batches "
+    print(f"\nat the trained baseline parameters, group per head; held-out batches "
           f"{held_out.start}-{held_out.stop - 1}, each after warming on the {WARM_BATCHES} before it:")
-    print(f"| packing order | held-out batch | {HEADER}")
+    print(f"| config | held-out batch | {HEADER}")
     print("|---|---:|---:|---:|---|---:|---|")
     worst = []
-    for label, update_first in (("pack, then update (default)", False), ("update, then pack (Mesa)", True)):
-        config = QuantConfig(num_groups=heads, update_first=update_first)
+    trained = {"int8 running, pack then update (default)": QuantConfig(num_groups=heads),
+               "int8 running, update then pack (Mesa)": QuantConfig(num_groups=heads, update_first=True),
+               "int4 running": QuantConfig(bits=4, num_groups=heads), **ranges_configs(heads)}
+    for label, config in trained.items():
         for i in held_out:
             approx, exact = fidelity_grads("vit-c100", config, "structured", args.batch, params, held_out=i)
             f = compare(approx, exact)
-            if not update_first and i == held_out.start:
+            if not worst:
                 worst = [p for p in compare_per_param(approx, exact) if p[0] not in dict(f.zero)][:8]
-            print(f"| {label} | {i} | {row(f)}")
+            print(f"| {label} | {i} | {row(f)}", flush=True)
     print(f"\nworst parameters, pack then update (default), batch {held_out.start}:")
     print("| parameter | cosine | relative error |\n|---|---:|---:|")
     for name, c, e in worst:
@@ -296,6 +358,23 @@ def report_training(args) -> None:
     if args.plot:
         plot_curves(curves, args.plot)
         print(f"wrote {args.plot}")
+
+
+
+def report_variance(args, heads: int) -> None:
+    params = trained_params(args.workdir, args.train_steps, args.train_batch) if args.train_steps else None
+    where = f"the trained baseline parameters ({args.train_steps} steps)" if args.train_steps else "initialisation"
+    print(f"\nvariance criterion (ActNN) at {where}, {args.model}, batch {args.batch}, only one layer kind "
+          f"quantized at a time; quantization: E||g_mesa - g||^2 over 4 seeds, sampling: over 4 batches")
+    print("| kind | bits | ranges | quantization variance | sampling variance | quantization / sampling |")
+    print("|---|---:|---|---:|---:|---:|")
+    kinds = ("dense", "conv", "layer_norm", "gelu", "attention")
+    for bits in args.variance:
+        for ranges in ("running", "row"):
+            config = QuantConfig(bits=bits, num_groups=heads, ranges=ranges)
+            for kind, quantized, sampling in variance_criterion(args.model, config, kinds, args.batch, params):
+                print(f"| {kind} | {bits} | {ranges} | {quantized:.3e} | {sampling:.3e} | {quantized / sampling:.4f} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

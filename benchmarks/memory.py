@@ -135,11 +135,14 @@ def main(argv=None):
                         help="memory budget of the largest-batch search (default: 16)")
     parser.add_argument("--nnx", action="store_true",
                         help="also the NNX ViT-S/16 (benchmarks.nnx_vit), float32, baseline and mesa8")
+    parser.add_argument("--only-max-batch", action="store_true", help="only the largest-batch search")
     parser.add_argument("--no-max-batch", dest="max_batch", action="store_false",
                         help="skip the largest-batch search (about 15 compilations per row)")
     args = parser.parse_args(argv)
     if "baseline" not in args.methods:
         args.methods.insert(0, "baseline")
+    if args.only_max_batch:
+        return print_max_batches(args)
     start = time.time()
     results = list(rows(args.models, args.dtypes, args.batches, args.methods, args.scan, args.image_sizes))
     if args.nnx:
@@ -152,9 +155,13 @@ def main(argv=None):
         plot(results, args.plot)
         print(f"wrote {args.plot}")
     if args.max_batch:
-        budget = int(args.budget_gib * 2**30)
-        for line in max_batch_table(max_batches(args.models, args.dtypes, args.methods, budget), args.budget_gib):
-            print(line, flush=True)
+        print_max_batches(args)
+
+
+def print_max_batches(args) -> None:
+    budget = int(args.budget_gib * 2**30)
+    for line in max_batch_table(max_batches(args.models, args.dtypes, args.methods, budget), args.budget_gib):
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ import jax.numpy as jnp
 
 import optax
 
-from mesa_jax import QuantConfig, memory
+from mesa_jax import QuantConfig, memory, policy
 from mesa_jax import models
 from train import loop
 
-METHODS = ("baseline", "flash_like", "remat_nothing", "remat_dots", "mesa8", "mesa4", "mesa2")
+METHODS = ("baseline", "flash_like", "remat_nothing", "remat_dots", "mesa8", "mesa4", "mesa2", "mesa8_row",
+           "mesa_mix48")
 
 
 def recomputed_attention(query, key, value, bias=None, mask=None, broadcast_dropout: bool = True, dropout_rng=None,
@@ -38,8 +39,8 @@ def recomputed_attention(query, key, value, bias=None, mask=None, broadcast_drop
 
 def build(model_name: str, method: str, dtype=None, **overrides) -> nn.Module:
     """The model a method trains: baseline, flash-like (the baseline with its attention core
-    recomputed), nn.remat with a policy (these two: ViT/DeiT, which have the fields), or mesa
-    at 8/4/2 bits."""
+    recomputed), nn.remat with a policy (these two: ViT/DeiT, which have the fields), mesa
+    at 8/4/2 bits, mesa at 8 bits with row ranges, or the 4/8-bit mix with row ranges."""
     remat = {"remat_nothing": "nothing_saveable", "remat_dots": "dots_saveable"}.get(method)
     if remat:
         overrides = {**overrides, "remat": remat}
@@ -49,6 +50,10 @@ def build(model_name: str, method: str, dtype=None, **overrides) -> nn.Module:
         quant = None
     elif method in ("mesa8", "mesa4", "mesa2"):
         quant = models.presets.per_head(models.preset(model_name), bits=int(method[4:]))
+    elif method == "mesa8_row":
+        quant = models.presets.per_head(models.preset(model_name), ranges="row")
+    elif method == "mesa_mix48":
+        quant = policy.int4_with_int8_attention(models.presets.per_head(models.preset(model_name)).num_groups)
     else:
         raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
     return models.create(model_name, num_classes=1000, quant=quant, dtype=dtype, **overrides)

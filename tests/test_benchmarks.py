@@ -52,6 +52,15 @@ def test_mesa_step_needs_less_memory_than_the_baseline_and_the_flash_like_one():
     assert mesa.residuals < flash.residuals / 2 < base.residuals / 2
 
 
+def test_row_ranges_add_only_their_scales_and_the_4_8_mix_keeps_less():
+    mesa, row, mix = (step_memory.measure(step_memory.build("vit-test", m), 16).residuals
+                      for m in ("mesa8", "mesa8_row", "mesa_mix48"))
+    # vit-test: width 24 in 2 groups, 2 heads of 12: every row group is 12 int8 codes, and
+    # gains 4 bytes of bfloat16 scale and shift
+    assert mesa < row <= mesa * (1 + 4 / 12)
+    assert mix < row  # 4-bit rows of 12 codes still fill whole words: the saving shows at real widths
+
+
 def test_speed_ratios_are_medians_of_per_repeat_ratios():
     times = {"baseline": [1.0, 2.0, 1.0], "mesa8": [1.1, 2.4, 3.0]}
     assert speed.ratios(times) == {"baseline": 1.0, "mesa8": pytest.approx(1.2)}

@@ -96,7 +96,8 @@ def two_checkpoints(tmp_path_factory, small_synthetic):
     return root / "w", root / "straight"
 
 
-@pytest.mark.parametrize("how", ["truncate", "metadata", "flip"])
+@pytest.mark.parametrize("how", ["truncate", pytest.param("metadata", marks=pytest.mark.slow),
+                                 pytest.param("flip", marks=pytest.mark.slow)])  # flip: also tested below
 def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one(how, two_checkpoints, tmp_path, use_small_synthetic,
                                                                  caplog):
     cfg = config(steps=4, checkpoint_every=2)

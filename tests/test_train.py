@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from mesa_jax.models import pvt, swin, vit
+from mesa_jax import QuantConfig
 from train import data, loop, run
+from train.config import TrainConfig
 from train_cases import (cli, config, dies_after, restored, rows, small_synthetic, tiny_preset,  # noqa: F401
                          use_small_synthetic)
 
@@ -19,7 +21,7 @@ from train_cases import (cli, config, dies_after, restored, rows, small_syntheti
     "flags, message",
     [(["--bits", "3"], "--bits"), (["--lr", "-1"], "--lr must be finite and > 0"), (["--lr", "inf"], "--lr"),
      (["--lr", "nan"], "--lr"), (["--steps", "0"], "--steps"), (["--dtype", "float16"], "--dtype"),
-     ([], "--workdir")],
+     (["--ranges", "rows"], "--ranges"), (["--attention-bits", "16"], "--attention-bits"), ([], "--workdir")],
 )
 def test_bad_flags_exit_nonzero_with_one_line(flags, message, tmp_path, capsys):
     workdir = [] if message == "--workdir" else ["--workdir", str(tmp_path)]
@@ -161,6 +163,7 @@ def test_unknown_models_list_every_family_s_presets():
         config(model="resnet-50")
 
 
+@pytest.mark.slow  # repeated coverage: kept out of the default run
 def test_a_finished_run_reports_its_final_metrics(tmp_path, use_small_synthetic, capsys):
     flags = ["--workdir", str(tmp_path), "--model", "vit-test", "--steps", "2", "--batch-size", "8",
              "--dataset", "synthetic", "--eval-every", "100"]
@@ -220,3 +223,17 @@ def test_data_parallel_on_4_devices_matches_one(tmp_path):
     assert [r["devices"] for r in results] == [1, 4]
     np.testing.assert_allclose(results[1]["loss"], results[0]["loss"], rtol=1e-4)
     np.testing.assert_allclose(results[1]["eval_loss"], results[0]["eval_loss"], rtol=1e-4)
+
+
+def test_ranges_and_attention_bits_reach_every_kind_of_layer():
+    quant = run.quant_of(TrainConfig(bits=4, ranges="row", attention_bits=8))
+    assert quant.resolve("dense", "block_0/mlp/fc1") == QuantConfig(bits=4, num_groups=3, ranges="row")
+    assert quant.resolve("attention", "block_0/attn").bits == 8
+    assert run.quant_of(TrainConfig(bits=4, attention_bits=4)) == QuantConfig(bits=4, num_groups=3)
+
+
+def test_the_hard_synthetic_set_is_the_same_patterns_with_more_noise():
+    easy, hard = data.load("synthetic"), data.load("synthetic-hard")
+    assert hard.name == "synthetic-hard"
+    np.testing.assert_array_equal(easy.train.labels, hard.train.labels)
+    assert np.std(hard.train.images.astype(float)) > np.std(easy.train.images.astype(float))

@@ -154,6 +154,7 @@ def test_scan_and_remat_give_the_plain_model_s_gradients(variant, images, labels
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
 
 
+@pytest.mark.slow  # repeated coverage: kept out of the default run
 def test_bfloat16_model_trains_with_finite_bf16_activations(images, labels):
     model = tiny(dtype=jnp.bfloat16)
     variables = init(model, images)

@@ -12,11 +12,16 @@ import math
 from mesa_jax import models
 
 
+DATASETS = ("auto", "cifar100", "synthetic", "synthetic-hard")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: str = "vit-c100"  # a mesa_jax.models preset (ViT/DeiT, Swin, PVT)
     mesa: bool = True  # False: the plain-Flax baseline, same everything else
     bits: int = 8  # code width of the kept activations (8, 4 or 2)
+    ranges: str = "running"  # running (Mesa's estimates) or row (each row's own range)
+    attention_bits: int | None = None  # code width of the attention tensors; None: --bits
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
     batch_size: int = 128  # global batch, split across devices
     epochs: int = 100
@@ -26,7 +31,7 @@ class TrainConfig:
     warmup_epochs: float = 5.0
     label_smoothing: float = 0.1
     seed: int = 0
-    dataset: str = "auto"  # auto (CIFAR-100, else synthetic), cifar100, synthetic
+    dataset: str = "auto"  # auto (CIFAR-100, else synthetic), cifar100, synthetic, synthetic-hard
     data_dir: str | None = None  # TFDS data dir holding a prepared cifar100
     eval_every: int = 1000  # steps between evaluations (and one at the end)
     log_every: int = 50  # steps between metrics rows
@@ -37,6 +42,8 @@ class TrainConfig:
         checks = [
             (self.model in models.names(), f"--model must be one of {models.names()}, got {self.model!r}"),
             (self.bits in (8, 4, 2), f"--bits must be 8, 4 or 2, got {self.bits}"),
+            (self.ranges in ("running", "row"), f"--ranges must be running or row, got {self.ranges!r}"),
+            (self.attention_bits in (None, 8, 4, 2), f"--attention-bits must be 8, 4 or 2, got {self.attention_bits}"),
             (self.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {self.dtype!r}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
@@ -47,8 +54,7 @@ class TrainConfig:
             (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0,
              f"--warmup-epochs must be finite and >= 0, got {self.warmup_epochs}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.dataset in ("auto", "cifar100", "synthetic"),
-             f"--dataset must be auto, cifar100 or synthetic, got {self.dataset!r}"),
+            (self.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}"),
             (self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}"),
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
             (self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}"),

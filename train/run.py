@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mesa_jax import models
+from mesa_jax import Policy, models
 from mesa_jax.memory import compiled_analysis
 from train import data, loop
 from train.checkpoint import Checkpointer
@@ -37,9 +37,18 @@ class NonFinite(RuntimeError):
     """A step's loss, gradient or updated parameters were not finite."""
 
 
+def quant_of(config: TrainConfig):
+    """What mesa keeps, from --bits, --ranges and --attention-bits (channel groups: the heads)."""
+    base = models.presets.per_head(models.preset(config.model), bits=config.bits, ranges=config.ranges)
+    if config.attention_bits in (None, config.bits):
+        return base
+    attention = dataclasses.replace(base, bits=config.attention_bits)
+    return Policy(base, by_kind={kind: attention for kind in ("attention", "softmax", "matmul")})
+
+
 def build_model(config: TrainConfig, mesa: bool | None = None) -> nn.Module:
     mesa = config.mesa if mesa is None else mesa
-    quant = models.presets.per_head(models.preset(config.model), bits=config.bits) if mesa else None
+    quant = quant_of(config) if mesa else None
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else None
     return models.create(config.model, num_classes=data.NUM_CLASSES, quant=quant, dtype=dtype)
 

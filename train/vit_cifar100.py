@@ -18,11 +18,13 @@ import dataclasses
 import logging
 import sys
 
-from train.config import TrainConfig
+from train.config import DATASETS, TrainConfig
 
 HELP = {
     "model": "a mesa_jax.models preset (vit-c100, deit-*, swin-*, pvt-*)",
     "bits": "code width of the kept activations (8, 4 or 2)",
+    "ranges": "running: Mesa's running range estimates; row: each row's own range, kept with its codes",
+    "attention_bits": "code width of the attention tensors (Q, K, V; softmax and matmul op by op); default --bits",
     "dtype": "compute dtype; params stay float32",
     "batch_size": "global batch size, split across devices",
     "epochs": "training epochs (ignored when --steps is given)",
@@ -32,7 +34,8 @@ HELP = {
     "warmup_epochs": "epochs of linear learning-rate warmup",
     "label_smoothing": "label smoothing of the cross-entropy",
     "seed": "seed of initialisation, data order, augmentation and dropout",
-    "dataset": "auto: CIFAR-100 if prepared, else synthetic (with a loud warning)",
+    "dataset": "auto: CIFAR-100 if prepared, else synthetic (with a loud warning); synthetic-hard: noisier, "
+               "a task that does not saturate",
     "data_dir": "TFDS data dir holding a prepared cifar100",
     "eval_every": "steps between test-set evaluations (and one at the end)",
     "log_every": "steps between metrics rows",
@@ -44,7 +47,8 @@ SWITCHES = {  # boolean fields: a flag each
                        "also compile the baseline's train step and log both peak memories (one more compilation)"),
 }
 TYPES = {"str": str, "int": int, "float": float, "int | None": int, "str | None": str}
-CHOICES = {"bits": (8, 4, 2), "dtype": ("float32", "bfloat16"), "dataset": ("auto", "cifar100", "synthetic")}
+CHOICES = {"bits": (8, 4, 2), "attention_bits": (8, 4, 2), "ranges": ("running", "row"),
+           "dtype": ("float32", "bfloat16"), "dataset": DATASETS}
 
 
 class _Parser(argparse.ArgumentParser):
