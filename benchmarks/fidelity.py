@@ -4,6 +4,7 @@
     python -m benchmarks.fidelity --model deit-s --batch 8 --default-only --inputs structured
     python -m benchmarks.fidelity --train-steps 300 --plot curves.png   # + training curves
     python -m benchmarks.fidelity --default-only --nnx   # + the NNX ViT compressed by mesa_jax.nnx
+    python -m benchmarks.fidelity --only-variance --variance 8 4 --train-steps 300   # ActNN's criterion
     python -m benchmarks.fidelity --default-only --train-steps 300 --train-dataset synthetic-hard \
         --workdir results/fidelity-hard --train-methods baseline mesa mesa-int8-row mesa-int4-row-attention-int8
 
@@ -125,6 +126,7 @@ def fidelity_grads(name: str, quant, kind: str, batch: int, params=None, held_ou
     images, labels = inputs(kind, model, batch, held_out)
     approx, _ = _grads(model, variables, images, labels)
     exact, _ = _grads(baseline, {"params": variables["params"]}, images, labels)
+    jax.clear_caches()  # _grads compiles per model instance: free them, or a long run exhausts memory
     return approx, exact
 
 
@@ -174,6 +176,7 @@ def variance_criterion(name: str, config: QuantConfig, kinds, batch: int, params
             variables = {**variables, **_grads(model, variables, *inputs("structured", model, batch, i))[1]}
         draws_ = jnp.stack([flat(_grads(model, variables, *batches[0], jax.random.key(j))[0]) for j in range(draws)])
         rows.append((kind, float(jnp.mean(jnp.sum((draws_ - exact[0]) ** 2, axis=-1))), sampling))
+        jax.clear_caches()
     return rows
 
 
@@ -293,8 +296,12 @@ def main(argv=None):
     parser.add_argument("--variance", nargs="+", type=int, metavar="BITS", default=[],
                         help="ActNN's criterion per layer kind at these bits, running and row ranges "
                              "(at the trained parameters with --train-steps)")
+    parser.add_argument("--only-variance", action="store_true",
+                        help="only the variance criterion (with --train-steps: at those trained parameters)")
     args = parser.parse_args(argv)
     heads = models.presets.per_head(models.preset(args.model)).num_groups
+    if args.only_variance:
+        return report_variance(args, heads)
     print(f"{args.model}, batch {args.batch}, at initialisation, statistics warmed on {WARM_BATCHES} batches; "
           f"jax {jax.__version__} on {jax.default_backend()}")
     print(f"| config | inputs | {HEADER}")
@@ -373,7 +380,7 @@ def report_variance(args, heads: int) -> None:
         for ranges in ("running", "row"):
             config = QuantConfig(bits=bits, num_groups=heads, ranges=ranges)
             for kind, quantized, sampling in variance_criterion(args.model, config, kinds, args.batch, params):
-                print(f"| {kind} | {bits} | {ranges} | {quantized:.3e} | {sampling:.3e} | {quantized / sampling:.4f} |",
+                print(f"| {kind} | {bits} | {ranges} | {quantized:.3e} | {sampling:.3e} | {quantized / sampling:.2e} |",
                       flush=True)
 
 

@@ -46,7 +46,7 @@ def path_of(module: nn.Module) -> str:
 def _statistics(module: nn.Module, name: str, x, layout: Layout, config: QuantConfig, strict: bool):
     """(the "mesa" variable of ``x``'s running statistics, the config to pack it with), or None
     when the module has no statistics to pack with (evaluation without the collection)."""
-    config = _fitted(config, x.shape, layout, strict)
+    config = fitted(config, x.shape, layout, strict)
     groups = quant.num_groups_for(x.shape, layout, config)
     if module.has_variable(COLLECTION, name):
         stats = module.variable(COLLECTION, name)
@@ -69,7 +69,7 @@ def _statistics(module: nn.Module, name: str, x, layout: Layout, config: QuantCo
     return stats, config
 
 
-def _fitted(config: QuantConfig, shape, layout: Layout, strict: bool) -> QuantConfig:
+def fitted(config: QuantConfig, shape, layout: Layout, strict: bool) -> QuantConfig:
     """compress applies one config to a whole model: where its group count does not divide a
     tensor's channels (RGB into a patch embedding) that tensor uses one group. A mesa layer,
     configured on its own, raises instead."""

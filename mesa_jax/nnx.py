@@ -56,10 +56,11 @@ nnx.register_variable_name(COLLECTION, MesaStat)
 def _run(module: nnx.Module, kept, op, exact):
     """``op(stats, seeds, configs) -> (y, updated)`` on the tensors ``kept`` ([(name, x, layout,
     config)]) with the module's MesaStat variables of those names (created here if missing:
-    a function site's first call), updated unless ``module.use_running_average``."""
+    a function site's first call), updated unless ``module.use_running_average``. ``exact``
+    is the site protocol's fallback, never needed here: an NNX module always has its statistics."""
     variables, configs = [], []
     for name, x, layout, config in kept:
-        config = linen_sites._fitted(config, x.shape, layout, interception.strict())
+        config = linen_sites.fitted(config, x.shape, layout, interception.strict())
         configs.append(config)
         if ops.shared(x) is not None:  # another op's residual stands for it: no statistics
             variables.append(None)
@@ -292,7 +293,7 @@ def _attach(module, config: QuantConfig | None, path: str, strict: bool) -> None
         if layout == "heads":
             groups = size
         else:
-            fitted = linen_sites._fitted(config, (size,), "channels", strict)
+            fitted = linen_sites.fitted(config, (size,), "channels", strict)
             groups = quant.num_groups_for((size,), "channels", fitted)
         setattr(module, name, MesaStat(jax.tree.map(lambda a: jnp.broadcast_to(a, (*lead, *a.shape)),
                                                     quant.init_stats(groups))))

@@ -67,7 +67,8 @@ class QuantConfig:
     # "running": each group's range is the running estimate (Mesa's). "row": each row of the
     # last axis (per channel group; an attention tensor's rows lie within one head) packs
     # with its own finite min/max, measured from the tensor itself in the read that packs
-    # it, and keeps that scale and shift in bfloat16 next to its codes. The running
+    # it, and keeps that scale and shift in bfloat16 next to its codes (rows of fewer than
+    # ROW_MIN elements per range, such as RGB pixels, keep the running range). The running
     # statistics are updated in both modes.
     ranges: str = "running"
 
@@ -293,7 +294,7 @@ def pack_and_measure(x: jax.Array, stats: Stats, config: QuantConfig, seed, layo
                      normalized_by=None) -> tuple[Packed, jax.Array, jax.Array]:
     """(x packed as pack_and_update packs it, x's per-group finite min, max)."""
     _check_groups(x, stats, config, layout)
-    if config.ranges == "row":  # each row's own range: no estimate needed, first observation or not
+    if by_rows(x.shape, layout, stats.lo.shape[0], config):  # no estimate needed, first observation or not
         return _pack_measure(x, stats, config, seed, layout, normalized_by)
     if config.update_first:
         lo, hi = group_min_max(normalize_rows(x, normalized_by), layout, stats.lo.shape[0])
@@ -313,7 +314,7 @@ def _pack_measure(x, stats: Stats, config: QuantConfig, seed, layout: Layout, no
     groups = stats.lo.shape[0]
     # the kernels need a non-empty grid; an empty tensor has nothing to pack anyway
     implementation = "xla" if x.size == 0 else pallas_kernels.resolve(config.implementation)
-    if config.ranges == "row":
+    if by_rows(x.shape, layout, groups, config):
         if implementation != "xla":
             raise NotImplementedError(f"QuantConfig(ranges='row') has no Pallas kernels yet; use "
                                       f"implementation='xla' (got {implementation!r})")
@@ -332,6 +333,15 @@ def _pack_measure(x, stats: Stats, config: QuantConfig, seed, layout: Layout, no
         lo, hi = _group_range(row_lo.reshape(view), row_hi.reshape(view))
     dtype = x.dtype if normalized_by is None else jnp.promote_types(x.dtype, jnp.float32)
     return Packed(words, scale, shift, x.shape, jnp.dtype(dtype), config.bits, layout, implementation), lo, hi
+
+
+ROW_MIN = 16  # row ranges need at least this many elements per range (an RGB pixel's 3 would triple its bytes)
+
+
+def by_rows(shape: tuple[int, ...], layout: Layout, groups: int, config: QuantConfig) -> bool:
+    """Whether a tensor packs with row ranges: asked for, and rows long enough to pay for
+    their 4 bytes of scale and shift (shorter ones keep the running range)."""
+    return config.ranges == "row" and bool(shape) and row_view(shape, layout, groups)[-1] >= ROW_MIN
 
 
 def row_view(shape: tuple[int, ...], layout: Layout, groups: int) -> tuple[int, ...]:

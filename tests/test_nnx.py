@@ -32,6 +32,9 @@ NNX_TWINS = [
     ("attention", "MultiHeadAttention", (2, 8), dict(decode=False), (2, 5, 8)),
 ]
 IDS = [t[0] for t in NNX_TWINS]
+# the gradient check on one layer of each class in the default run, the variants under -m slow
+GRADIENT_TWINS = [t if t[0] in ("linear", "linear_general_merge", "einsum", "conv_patch", "layer_norm", "attention")
+                  else pytest.param(*t, marks=pytest.mark.slow) for t in NNX_TWINS]
 
 
 def twins(name, args, kwargs, **extra):
@@ -71,7 +74,7 @@ def test_params_and_forward_are_nnx_s(_, name, args, kwargs, shape, key):
     np.testing.assert_array_equal(mesa(x), want)
 
 
-@pytest.mark.parametrize("_, name, args, kwargs, shape", NNX_TWINS, ids=IDS)
+@pytest.mark.parametrize("_, name, args, kwargs, shape", GRADIENT_TWINS, ids=IDS)
 def test_gradients_approach_nnx_s_with_the_step_and_residuals_are_packed(_, name, args, kwargs, shape, key):
     """As the Linen layers': the error is first order in the step (4 -> 8 bits divides it by
     17; a factor 2 for the two noise draws), and only parameters and packed words are kept."""

@@ -9,8 +9,6 @@ import pytest
 import mesa_jax.nn as mnn
 from mesa_jax import Policy, QuantConfig, ops, policy, quant
 
-from conftest import CHANNEL_SHAPES
-
 ROW = QuantConfig(ranges="row", stochastic=False)
 SEED = jnp.uint32(7)
 
@@ -47,7 +45,7 @@ def packed_rows(x, groups=1, bits=8, layout="channels", config=ROW):
                                  layout)
 
 
-@pytest.mark.parametrize("shape", CHANNEL_SHAPES)
+@pytest.mark.parametrize("shape", [(2, 5, 32), (3, 7, 48)])  # rows of >= quant.ROW_MIN per range
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_codes_and_scales_equal_a_numpy_reference(shape, groups, bits, key):
@@ -62,15 +60,17 @@ def test_codes_and_scales_equal_a_numpy_reference(shape, groups, bits, key):
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_zeros_constants_non_finite_and_huge_rows_stay_finite(bits):
-    x = jnp.array([[0.0, 0.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0], [1.0, jnp.nan, jnp.inf, -jnp.inf],
-                   [jnp.nan] * 4, [3e38, -3e38, 1.0, 2.0], [-3.4e38] * 4, [1e-30, 0, 0, 0]])
+    rows = jnp.array([[0.0, 0.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0], [1.0, jnp.nan, jnp.inf, -jnp.inf],
+                      [jnp.nan] * 4, [3e38, -3e38, 1.0, 2.0], [-3.4e38] * 4, [1e-30, 0, 0, 0]])
+    x = jnp.tile(rows, (1, quant.ROW_MIN // 4))
     packed, stats = packed_rows(x, bits=bits)
+    assert packed.rows
     back = quant.unpack(packed)
     assert bool(jnp.all(jnp.isfinite(back))) and bool(jnp.all(jnp.isfinite(stats.lo) & jnp.isfinite(stats.span)))
     np.testing.assert_array_equal(back[:2], x[:2])  # zeros and constants come back exactly
     np.testing.assert_array_equal(back[3], 0.0)  # a row of NaN packs to zero
     codes, _, _ = reference(np.asarray(x), 1, bits)
-    np.testing.assert_array_equal(quant.unpack_codes(packed.words, bits, 4), codes)
+    np.testing.assert_array_equal(quant.unpack_codes(packed.words, bits, x.shape[-1]), codes)
 
 
 def test_a_single_huge_element_costs_only_its_row():
@@ -83,11 +83,18 @@ def test_a_single_huge_element_costs_only_its_row():
 
 
 def test_attention_rows_are_per_head(key):
-    q = jax.random.normal(key, (2, 5, 3, 8)) * jnp.array([0.1, 1.0, 10.0]).reshape(1, 1, 3, 1)
+    q = jax.random.normal(key, (2, 5, 3, 16)) * jnp.array([0.1, 1.0, 10.0]).reshape(1, 1, 3, 1)
     packed, stats = packed_rows(q, layout=2)
     assert packed.scale.shape == (2, 5, 3, 1) and stats.lo.shape == (3,)  # the running statistics: per head
     step = packed.scale.astype(jnp.float32)
     assert bool(jnp.all(jnp.abs(quant.unpack(packed) - q) <= step * 0.5 + 1e-6))
+
+
+def test_short_rows_keep_the_running_range():
+    """An RGB image's rows of 3 would take 4 bytes of scale and shift for 3 of codes."""
+    image = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    packed, _ = packed_rows(image)
+    assert not packed.rows and packed.scale.shape == (1,)
 
 
 def test_memory_adds_four_bytes_per_row_and_group():
@@ -117,7 +124,7 @@ def test_gradients_are_within_the_bound_of_each_row_s_step(bits, key):
 
 def test_a_layer_trains_with_row_ranges_and_updates_its_running_statistics(key):
     layer = mnn.Dense(4, quant=QuantConfig(ranges="row"))
-    x = jax.random.normal(key, (3, 8))
+    x = jax.random.normal(key, (3, 16))
     variables = layer.init(jax.random.key(0), x)
     y, state = layer.apply(variables, x, mutable=["mesa"])
     np.testing.assert_array_equal(y, mnn.Dense(4, quant=None).apply(variables, x))
@@ -128,7 +135,7 @@ def test_bad_ranges_names_raise():
     with pytest.raises(ValueError, match=r"QuantConfig.ranges must be one of \['running', 'row'\], got 'rows'"):
         QuantConfig(ranges="rows")
     with pytest.raises(NotImplementedError, match="no Pallas kernels"):
-        quant.pack(jnp.ones((2, 4)), quant.init_stats(1), QuantConfig(ranges="row", implementation="pallas_interpret"),
+        quant.pack(jnp.ones((2, 16)), quant.init_stats(1), QuantConfig(ranges="row", implementation="pallas_interpret"),
                    SEED)
 
 

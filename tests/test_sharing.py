@@ -102,6 +102,7 @@ def test_sharing_keeps_one_packed_copy(kind, key):
     assert sum(r.nbytes for r in words(True)) == B * N * C  # int8: one byte per element
 
 
+@pytest.mark.slow  # the op-by-op attention path (the fused op is the default)
 def test_softmax_output_is_the_matmul_s_operand(key):
     """The per-op attention path: the probabilities are packed once, by the softmax."""
     s = jax.random.normal(key, (2, 3, 9, 9))
