@@ -325,3 +325,20 @@ def test_mesa_layers_inside_a_model_keep_their_own_quant_under_compress():
     assert model.fc.mesa_config.bits == 8
     x = jax.random.normal(jax.random.key(0), (2, 5, 16))
     assert run(model, x).shape == (2, 5, 16) and counts(model)["attn/q"] == 1
+
+
+def test_a_block_under_nnx_remat_is_compressed_and_updates_its_statistics():
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.block = block_model(rngs)
+
+        def __call__(self, x):
+            return nnx.remat(lambda block, x: block(x))(self.block, x)
+
+    model = Model(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 16))
+    want = run(model, x)
+    mnnx.compress(model)
+    np.testing.assert_array_equal(run(model, x), want)
+    nnx.jit(nnx.grad(lambda m: jnp.sum(m(x))))(model)
+    assert counts(model)["block/gelu_0"] == 2 and counts(model)["block/attn/q"] == 2
