@@ -117,18 +117,12 @@ def _runner(module):
     return lambda kept, op, exact: _run(module, kept, op, exact)
 
 
-def _injected(module, field, fn):
-    """Run the namesake's call with its injection point ``field`` set to ``fn`` (nnx.Linear's
-    dot_general, nnx.Conv's conv_general_dilated, nnx.MultiHeadAttention's attention_fn)."""
-    return interception.fields_set(module, **{field: fn})
-
-
 def _dense_call(module, config, *args, **kwargs):
     custom = getattr(module, "dot_general_cls", None) is not None or module.dot_general not in (None, lax.dot_general)
     if custom:
         return _unsupported(module, "a custom dot_general", args, kwargs)
     fn = functools.partial(linen_sites.dot_general_site, _runner(module), config)
-    with _injected(module, "dot_general", fn):
+    with interception.fields_set(module, dot_general=fn):
         return _namesake(module).__call__(module, *args, **kwargs)
 
 
@@ -144,7 +138,7 @@ def _einsum_call(module, config, inputs, einsum_str=None, out_sharding=None):
         op = lambda stats, seeds, configs: ops.linear(x, kernel, stats[0], seeds[0], configs[0], fn)
         return _run(module, [("inputs", x, "channels", config)], op, lambda: fn(x, kernel))
 
-    with _injected(module, "einsum_op", einsum):
+    with interception.fields_set(module, einsum_op=einsum):
         return nnx.Einsum.__call__(module, inputs, einsum_str, out_sharding=out_sharding)
 
 
@@ -152,7 +146,7 @@ def _conv_call(module, config, *args, **kwargs):
     if module.conv_general_dilated is not lax.conv_general_dilated:
         return _unsupported(module, "a custom conv_general_dilated", args, kwargs)
     fn = functools.partial(linen_sites.conv_site, _runner(module), config)
-    with _injected(module, "conv_general_dilated", fn):
+    with interception.fields_set(module, conv_general_dilated=fn):
         return nnx.Conv.__call__(module, *args, **kwargs)
 
 
@@ -203,7 +197,7 @@ def _attention_call(module, config, *args, **kwargs):
                                                 query, key, value, bias, mask, is_causal)
 
     owner = module
-    with _injected(module, "attention_fn", attention):
+    with interception.fields_set(module, attention_fn=attention):
         return nnx.MultiHeadAttention.__call__(module, *args, **kwargs)
 
 
@@ -276,13 +270,19 @@ def _namesake(module) -> type:
     return next(cls for cls in type(module).__mro__ if cls in _SUPPORTED)
 
 
+def _placed(module, path: str) -> None:
+    """Every module mesa runs in: its path (seeds, messages) and a train/eval switch (its own
+    ``use_running_average`` if it has one, as nnx.BatchNorm does)."""
+    module.mesa_path = path
+    if not hasattr(module, "use_running_average"):
+        module.use_running_average = False
+
+
 def _attach(module, config: QuantConfig | None, path: str, strict: bool) -> None:
     """Give ``module`` (an instance of a supported class) its config and statistics."""
     kind, _, tensors = _SUPPORTED[_namesake(module)]
     module.mesa_config = config
-    module.mesa_path = path
-    if not hasattr(module, "use_running_average"):
-        module.use_running_average = False
+    _placed(module, path)
     if config is None:
         return
     for name, size, layout, lead in tensors(module):
@@ -397,9 +397,7 @@ def compress(model: nnx.Module, quant: Quant = QuantConfig()) -> nnx.Module:
         if _supported(module):
             _attach(module, resolve(quant, _SUPPORTED[_namesake(module)][0], path), path, strict=False)
         else:
-            module.mesa_path = path
-            if not hasattr(module, "use_running_average"):
-                module.use_running_average = False
+            _placed(module, path)
         module.mesa_quant = quant
         if callable(getattr(type(module), "__call__", None)):
             _swap_class(module)
