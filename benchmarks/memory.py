@@ -20,6 +20,7 @@ mesa saves (it drops optimization barriers), the residual bytes cannot.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import jax
@@ -67,7 +68,13 @@ def max_batches(model_names, dtypes, methods, budget_bytes: int):
             for method in methods:
                 model = step_memory.build(name, method, DTYPES[dtype])
                 shape = (model.image_size, model.image_size, 3)
-                peak = lambda batch: loop.step_memory(model, tx, batch, shape).peak
+                def peak(batch, model=model, shape=shape):
+                    began = time.perf_counter()
+                    bytes_ = loop.step_memory(model, tx, batch, shape).peak
+                    print(f"  {name} {dtype} {method} batch {batch}: {bytes_ / 2**30:.2f} GiB "
+                          f"({time.perf_counter() - began:.0f} s)", file=sys.stderr, flush=True)
+                    return bytes_
+
                 yield name, dtype, method, memory.max_batch_size(peak, budget_bytes, start=64, multiple=8, limit=8192)
 
 

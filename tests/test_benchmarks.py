@@ -1,4 +1,4 @@
-"""The benchmarks' logic on tiny inputs: bisection, ratios, tables, comparisons."""
+"""The benchmarks' logic on tiny inputs: the largest-batch search, ratios, tables, comparisons."""
 
 import jax.numpy as jnp
 import pytest
@@ -16,7 +16,7 @@ def tiny_preset(monkeypatch):
 
 
 @pytest.mark.parametrize("answer", [1, 7, 8, 100, 1000])
-def test_max_batch_bisection_finds_the_largest_fitting_batch(answer):
+def test_max_batch_search_on_an_affine_peak_needs_a_handful_of_compilations(answer):
     calls = []
 
     def peak(batch):
@@ -24,7 +24,21 @@ def test_max_batch_bisection_finds_the_largest_fitting_batch(answer):
         return 1000 + 10 * batch
 
     assert memory.max_batch_size(peak, 1000 + 10 * answer + 5) == answer
-    assert len(calls) <= 2 * answer.bit_length() + 4
+    assert len(calls) <= 5
+
+
+PEAKS = {"quadratic": lambda b: 10**6 + 4000 * b + 3 * b * b,
+         "staircase": lambda b: 10**6 + 4000 * (b // 24 * 24) + 7 * b,
+         "concave": lambda b: 10**6 + int(90_000 * b**0.5)}
+
+
+@pytest.mark.parametrize("shape", PEAKS)
+def test_max_batch_search_is_exact_when_the_peak_is_not_affine(shape):
+    peak = PEAKS[shape]
+    for budget in range(10**6, 4 * 10**7, 1_234_567):
+        found = memory.max_batch_size(peak, budget, start=64, multiple=8, limit=8192)
+        fitting = [b for b in range(8, 8193, 8) if peak(b) <= budget]
+        assert found == (fitting[-1] if fitting else 0), budget
 
 
 def test_max_batch_respects_multiple_limit_and_nothing_fitting():
