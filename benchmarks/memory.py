@@ -76,6 +76,7 @@ def max_batches(model_names, dtypes, methods, budget_bytes: int):
                     return bytes_
 
                 yield name, dtype, method, memory.max_batch_size(peak, budget_bytes, start=64, multiple=8, limit=8192)
+                jax.clear_caches()  # a long search compiles many programs: free each row's
 
 
 def max_batch_table(results, budget_gib: float):

@@ -187,12 +187,14 @@ def after(a, g):
     kept from the forward (XLA:CPU merges a parameter's [B, N, C] broadcast in the forward
     with the backward's, keeping it alive in between).
 
-    ``min(w, w | b) == w`` for unsigned integers, whatever ``b`` (here the bits of
-    g's first element, 0 if g is empty), and XLA's simplifier does not know it.
+    ``min(w, w | b) == w`` for unsigned integers, whatever ``b`` (here the summed bits of
+    g's first channel, 0 if g is empty), and XLA's simplifier does not know it. The first
+    channel of every row, not g's first element: a batch-sharded g cannot be sliced to one
+    element under explicit sharding.
     """
     if a is None:
         return None
-    first = g.reshape(-1)[:1]
+    first = g[..., :1] if g.ndim else g
     bits = lax.bitcast_convert_type(first, jnp.dtype(f"uint{8 * first.dtype.itemsize}")).astype(jnp.uint32)
     bits = jnp.sum(bits, dtype=jnp.uint32)  # a scalar; sharded g: a sum all-reduce (no OR one on CPU)
     uint = jnp.dtype(f"uint{8 * a.dtype.itemsize}")

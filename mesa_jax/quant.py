@@ -32,6 +32,7 @@ from typing import Literal, NamedTuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from pallas_kernels import arithmetic
@@ -150,6 +151,20 @@ def num_groups_for(shape: tuple[int, ...], layout: Layout, config: QuantConfig) 
 grouped_shape = arithmetic.grouped_shape
 
 
+def regroup(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``x.reshape(shape)`` through the [rows, rest] view both shapes share, one merge or one
+    split at a time: under explicit sharding (jax.make_mesh's default) jax rejects a reshape
+    that does more at once, such as a batch-sharded [B, N, C] into [B * N, G, C // G]."""
+    shape = tuple(shape)
+    for i in range(1, x.ndim):
+        rows = math.prod(x.shape[:i])
+        j = next((j for j in range(1, len(shape)) if math.prod(shape[:j]) == rows), None)
+        if j is not None:
+            merged = x.reshape(rows, *x.shape[i:]).reshape(rows, math.prod(x.shape[i:]))
+            return merged.reshape(rows, *shape[j:]).reshape(shape)
+    return x.reshape(shape)
+
+
 def _per_group(v: jax.Array) -> jax.Array:
     """A [G] vector, to broadcast against a grouped view."""
     return v.reshape(1, -1, 1)
@@ -159,7 +174,15 @@ def _group_range(lo: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[G] min of ``lo`` and max of ``hi``, grouped views holding +-inf where nothing counts."""
     lo = jnp.min(lo, axis=(0, 2), initial=jnp.inf)
     hi = jnp.max(hi, axis=(0, 2), initial=-jnp.inf)
-    return arithmetic.range_or_zero(lo, hi)
+    return arithmetic.range_or_zero(_replicated(lo), _replicated(hi))
+
+
+def _replicated(v: jax.Array) -> jax.Array:
+    """``v`` on every device, as the statistics are: under explicit sharding a range measured
+    over channels split across devices would otherwise stay split, and differ in type from
+    the statistics (which lax.cond's two branches must agree on)."""
+    spec = jax.typeof(v).sharding.spec
+    return jax.sharding.reshard(v, P()) if any(axis is not None for axis in spec) else v
 
 
 def group_min_max(x: jax.Array, layout: Layout, groups: int) -> tuple[jax.Array, jax.Array]:
@@ -168,7 +191,7 @@ def group_min_max(x: jax.Array, layout: Layout, groups: int) -> tuple[jax.Array,
     Under stop_gradient: autodiff must not keep the float input for their VJP.
     """
     x = jax.lax.stop_gradient(x)
-    xg = x.reshape(grouped_shape(x.shape, layout, groups)).astype(jnp.float32)
+    xg = regroup(x, grouped_shape(x.shape, layout, groups)).astype(jnp.float32)
     finite = jnp.isfinite(xg)
     return _group_range(jnp.where(finite, xg, jnp.inf), jnp.where(finite, xg, -jnp.inf))
 
@@ -250,10 +273,10 @@ def _affine(x: jax.Array, stats: Stats, config: QuantConfig, layout: Layout):
 def quantize(x: jax.Array, stats: Stats, config: QuantConfig, seed, layout: Layout):
     """Codes (uint32, one per element) and the per-group (scale, shift) of x."""
     shift, scale, inv_scale = _affine(x, stats, config, layout)
-    xg = x.reshape(grouped_shape(x.shape, layout, shift.shape[0])).astype(jnp.float32)
+    xg = regroup(x, grouped_shape(x.shape, layout, shift.shape[0])).astype(jnp.float32)
     u = noise(seed, xg.shape) if config.stochastic else 0.5
     codes = arithmetic.quantize(xg, _per_group(shift), _per_group(inv_scale), u, config.levels)
-    return codes.astype(jnp.uint32).reshape(x.shape), scale, shift
+    return regroup(codes.astype(jnp.uint32), x.shape), scale, shift
 
 
 def normalize_rows(x: jax.Array, moments=None) -> jax.Array:
@@ -330,7 +353,7 @@ def _pack_measure(x, stats: Stats, config: QuantConfig, seed, layout: Layout, no
                                              stochastic=config.stochastic, normalized_by=normalized_by,
                                              interpret=implementation == "pallas_interpret")
         view = grouped_shape(row_lo.shape, layout, groups)  # [..., 1] per head-row, [..., G] per row
-        lo, hi = _group_range(row_lo.reshape(view), row_hi.reshape(view))
+        lo, hi = _group_range(regroup(row_lo, view), regroup(row_hi, view))
     dtype = x.dtype if normalized_by is None else jnp.promote_types(x.dtype, jnp.float32)
     return Packed(words, scale, shift, x.shape, jnp.dtype(dtype), config.bits, layout, implementation), lo, hi
 
@@ -355,7 +378,7 @@ def row_view(shape: tuple[int, ...], layout: Layout, groups: int) -> tuple[int, 
 def _pack_rows(x, config: QuantConfig, seed, layout: Layout, normalized_by, groups: int):
     """(x packed with each row's own range, x's per-group min, max for the running statistics)."""
     xn = normalize_rows(x, normalized_by)
-    xr = xn.reshape(row_view(x.shape, layout, groups)).astype(jnp.float32)
+    xr = regroup(xn, row_view(x.shape, layout, groups)).astype(jnp.float32)
     finite = jnp.isfinite(jax.lax.stop_gradient(xr))
     raw_lo = jnp.min(jnp.where(finite, xr, jnp.inf), axis=-1, initial=jnp.inf)
     raw_hi = jnp.max(jnp.where(finite, xr, -jnp.inf), axis=-1, initial=-jnp.inf)
@@ -363,11 +386,11 @@ def _pack_rows(x, config: QuantConfig, seed, layout: Layout, normalized_by, grou
     u = noise(seed, xr.shape) if config.stochastic else 0.5
     codes = arithmetic.quantize(xr, shift.astype(jnp.float32)[..., None], 1.0 / scale.astype(jnp.float32)[..., None],
                                 u, config.levels)
-    words = pack_codes(codes.astype(jnp.uint32).reshape(x.shape), config.bits)
+    words = pack_codes(regroup(codes.astype(jnp.uint32), x.shape), config.bits)
     axis = arithmetic.group_axis(x.shape, layout)
     by_group = (-1 if axis is None or axis == x.ndim - 1 else axis)  # the axis of raw_lo holding the groups
     view = grouped_shape(raw_lo.shape, by_group, groups)
-    lo, hi = _group_range(raw_lo.reshape(view), raw_hi.reshape(view))
+    lo, hi = _group_range(regroup(raw_lo, view), regroup(raw_hi, view))
     dtype = x.dtype if normalized_by is None else jnp.promote_types(x.dtype, jnp.float32)
     packed = Packed(words, scale, shift, x.shape, jnp.dtype(dtype), config.bits, layout, "xla", rows=True)
     return packed, lo, hi
@@ -400,17 +423,17 @@ def unpack(p: Packed) -> jax.Array:
     if p.rows:
         codes = unpack_codes(p.words, p.bits, p.shape[-1])
         compute = jnp.promote_types(p.dtype, jnp.float32)
-        cg = codes.reshape(*p.shape[:-1], p.scale.shape[-1], p.shape[-1] // p.scale.shape[-1]).astype(compute)
+        cg = regroup(codes, (*p.shape[:-1], p.scale.shape[-1], p.shape[-1] // p.scale.shape[-1])).astype(compute)
         x = arithmetic.dequantize(cg, p.shift[..., None].astype(compute), p.scale[..., None].astype(compute))
-        return x.reshape(p.shape).astype(p.dtype)
+        return regroup(x, p.shape).astype(p.dtype)
     if p.implementation != "xla":
         return kernels.unpack(p.words, p.shift, p.scale, shape=p.shape, dtype=p.dtype, layout=p.layout,
                               bits=p.bits, interpret=p.implementation == "pallas_interpret")
     codes = unpack_codes(p.words, p.bits, p.shape[-1])
     compute = jnp.promote_types(p.dtype, jnp.float32)  # float64 stays exact: code * scale has < 53 bits
-    cg = codes.reshape(grouped_shape(p.shape, p.layout, p.scale.shape[0])).astype(compute)
+    cg = regroup(codes, grouped_shape(p.shape, p.layout, p.scale.shape[0])).astype(compute)
     x = arithmetic.dequantize(cg, _per_group(p.shift).astype(compute), _per_group(p.scale).astype(compute))
-    return x.reshape(p.shape).astype(p.dtype)
+    return regroup(x, p.shape).astype(p.dtype)
 
 
 def pack_codes(codes: jax.Array, bits: int) -> jax.Array:

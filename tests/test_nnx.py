@@ -1,5 +1,11 @@
 """mesa_jax.nnx: NNX layers that are their namesakes, and in-place compression of NNX models."""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -342,3 +348,74 @@ def test_a_block_under_nnx_remat_is_compressed_and_updates_its_statistics():
     np.testing.assert_array_equal(run(model, x), want)
     nnx.jit(nnx.grad(lambda m: jnp.sum(m(x))))(model)
     assert counts(model)["block/gelu_0"] == 2 and counts(model)["block/attn/q"] == 2
+
+
+SHARDED = textwrap.dedent(
+    """
+    import json, jax, jax.numpy as jnp, numpy as np, optax
+    from flax import nnx
+    from jax.flatten_util import ravel_pytree
+    from jax.sharding import AxisType, PartitionSpec as P
+    from mesa_jax import nnx as mnnx
+
+    class Block(nnx.Module):  # annotated for tensor parallelism as flax's GSPMD guide does
+        def __init__(self, dim, heads, rngs, tensor_parallel):
+            lecun = nnx.initializers.lecun_normal()
+            init = lambda *names: nnx.with_partitioning(lecun, names) if tensor_parallel else lecun
+            self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
+            self.attn = nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs,
+                                               kernel_init=init(None, "model", None), out_kernel_init=init("model", None, None))
+            self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
+            self.fc1 = nnx.Linear(dim, 4 * dim, kernel_init=init(None, "model"), rngs=rngs)
+            self.fc2 = nnx.Linear(4 * dim, dim, kernel_init=init("model", None), rngs=rngs)
+            self.head = nnx.Linear(dim, 10, rngs=rngs)
+
+        def __call__(self, x):
+            x = x + self.attn(self.norm1(x))
+            x = x + self.fc2(nnx.gelu(self.fc1(self.norm2(x))))
+            return self.head(x.mean(axis=1))
+
+    def train(mesh):
+        with jax.set_mesh(mesh):
+            model = Block(16, 4, nnx.Rngs(0), tensor_parallel="model" in mesh.axis_names)
+            mnnx.compress(model)
+            optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+
+            @nnx.jit
+            def step(model, optimizer, x, y):
+                loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+                value, grads = nnx.value_and_grad(loss)(model)
+                optimizer.update(model, grads)
+                return value
+
+            x = jax.device_put(jax.random.normal(jax.random.key(1), (8, 6, 16)), P("data"))
+            y = jax.device_put(jnp.arange(8) % 10, P("data"))
+            losses = [float(step(model, optimizer, x, y)) for _ in range(3)]
+        flat = lambda kind: np.asarray(ravel_pytree(jax.device_get(nnx.to_pure_dict(nnx.state(model, kind))))[0])
+        return dict(losses=losses, params=flat(nnx.Param), stats=flat(mnnx.MesaStat),
+                    fc1=str(model.fc1.kernel.get_value().sharding.spec))
+
+    auto = lambda shape, names, devices: jax.make_mesh(shape, names, (AxisType.Auto,) * len(shape), devices=devices)
+    alone = train(auto((1, 1), ("data", "model"), jax.devices()[:1]))
+    runs = {"auto data x model": train(auto((2, 2), ("data", "model"), jax.devices())),
+            "explicit data": train(jax.make_mesh((4,), ("data",)))}  # jax.make_mesh's default: explicit axes
+    rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    print(json.dumps({name: dict(losses=max(abs(a - b) for a, b in zip(run["losses"], alone["losses"])),
+                                 params=rel(run["params"], alone["params"]),
+                                 stats=rel(run["stats"], alone["stats"]), fc1=run["fc1"])
+                      for name, run in runs.items()}))
+    """
+)
+
+
+def test_sharded_state_trains_as_on_one_device():
+    """Tensor-parallel Params (flax's nnx.with_partitioning, auto axes) and a batch split over
+    an explicit mesh (jax.make_mesh's default) train as on one device: the rounding noise is
+    the same bits, so only the order of float32 reductions differs (~1e-7 per step)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = json.loads(out.stdout.strip().splitlines()[-1])
+    assert runs["auto data x model"]["fc1"] == "P(None, 'model')"  # compress kept the Param's sharding
+    for name, run in runs.items():
+        assert run["losses"] < 1e-5 and run["params"] < 1e-5 and run["stats"] < 1e-5, (name, run)
