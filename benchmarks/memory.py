@@ -145,7 +145,7 @@ def main(argv=None):
                         help="also the NNX ViT-S/16 (benchmarks.nnx_vit), float32, baseline and mesa8")
     parser.add_argument("--only-max-batch", action="store_true", help="only the largest-batch search")
     parser.add_argument("--no-max-batch", dest="max_batch", action="store_false",
-                        help="skip the largest-batch search (about 15 compilations per row)")
+                        help="skip the largest-batch search (a few compilations per row)")
     args = parser.parse_args(argv)
     if "baseline" not in args.methods:
         args.methods.insert(0, "baseline")

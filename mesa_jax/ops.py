@@ -209,7 +209,7 @@ def _fused_kernel(res) -> bool:
 
 
 def _kernel_args(res: Packed) -> dict:
-    return dict(bits=res.bits, interpret=res.implementation == "pallas_interpret")
+    return dict(bits=res.bits, row_ranges=res.rows, interpret=res.implementation == "pallas_interpret")
 
 
 def _materialize(y, *kept):

@@ -41,7 +41,7 @@ from pallas_kernels.hashing import combine, uniform
 
 Layout = Union[Literal["channels", "heads"], int]  # see pallas_kernels.arithmetic.group_axis
 
-EPS = 1e-8  # floor of a group's range: a constant group packs to code 0 and unpacks exactly
+EPS = arithmetic.EPS  # floor of a group's range: a constant group packs to code 0 and unpacks exactly
 VALID_BITS = (8, 4, 2)
 RANGES = ("running", "row")
 
@@ -338,10 +338,7 @@ def _pack_measure(x, stats: Stats, config: QuantConfig, seed, layout: Layout, no
     # the kernels need a non-empty grid; an empty tensor has nothing to pack anyway
     implementation = "xla" if x.size == 0 else pallas_kernels.resolve(config.implementation)
     if by_rows(x.shape, layout, groups, config):
-        if implementation != "xla":
-            raise NotImplementedError(f"QuantConfig(ranges='row') has no Pallas kernels yet; use "
-                                      f"implementation='xla' (got {implementation!r})")
-        return _pack_rows(x, config, seed, layout, normalized_by, groups)
+        return _pack_rows(x, config, seed, layout, normalized_by, groups, implementation)
     if implementation == "xla":
         xn = normalize_rows(x, normalized_by)
         codes, scale, shift = quantize(xn, stats, config, seed, layout)
@@ -375,60 +372,46 @@ def row_view(shape: tuple[int, ...], layout: Layout, groups: int) -> tuple[int, 
     return (*shape[:-1], split, shape[-1] // split)
 
 
-def _pack_rows(x, config: QuantConfig, seed, layout: Layout, normalized_by, groups: int):
+def _pack_rows(x, config: QuantConfig, seed, layout: Layout, normalized_by, groups: int, implementation: str):
     """(x packed with each row's own range, x's per-group min, max for the running statistics)."""
-    xn = normalize_rows(x, normalized_by)
-    xr = regroup(xn, row_view(x.shape, layout, groups)).astype(jnp.float32)
-    finite = jnp.isfinite(jax.lax.stop_gradient(xr))
-    raw_lo = jnp.min(jnp.where(finite, xr, jnp.inf), axis=-1, initial=jnp.inf)
-    raw_hi = jnp.max(jnp.where(finite, xr, -jnp.inf), axis=-1, initial=-jnp.inf)
-    shift, scale = _row_affine(*arithmetic.range_or_zero(raw_lo, raw_hi), config)
-    u = noise(seed, xr.shape) if config.stochastic else 0.5
-    codes = arithmetic.quantize(xr, shift.astype(jnp.float32)[..., None], 1.0 / scale.astype(jnp.float32)[..., None],
-                                u, config.levels)
-    words = pack_codes(regroup(codes.astype(jnp.uint32), x.shape), config.bits)
+    if implementation == "xla":
+        xn = normalize_rows(x, normalized_by)
+        xr = regroup(xn, row_view(x.shape, layout, groups)).astype(jnp.float32)
+        finite = jnp.isfinite(jax.lax.stop_gradient(xr))
+        raw_lo = jnp.min(jnp.where(finite, xr, jnp.inf), axis=-1, initial=jnp.inf)
+        raw_hi = jnp.max(jnp.where(finite, xr, -jnp.inf), axis=-1, initial=-jnp.inf)
+        shift, scale = arithmetic.row_affine(*arithmetic.range_or_zero(raw_lo, raw_hi), config.levels)
+        u = noise(seed, xr.shape) if config.stochastic else 0.5
+        codes = arithmetic.quantize(xr, shift[..., None], 1.0 / scale[..., None], u, config.levels)
+        words = pack_codes(regroup(codes.astype(jnp.uint32), x.shape), config.bits)
+    else:  # the range of a row, then its codes, from one read of the row
+        words, raw_lo, raw_hi, shift, scale = kernels.pack_with_row_ranges(
+            x, seed, layout=layout, groups=groups, bits=config.bits, stochastic=config.stochastic,
+            normalized_by=normalized_by, interpret=implementation == "pallas_interpret")
     axis = arithmetic.group_axis(x.shape, layout)
     by_group = (-1 if axis is None or axis == x.ndim - 1 else axis)  # the axis of raw_lo holding the groups
     view = grouped_shape(raw_lo.shape, by_group, groups)
     lo, hi = _group_range(regroup(raw_lo, view), regroup(raw_hi, view))
     dtype = x.dtype if normalized_by is None else jnp.promote_types(x.dtype, jnp.float32)
-    packed = Packed(words, scale, shift, x.shape, jnp.dtype(dtype), config.bits, layout, "xla", rows=True)
+    packed = Packed(words, scale.astype(ROW_SCALE_DTYPE), shift.astype(ROW_SCALE_DTYPE), x.shape, jnp.dtype(dtype),
+                    config.bits, layout, implementation, rows=True)
     return packed, lo, hi
 
 
-ROW_SCALE_DTYPE = jnp.bfloat16  # 4 bytes of scale and shift per row and group (float32: 8)
-# Row ranges are clipped to +-2**126 (values beyond clamp): the top of the grid, shift +
-# levels * scale with both rounded outward, then stays below float32's maximum.
-ROW_LIMIT = 2.0**126
-
-
-def _row_affine(lo, hi, config: QuantConfig):
-    """Per-row (shift, scale) as stored: the shift rounded down and the scale up to bfloat16,
-    so that the stored grid still covers [lo, hi]; both finite whatever the range."""
-    lo, hi = jnp.clip(lo, -ROW_LIMIT, ROW_LIMIT), jnp.clip(hi, -ROW_LIMIT, ROW_LIMIT)
-    shift = _rounded(lo, down=True)
-    span = jnp.maximum(hi - shift.astype(jnp.float32), EPS)
-    return shift, _rounded(span * (1.0 / config.levels), down=False)
-
-
-def _rounded(v: jax.Array, down: bool) -> jax.Array:
-    """float32 ``v`` in ROW_SCALE_DTYPE, rounded toward -inf (``down``) or +inf."""
-    r = v.astype(ROW_SCALE_DTYPE)
-    off = r.astype(jnp.float32) > v if down else r.astype(jnp.float32) < v
-    return jnp.where(off, jnp.nextafter(r, jnp.asarray(-jnp.inf if down else jnp.inf, ROW_SCALE_DTYPE)), r)
+ROW_SCALE_DTYPE = jnp.bfloat16  # 4 bytes of scale and shift per row and group (arithmetic.row_affine's grid)
 
 
 def unpack(p: Packed) -> jax.Array:
     """The dequantized tensor, in the original shape and dtype, by the implementation that packed it."""
+    if p.implementation != "xla":
+        return kernels.unpack(p.words, p.shift, p.scale, shape=p.shape, dtype=p.dtype, layout=p.layout,
+                              bits=p.bits, interpret=p.implementation == "pallas_interpret", row_ranges=p.rows)
     if p.rows:
         codes = unpack_codes(p.words, p.bits, p.shape[-1])
         compute = jnp.promote_types(p.dtype, jnp.float32)
         cg = regroup(codes, (*p.shape[:-1], p.scale.shape[-1], p.shape[-1] // p.scale.shape[-1])).astype(compute)
         x = arithmetic.dequantize(cg, p.shift[..., None].astype(compute), p.scale[..., None].astype(compute))
         return regroup(x, p.shape).astype(p.dtype)
-    if p.implementation != "xla":
-        return kernels.unpack(p.words, p.shift, p.scale, shape=p.shape, dtype=p.dtype, layout=p.layout,
-                              bits=p.bits, interpret=p.implementation == "pallas_interpret")
     codes = unpack_codes(p.words, p.bits, p.shape[-1])
     compute = jnp.promote_types(p.dtype, jnp.float32)  # float64 stays exact: code * scale has < 53 bits
     cg = regroup(codes, grouped_shape(p.shape, p.layout, p.scale.shape[0])).astype(compute)

@@ -67,6 +67,36 @@ def range_or_zero(lo, hi):
     return jnp.where(empty, 0.0, lo), jnp.where(empty, 0.0, hi)
 
 
+# Row ranges are clipped to +-2**126 (values beyond clamp): the top of the grid, shift +
+# levels * scale with both rounded outward, then stays below float32's maximum.
+ROW_LIMIT = 2.0**126
+EPS = 1e-8  # the smallest span a range may have (a constant row still gets a finite grid)
+
+
+def row_affine(lo, hi, levels: int):
+    """A row's (shift, scale) from its finite (min, max): float32 values that bfloat16 holds
+    exactly, the shift rounded down and the scale up, so the stored grid still covers
+    [lo, hi]; both finite whatever the range."""
+    lo, hi = jnp.clip(lo, -ROW_LIMIT, ROW_LIMIT), jnp.clip(hi, -ROW_LIMIT, ROW_LIMIT)
+    shift = to_bfloat16_grid(lo, down=True)
+    span = jnp.maximum(hi - shift, EPS)
+    return shift, to_bfloat16_grid(span * (1.0 / levels), down=False)
+
+
+def to_bfloat16_grid(v, down: bool):
+    """Finite float32 ``v`` rounded toward -inf (``down``) or +inf onto bfloat16's values.
+
+    bfloat16 is float32's top 16 bits: truncating the low ones rounds toward zero, and
+    one unit more of the kept magnitude rounds away from it. Integer operations only,
+    so a Triton kernel computes it as the reference does.
+    """
+    bits = lax.bitcast_convert_type(v.astype(jnp.float32), jnp.uint32)
+    kept = bits & jnp.uint32(0xFFFF0000)
+    negative = (bits >> 31) == 1  # the sign bit: XLA:CPU compares subnormals as zero
+    away = (bits != kept) & (negative == down)  # a dropped remainder, and rounding away from zero
+    return lax.bitcast_convert_type(jnp.where(away, kept + jnp.uint32(0x10000), kept), jnp.float32)
+
+
 # ---------------------------------------------------------------------- words
 
 

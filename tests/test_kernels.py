@@ -139,6 +139,41 @@ def test_kernels_clamp_out_of_range_values():
     np.testing.assert_allclose(xh[0, [0, 2, 3, 4]], [0.0, 1.0, 0.0, 1.0])
 
 
+def hard_rows(x):
+    """x with rows that test a row's own range: constant, zeros, NaN and inf, one huge element
+    (past the row grid's +-2**126 limit), and tiny values."""
+    flat = x.reshape(-1, x.shape[-1])
+    flat = flat.at[0].set(3.0).at[1].set(0.0).at[2, :3].set(jnp.array([jnp.nan, jnp.inf, -jnp.inf]))
+    flat = flat.at[3, 5].set(1e38).at[4].multiply(1e-30)
+    return flat.reshape(x.shape)
+
+
+# (shape, layout, groups): rows of one range; two channel groups of 32 (LayerNorm normalizes);
+# a head's rows of 20 (shorter rows, under quant.ROW_MIN, keep the running range)
+ROW_KERNEL_CASES = [((2, 5, 37), "channels", 1), ((2, 4, 64), "channels", 2), ((1, 2, 20, 20), "heads", 1)]
+
+
+@pytest.mark.parametrize("shape, layout, groups", ROW_KERNEL_CASES, ids=str)
+@pytest.mark.parametrize("bits", first_fast([8, 4]))
+def test_row_range_kernel_codes_scales_and_statistics_are_the_reference_s(shape, layout, groups, bits, key):
+    """One read per row: the row's range, then its codes on the same bfloat16 grid, bit for bit;
+    the unpack kernel reads the per-row scales back."""
+    from mesa_jax import ops
+
+    for stochastic, normalize in ((True, False), (False, layout == "channels" and groups > 1)):
+        reference, kernel = both(QuantConfig(bits=bits, num_groups=groups, stochastic=stochastic, ranges="row"))
+        x = hard_rows(jax.random.normal(key, shape) * 2)
+        moments = ops.row_moments(jnp.nan_to_num(x)) if normalize else None
+        stats = stats_for(jnp.nan_to_num(x), layout, reference)
+        want, want_stats = quant.pack_and_update(x, stats, reference, SEED, layout, normalized_by=moments)
+        got, got_stats = quant.pack_and_update(x, stats, kernel, SEED, layout, normalized_by=moments)
+        assert got.rows and got.scale.dtype == quant.ROW_SCALE_DTYPE and got.implementation == KERNELS
+        for a, b in [(got.words, want.words), (got.scale, want.scale), (got.shift, want.shift),
+                     *zip(got_stats, want_stats)]:
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(quant.unpack(got), quant.unpack(want))  # shift + code * scale, both ways
+
+
 @pytest.mark.slow  # a whole ViT's gradient through the interpreted kernels (about 10 s cold); gpu_check runs it
 def test_whole_vit_gradients_are_the_same_under_the_kernels():
     images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
@@ -167,10 +202,17 @@ def test_kernels_lower_to_triton_for_cuda(bits, col_groups, normalize):
     moments = (jnp.zeros(4), jnp.ones(4)) if normalize else ()
     f = lambda x: kernels.pack_rows(x, zeros, ones, jnp.zeros(4), jnp.ones(4), 3, *moments, bits=bits,
                                     stochastic=True, col_groups=col_groups)[0]
-    row, col_shift, col_scale = kernels.dequantization_params(jnp.zeros(1), jnp.ones(1), (4, 195), "channels", bits)
-    g = lambda w: kernels.unpack_rows(w, row, col_shift, col_scale, bits=bits, length=195, dtype=jnp.bfloat16)
+    d = kernels.dequantization_params(jnp.zeros(1), jnp.ones(1), (4, 195), "channels", bits)
+    g = lambda w: kernels.unpack_rows(w, d.row, d.col_shift, d.col_scale, bits=bits, length=195, dtype=jnp.bfloat16)
+    # row ranges: the two-pass row kernel, and unpacking with per-row pairs of col_groups groups
+    f_rows = lambda x: kernels.pack_rows_with_ranges(x, 3, *moments, bits=bits, stochastic=True,
+                                                     col_groups=col_groups)[0]
+    r = kernels.dequantization_params(jnp.zeros((4, col_groups)), jnp.ones((4, col_groups)), (4, 195), "channels",
+                                      bits, row_ranges=True)
+    g_rows = lambda w: kernels.unpack_rows(w, r.row, r.col_shift, r.col_scale, bits=bits, length=195,
+                                           dtype=jnp.bfloat16, slots=r.slots, group_len=r.group_len)
     words = jax.eval_shape(f, x)
-    for fn, arg in ((f, x), (g, words)):
+    for fn, arg in ((f, x), (g, words), (f_rows, x), (g_rows, words)):
         text = jax.jit(fn).trace(arg).lower(lowering_platforms=("cuda",)).as_text()
         assert "triton" in text.lower()
 
@@ -228,17 +270,33 @@ def test_fused_backward_kernels_match_the_xla_backward(op, shape, layout, bits, 
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6 * float(jnp.max(jnp.abs(b))))
 
 
+@pytest.mark.parametrize("op, shape, layout", [("gelu", (2, 5, 37), "channels"), ("softmax", (1, 2, 20, 20), "heads"),
+                                              ("layer_norm", (3, 7, 64), "channels")], ids=str)
+def test_fused_backward_kernels_read_per_row_scales(op, shape, layout, key):
+    """As the running-range case above, with each row's own (shift, scale) per channel group."""
+    config = QuantConfig(bits=4, num_groups=2 if op == "layer_norm" else 1, ranges="row")
+    make, inputs, kept = fused_case(op, shape, key)
+    stats = stats_for(kept, layout, config)
+    g = jax.random.normal(jax.random.key(7), shape)
+    want, got = (jax.vjp(make(stats, c), *inputs)[1](g) for c in both(config))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6 * float(jnp.max(jnp.abs(b))))
+
+
+@pytest.mark.parametrize("row_ranges", [False, True])
 @pytest.mark.parametrize("name", ["gelu_backward", "softmax_backward", "layer_norm_backward"])
-def test_fused_kernels_lower_to_triton_for_cuda(name):
+def test_fused_kernels_lower_to_triton_for_cuda(name, row_ranges):
     from pallas_kernels import fused
 
     words = jax.ShapeDtypeStruct((4, 50), jnp.uint32)
     g = jax.ShapeDtypeStruct((4, 197), jnp.bfloat16)
+    shift, scale = (jnp.zeros((4, 3)), jnp.ones((4, 3))) if row_ranges else (jnp.zeros(1), jnp.ones(1))
     if name == "layer_norm_backward":
-        fn = lambda w, g: fused.layer_norm_backward(w, jnp.zeros(1), jnp.ones(1), jnp.ones((4, 1)), g, jnp.ones(197),
-                                                    bits=8)
+        fn = lambda w, g: fused.layer_norm_backward(w, shift, scale, jnp.ones((4, 1)), g, jnp.ones(197), bits=8,
+                                                    row_ranges=row_ranges)
     else:
         extra = {"approximate": False} if name == "gelu_backward" else {}
-        fn = lambda w, g: getattr(fused, name)(w, jnp.zeros(1), jnp.ones(1), g, layout="channels", bits=8, **extra)
+        fn = lambda w, g: getattr(fused, name)(w, shift, scale, g, layout="channels", bits=8, row_ranges=row_ranges,
+                                               **extra)
     text = jax.jit(fn).trace(words, g).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text.lower()
