@@ -267,10 +267,11 @@ def configs(num_heads: int):
 
 
 def ranges_configs(num_heads: int):
-    """Row ranges (QuantConfig(ranges="row")) at 8, 4 and 2 bits, and the 4/8-bit mix."""
+    """Row ranges (QuantConfig(ranges="row")) at 8 bits, one per token row; at 4 and 2 bits per
+    row and head-sized channel group; and the 4/8-bit mix."""
     row = lambda bits: QuantConfig(bits=bits, num_groups=num_heads, ranges="row")
     return {
-        "int8, row ranges": row(8),
+        "int8, row ranges": QuantConfig(ranges="row"),
         "int4, row ranges": row(4),
         "int4 row ranges, attention int8 (policy.int4_with_int8_attention)": policy.int4_with_int8_attention(num_heads),
         "int2, row ranges": row(2),

@@ -51,7 +51,7 @@ def build(model_name: str, method: str, dtype=None, **overrides) -> nn.Module:
     elif method in ("mesa8", "mesa4", "mesa2"):
         quant = models.presets.per_head(models.preset(model_name), bits=int(method[4:]))
     elif method == "mesa8_row":
-        quant = models.presets.per_head(models.preset(model_name), ranges="row")
+        quant = QuantConfig(ranges="row")  # one range per token row (per head-row for attention tensors)
     elif method == "mesa_mix48":
         quant = policy.int4_with_int8_attention(models.presets.per_head(models.preset(model_name)).num_groups)
     else:

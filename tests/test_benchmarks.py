@@ -69,8 +69,8 @@ def test_mesa_step_needs_less_memory_than_the_baseline_and_the_flash_like_one():
 def test_row_ranges_add_only_their_scales_and_the_4_8_mix_keeps_less():
     mesa, row, mix = (step_memory.measure(step_memory.build("vit-test", m), 16).residuals
                       for m in ("mesa8", "mesa8_row", "mesa_mix48"))
-    # vit-test: width 24 in 2 groups, 2 heads of 12: rows of 12 keep the running range
-    # (quant.ROW_MIN); the MLP's rows of 24 per group gain 4 bytes of scale and shift each
+    # vit-test: 2 heads of 12: rows of 12 keep the running range (quant.ROW_MIN); int8 row
+    # ranges are one per token row: rows of 24 (48 in the MLP) gain 4 bytes of scale and shift
     assert mesa < row <= mesa * (1 + 4 / 24)
     assert mix < row  # 4-bit rows of 12 codes still fill whole words: the saving shows at real widths
 

@@ -230,6 +230,7 @@ def test_ranges_and_attention_bits_reach_every_kind_of_layer():
     assert quant.resolve("dense", "block_0/mlp/fc1") == QuantConfig(bits=4, num_groups=3, ranges="row")
     assert quant.resolve("attention", "block_0/attn").bits == 8
     assert run.quant_of(TrainConfig(bits=4, attention_bits=4)) == QuantConfig(bits=4, num_groups=3)
+    assert run.quant_of(TrainConfig(ranges="row")) == QuantConfig(ranges="row")  # 8 bits: one range per row
 
 
 def test_the_hard_synthetic_set_is_the_same_patterns_with_more_noise():

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mesa_jax import Policy, models
+from mesa_jax import Policy, QuantConfig, models
 from mesa_jax.memory import compiled_analysis
 from train import data, loop
 from train.checkpoint import Checkpointer
@@ -38,8 +38,13 @@ class NonFinite(RuntimeError):
 
 
 def quant_of(config: TrainConfig):
-    """What mesa keeps, from --bits, --ranges and --attention-bits (channel groups: the heads)."""
-    base = models.presets.per_head(models.preset(config.model), bits=config.bits, ranges=config.ranges)
+    """What mesa keeps, from --bits, --ranges and --attention-bits. Channel groups: the heads,
+    except for 8-bit row ranges, one per token row: as faithful (README, fidelity) for 4 bytes
+    of scale and shift per row instead of per head."""
+    if config.ranges == "row" and config.bits == 8:
+        base = QuantConfig(ranges="row")
+    else:
+        base = models.presets.per_head(models.preset(config.model), bits=config.bits, ranges=config.ranges)
     if config.attention_bits in (None, config.bits):
         return base
     attention = dataclasses.replace(base, bits=config.attention_bits)
