@@ -148,30 +148,30 @@ def hard_rows(x):
     return flat.reshape(x.shape)
 
 
-# (shape, layout, groups): rows of one range; two channel groups of 32 (LayerNorm normalizes);
-# a head's rows of 20 (shorter rows, under quant.ROW_MIN, keep the running range)
-ROW_KERNEL_CASES = [((2, 5, 37), "channels", 1), ((2, 4, 64), "channels", 2), ((1, 2, 20, 20), "heads", 1)]
+# (shape, layout, groups, stochastic, LayerNorm's normalization): rows of one range; two
+# channel groups of 32; a head's rows of 20 (rows under quant.ROW_MIN keep the running range)
+ROW_KERNEL_CASES = [((2, 5, 37), "channels", 1, True, False), ((2, 4, 64), "channels", 2, False, True),
+                    ((1, 2, 20, 20), "heads", 1, True, False)]
 
 
-@pytest.mark.parametrize("shape, layout, groups", ROW_KERNEL_CASES, ids=str)
+@pytest.mark.parametrize("shape, layout, groups, stochastic, normalize", ROW_KERNEL_CASES, ids=str)
 @pytest.mark.parametrize("bits", first_fast([8, 4]))
-def test_row_range_kernel_codes_scales_and_statistics_are_the_reference_s(shape, layout, groups, bits, key):
+def test_row_range_kernel_codes_scales_and_statistics_are_the_reference_s(shape, layout, groups, stochastic,
+                                                                          normalize, bits, key):
     """One read per row: the row's range, then its codes on the same bfloat16 grid, bit for bit;
     the unpack kernel reads the per-row scales back."""
     from mesa_jax import ops
 
-    for stochastic, normalize in ((True, False), (False, layout == "channels" and groups > 1)):
-        reference, kernel = both(QuantConfig(bits=bits, num_groups=groups, stochastic=stochastic, ranges="row"))
-        x = hard_rows(jax.random.normal(key, shape) * 2)
-        moments = ops.row_moments(jnp.nan_to_num(x)) if normalize else None
-        stats = stats_for(jnp.nan_to_num(x), layout, reference)
-        want, want_stats = quant.pack_and_update(x, stats, reference, SEED, layout, normalized_by=moments)
-        got, got_stats = quant.pack_and_update(x, stats, kernel, SEED, layout, normalized_by=moments)
-        assert got.rows and got.scale.dtype == quant.ROW_SCALE_DTYPE and got.implementation == KERNELS
-        for a, b in [(got.words, want.words), (got.scale, want.scale), (got.shift, want.shift),
-                     *zip(got_stats, want_stats)]:
-            np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(quant.unpack(got), quant.unpack(want))  # shift + code * scale, both ways
+    reference, kernel = both(QuantConfig(bits=bits, num_groups=groups, stochastic=stochastic, ranges="row"))
+    x = hard_rows(jax.random.normal(key, shape) * 2)
+    moments = ops.row_moments(jnp.nan_to_num(x)) if normalize else None
+    stats = stats_for(jnp.nan_to_num(x), layout, reference)
+    want, want_stats = quant.pack_and_update(x, stats, reference, SEED, layout, normalized_by=moments)
+    got, got_stats = quant.pack_and_update(x, stats, kernel, SEED, layout, normalized_by=moments)
+    assert got.rows and got.scale.dtype == quant.ROW_SCALE_DTYPE and got.implementation == KERNELS
+    for a, b in [(got.words, want.words), (got.scale, want.scale), (got.shift, want.shift), *zip(got_stats, want_stats)]:
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(quant.unpack(got), quant.unpack(want))  # shift + code * scale, both ways
 
 
 @pytest.mark.slow  # a whole ViT's gradient through the interpreted kernels (about 10 s cold); gpu_check runs it
