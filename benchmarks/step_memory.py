@@ -19,8 +19,8 @@ from mesa_jax import QuantConfig, memory, policy
 from mesa_jax import models
 from train import loop
 
-METHODS = ("baseline", "flash_like", "remat_nothing", "remat_dots", "mesa8", "mesa4", "mesa2", "mesa8_row",
-           "mesa_mix48")
+METHODS = ("baseline", "jax_attention", "flash_like", "remat_nothing", "remat_dots", "mesa8", "mesa4", "mesa2",
+           "mesa8_row", "mesa_mix48")
 
 
 def recomputed_attention(query, key, value, bias=None, mask=None, broadcast_dropout: bool = True, dropout_rng=None,
@@ -38,15 +38,18 @@ def recomputed_attention(query, key, value, bias=None, mask=None, broadcast_drop
 
 
 def build(model_name: str, method: str, dtype=None, **overrides) -> nn.Module:
-    """The model a method trains: baseline, flash-like (the baseline with its attention core
-    recomputed), nn.remat with a policy (these two: ViT/DeiT, which have the fields), mesa
+    """The model a method trains: baseline, the baseline with jax.nn.dot_product_attention as
+    its attention core, flash-like (the baseline with its attention core recomputed), nn.remat
+    with a policy (these three: ViT/DeiT, which have the fields), mesa
     at 8/4/2 bits, mesa at 8 bits with row ranges, or the 4/8-bit mix with row ranges."""
     remat = {"remat_nothing": "nothing_saveable", "remat_dots": "dots_saveable"}.get(method)
     if remat:
         overrides = {**overrides, "remat": remat}
     if method == "flash_like":
         overrides = {**overrides, "attention_fn": recomputed_attention}
-    if method in ("baseline", "flash_like") or remat:
+    if method == "jax_attention":  # the core flax NNX's attention calls (no dropout): the NNX rows' baseline
+        overrides = {**overrides, "attention_fn": jax.nn.dot_product_attention}
+    if method in ("baseline", "jax_attention", "flash_like") or remat:
         quant = None
     elif method in ("mesa8", "mesa4", "mesa2"):
         quant = models.presets.per_head(models.preset(model_name), bits=int(method[4:]))
@@ -84,16 +87,17 @@ def measure(model: nn.Module, batch: int) -> StepMemory:
     return StepMemory(compiled.peak, compiled.temp, residuals)
 
 
-def measure_nnx(method: str, batch: int, image_size: int = 224) -> StepMemory:
+def measure_nnx(method: str, batch: int, image_size: int = 224, approximate_gelu: bool = False) -> StepMemory:
     """The same step for the NNX ViT-S/16 of benchmarks.nnx_vit (float32): ``baseline`` as
-    written, ``mesa8`` compressed in place by mesa_jax.nnx.compress (int8, per head)."""
+    written, ``mesa8`` compressed in place by mesa_jax.nnx.compress (int8, per head); DeiT-S's
+    exact GELU unless ``approximate_gelu`` (flax's documentation model)."""
     from flax import nnx
     from benchmarks import nnx_vit
     from mesa_jax import nnx as mesa_nnx
 
     if method not in ("baseline", "mesa8"):
         raise ValueError(f"the NNX rows measure baseline and mesa8, not {method!r}")
-    model = nnx_vit.vit_s16(img_size=image_size, rngs=nnx.Rngs(0))
+    model = nnx_vit.vit_s16(img_size=image_size, approximate_gelu=approximate_gelu, rngs=nnx.Rngs(0))
     if method == "mesa8":
         mesa_nnx.compress(model, QuantConfig(num_groups=6, bits=8))  # channel groups = heads, as deit-s
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -1,6 +1,8 @@
 """The benchmarks' logic on tiny inputs: the largest-batch search, ratios, tables, comparisons."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import fidelity, memory as memory_bench, speed, step_memory
@@ -58,6 +60,14 @@ def test_max_batch_on_a_compiled_model_fits_and_the_next_does_not():
     budget = peak(24) + 1
     found = memory.max_batch_size(peak, budget, start=8, multiple=8, limit=256)
     assert found >= 24 and peak(found) <= budget < peak(found + 8)
+
+
+def test_the_jax_attention_baseline_computes_the_baseline_s_function(key):
+    base, jax_attention = (step_memory.build("vit-test", m) for m in ("baseline", "jax_attention"))
+    images = jax.random.normal(key, (2, 32, 32, 3))
+    variables = base.init(jax.random.key(1), images)
+    np.testing.assert_allclose(jax_attention.apply(variables, images), base.apply(variables, images),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_mesa_step_needs_less_memory_than_the_baseline_and_the_flash_like_one():

@@ -169,7 +169,8 @@ def test_row_range_kernel_codes_scales_and_statistics_are_the_reference_s(shape,
     want, want_stats = quant.pack_and_update(x, stats, reference, SEED, layout, normalized_by=moments)
     got, got_stats = quant.pack_and_update(x, stats, kernel, SEED, layout, normalized_by=moments)
     assert got.rows and got.scale.dtype == quant.ROW_SCALE_DTYPE and got.implementation == KERNELS
-    for a, b in [(got.words, want.words), (got.scale, want.scale), (got.shift, want.shift), *zip(got_stats, want_stats)]:
+    pairs = [(got.words, want.words), (got.scale, want.scale), (got.shift, want.shift), *zip(got_stats, want_stats)]
+    for a, b in pairs:
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(quant.unpack(got), quant.unpack(want))  # shift + code * scale, both ways
 
