@@ -271,7 +271,9 @@ def test_fused_backward_kernels_match_the_xla_backward(op, shape, layout, bits, 
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6 * float(jnp.max(jnp.abs(b))))
 
 
-@pytest.mark.parametrize("op, shape, layout", [("gelu", (2, 5, 37), "channels"), ("softmax", (1, 2, 20, 20), "heads"),
+# the default run: LayerNorm's blocks of rows with two groups each; GELU's and softmax's rows under -m slow
+@pytest.mark.parametrize("op, shape, layout", [pytest.param("gelu", (2, 5, 37), "channels", marks=pytest.mark.slow),
+                                              pytest.param("softmax", (1, 2, 20, 20), "heads", marks=pytest.mark.slow),
                                               ("layer_norm", (3, 7, 64), "channels")], ids=str)
 def test_fused_backward_kernels_read_per_row_scales(op, shape, layout, key):
     """As the running-range case above, with each row's own (shift, scale) per channel group."""

@@ -104,7 +104,7 @@ def test_memory_adds_four_bytes_per_row_and_group():
     assert rows.nbytes - running.nbytes == 2 * 197 * 6 * 4 - 2 * 6 * 4
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [pytest.param(8, marks=pytest.mark.slow), 4])  # the same bound at both widths
 def test_gradients_are_within_the_bound_of_each_row_s_step(bits, key):
     """A dense layer's kernel gradient with nearest row ranges differs from the exact one by
     x_err^T g, |x_err| <= step / 2 per row: the bound below, elementwise."""

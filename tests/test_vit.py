@@ -133,7 +133,9 @@ def _stack_blocks(tree, depth):
     return {**tree, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
 
 
-@pytest.mark.parametrize("variant", [dict(scan=True), dict(remat="nothing_saveable"), dict(scan=True, remat="dots_saveable")])
+@pytest.mark.parametrize("variant", [pytest.param(dict(scan=True), marks=pytest.mark.slow),  # the third covers both
+                                     pytest.param(dict(remat="nothing_saveable"), marks=pytest.mark.slow),
+                                     dict(scan=True, remat="dots_saveable")])
 def test_scan_and_remat_give_the_plain_model_s_gradients(variant, images, labels):
     plain = tiny(quant=NEAREST, drop_path=0.0)  # scan splits the dropout stream differently
     variables = init(plain, images)
