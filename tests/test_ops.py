@@ -119,6 +119,7 @@ def test_forward_under_grad_is_bit_identical_to_exact_mode(case, key):
     np.testing.assert_array_equal(fwd(CONFIG), fwd(None))
 
 
+@pytest.mark.slow  # the float64 check below is the stricter one
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_exact_mode_numerical_gradients_float32(case, key):
     inputs = case.inputs(key)

@@ -233,6 +233,7 @@ def test_ranges_and_attention_bits_reach_every_kind_of_layer():
     assert run.quant_of(TrainConfig(ranges="row")) == QuantConfig(ranges="row")  # 8 bits: one range per row
 
 
+@pytest.mark.slow  # makes both 10,000-image sets
 def test_the_hard_synthetic_set_is_the_same_patterns_with_more_noise():
     easy, hard = data.load("synthetic"), data.load("synthetic-hard")
     assert hard.name == "synthetic-hard"
