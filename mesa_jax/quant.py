@@ -415,16 +415,15 @@ def unpack(p: Packed) -> jax.Array:
     if p.implementation != "xla":
         return kernels.unpack(p.words, p.shift, p.scale, shape=p.shape, dtype=p.dtype, layout=p.layout,
                               bits=p.bits, interpret=p.implementation == "pallas_interpret", row_ranges=p.rows)
-    if p.rows:
-        codes = unpack_codes(p.words, p.bits, p.shape[-1])
-        compute = jnp.promote_types(p.dtype, jnp.float32)
-        cg = regroup(codes, (*p.shape[:-1], p.scale.shape[-1], p.shape[-1] // p.scale.shape[-1])).astype(compute)
-        x = arithmetic.dequantize(cg, p.shift[..., None].astype(compute), p.scale[..., None].astype(compute))
-        return regroup(x, p.shape).astype(p.dtype)
     codes = unpack_codes(p.words, p.bits, p.shape[-1])
     compute = jnp.promote_types(p.dtype, jnp.float32)  # float64 stays exact: code * scale has < 53 bits
-    cg = regroup(codes, grouped_shape(p.shape, p.layout, p.scale.shape[0])).astype(compute)
-    x = arithmetic.dequantize(cg, _per_group(p.shift).astype(compute), _per_group(p.scale).astype(compute))
+    if p.rows:  # [..., Gr] pairs: each row's per channel group
+        groups = p.scale.shape[-1]
+        view, shift, scale = (*p.shape[:-1], groups, p.shape[-1] // groups), p.shift[..., None], p.scale[..., None]
+    else:  # [G] pairs
+        view = grouped_shape(p.shape, p.layout, p.scale.shape[0])
+        shift, scale = _per_group(p.shift), _per_group(p.scale)
+    x = arithmetic.dequantize(regroup(codes, view).astype(compute), shift.astype(compute), scale.astype(compute))
     return regroup(x, p.shape).astype(p.dtype)
 
 

@@ -110,7 +110,7 @@ def column_values(ref, first: int, col, slots: int, group_len: int):
     return out
 
 
-def dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_ref, bits, slots: int = 1, group_len: int = 1):
+def dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_ref, bits, slots: int, group_len: int):
     """(lane slice, dequantized float32 values) for each of the 32 // bits lanes of a row.
 
     ``words_ref`` holds one row ([W], ``row_ref`` [>= 2 * slots]) or a block of rows ([rows, W],
@@ -285,7 +285,7 @@ def pack_with_row_ranges(x, seed, *, layout: str, groups: int, bits: int, stocha
 
 def unpack(words, shift, scale, *, shape, dtype, layout: str, bits: int, interpret: bool, row_ranges: bool = False):
     """The dequantized [..., C] tensor of ``shape`` from its words and per-group parameters
-    (``rows``: per row and column group, as pack_with_row_ranges gives them)."""
+    (``row_ranges``: per row and column group, as pack_with_row_ranges gives them)."""
     d = dequantization_params(shift, scale, shape, layout, bits, row_ranges)
     out = unpack_rows(words.reshape(-1, words.shape[-1]), d.row, d.col_shift, d.col_scale, bits=bits,
                       length=shape[-1], dtype=jnp.dtype(dtype), slots=d.slots, group_len=d.group_len,
