@@ -20,7 +20,7 @@ from mesa_jax import models
 from train import loop
 
 METHODS = ("baseline", "jax_attention", "flash_like", "remat_nothing", "remat_dots", "mesa8", "mesa4", "mesa2",
-           "mesa8_row", "mesa_mix48")
+           "mesa8_row", "mesa4_row", "mesa_mix48")
 
 
 def recomputed_attention(query, key, value, bias=None, mask=None, broadcast_dropout: bool = True, dropout_rng=None,
@@ -41,7 +41,8 @@ def build(model_name: str, method: str, dtype=None, **overrides) -> nn.Module:
     """The model a method trains: baseline, the baseline with jax.nn.dot_product_attention as
     its attention core, flash-like (the baseline with its attention core recomputed), nn.remat
     with a policy (these three: ViT/DeiT, which have the fields), mesa
-    at 8/4/2 bits, mesa at 8 bits with row ranges, or the 4/8-bit mix with row ranges."""
+    at 8/4/2 bits, mesa at 8 bits with row ranges (one per row), at 4 bits with row ranges
+    (per head-sized group), or the 4/8-bit mix with row ranges."""
     remat = {"remat_nothing": "nothing_saveable", "remat_dots": "dots_saveable"}.get(method)
     if remat:
         overrides = {**overrides, "remat": remat}
@@ -55,6 +56,8 @@ def build(model_name: str, method: str, dtype=None, **overrides) -> nn.Module:
         quant = models.presets.per_head(models.preset(model_name), bits=int(method[4:]))
     elif method == "mesa8_row":
         quant = QuantConfig(ranges="row")  # one range per token row (per head-row for attention tensors)
+    elif method == "mesa4_row":
+        quant = policy.int4_row_ranges(models.presets.per_head(models.preset(model_name)).num_groups)
     elif method == "mesa_mix48":
         quant = policy.int4_with_int8_attention(models.presets.per_head(models.preset(model_name)).num_groups)
     else:

@@ -85,6 +85,14 @@ def int4_with_int8_attention(num_groups: int = 1) -> Policy:
     return Policy(low, by_kind={kind: high for kind in ("attention", "softmax", "matmul")})
 
 
+def int4_row_ranges(num_groups: int = 1) -> QuantConfig:
+    """4 bits with row ranges for every kind (give ``num_groups`` = the heads): the setting
+    whose residuals are at most 0.6x int8's (DeiT-S: 0.56x). Its added gradient variance is
+    about 2% of the minibatch's at trained parameters, the attention tensors most of it,
+    which the 4/8 mix above keeps at 8 bits for 0.70x (README, fidelity)."""
+    return QuantConfig(bits=4, num_groups=num_groups, ranges="row")
+
+
 Quant = Union[QuantConfig, Policy, None]
 
 

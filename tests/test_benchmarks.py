@@ -77,13 +77,13 @@ def test_mesa_step_keeps_fewer_residual_bytes_than_the_baseline_and_the_flash_li
     assert mesa < flash / 2 < base / 2
 
 
-def test_row_ranges_add_only_their_scales_and_the_4_8_mix_keeps_less():
-    mesa, row, mix = (step_memory.residual_bytes(step_memory.build("vit-test", m), 16)
-                      for m in ("mesa8", "mesa8_row", "mesa_mix48"))
+def test_row_ranges_add_only_their_scales_and_4_bits_keep_less():
+    mesa, row, mix, int4 = (step_memory.residual_bytes(step_memory.build("vit-test", m), 16)
+                            for m in ("mesa8", "mesa8_row", "mesa_mix48", "mesa4_row"))
     # vit-test: 2 heads of 12: rows of 12 keep the running range (quant.ROW_MIN); int8 row
     # ranges are one per token row: rows of 24 (48 in the MLP) gain 4 bytes of scale and shift
     assert mesa < row <= mesa * (1 + 4 / 24)
-    assert mix < row  # 4-bit rows of 12 codes still fill whole words: the saving shows at real widths
+    assert int4 < mix < row  # 4-bit rows of 12 codes still fill whole words: the saving shows at real widths
 
 
 def test_speed_ratios_are_medians_of_per_repeat_ratios():

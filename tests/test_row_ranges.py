@@ -8,6 +8,7 @@ import pytest
 
 import mesa_jax.nn as mnn
 from mesa_jax import Policy, QuantConfig, ops, policy, quant
+from mesa_jax.policy import KINDS
 
 ROW = QuantConfig(ranges="row", stochastic=False)
 SEED = jnp.uint32(7)
@@ -142,6 +143,8 @@ def test_the_policy_mix_picks_bits_per_layer_kind():
     for kind in ("attention", "softmax", "matmul"):
         assert mix.resolve(kind, "block_0/attn").bits == 8
     assert mix.resolve("dense", "any").ranges == "row" and mix.resolve("dense", "any").num_groups == 2
+    low = Policy(policy.int4_row_ranges(num_groups=2))
+    assert {low.resolve(kind, "x") for kind in KINDS} == {QuantConfig(bits=4, num_groups=2, ranges="row")}
     custom = Policy(QuantConfig(bits=8), by_kind={"gelu": QuantConfig(bits=2)}, overrides={"head": None})
     assert custom.resolve("gelu", "block_0/gelu_0").bits == 2 and custom.resolve("dense", "head") is None
     with pytest.raises(ValueError, match="unknown layer kind"):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mesa_jax.models import pvt, swin, vit
-from mesa_jax import QuantConfig
+from mesa_jax import QuantConfig, policy
 from train import data, loop, run
 from train.config import TrainConfig
 from train_cases import (cli, config, dies_after, restored, rows, small_synthetic, tiny_preset,  # noqa: F401
@@ -231,6 +231,7 @@ def test_ranges_and_attention_bits_reach_every_kind_of_layer():
     assert quant.resolve("attention", "block_0/attn").bits == 8
     assert run.quant_of(TrainConfig(bits=4, attention_bits=4)) == QuantConfig(bits=4, num_groups=3)
     assert run.quant_of(TrainConfig(ranges="row")) == QuantConfig(ranges="row")  # 8 bits: one range per row
+    assert run.quant_of(TrainConfig(bits=4, ranges="row")) == policy.int4_row_ranges(num_groups=3)
 
 
 @pytest.mark.slow  # makes both 10,000-image sets
