@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -193,12 +194,14 @@ TRAIN_METHODS = {
     "mesa": dict(),  # int8, running ranges: the default
     "mesa-int8-row": dict(ranges="row"),
     "mesa-int4-row-attention-int8": dict(bits=4, ranges="row", attention_bits=8),
+    "mesa-int4-row": dict(bits=4, ranges="row"),  # policy.int4_row_ranges: channel groups = heads
 }
 
 
-def train_curves(steps: int, workdir: str, batch: int, methods=("baseline", "mesa"), dataset: str = "synthetic"):
-    """Train vit-c100 with each method for ``steps`` (same seed, data order, schedule);
-    returns {method: (final metrics, rows)}."""
+def train_curves(steps: int, workdir: str, batch: int, methods=("baseline", "mesa"), dataset: str = "synthetic",
+                 seed: int = 0):
+    """Train vit-c100 with each method for ``steps`` (same seed, data order, schedule), in
+    WORKDIR/seed{seed}/{method}; returns {method: (final metrics, rows)}."""
     import json
     import os
 
@@ -208,8 +211,8 @@ def train_curves(steps: int, workdir: str, batch: int, methods=("baseline", "mes
     out = {}
     for method in methods:
         config = TrainConfig(**TRAIN_METHODS[method], steps=steps, batch_size=batch, eval_every=steps, log_every=10,
-                             checkpoint_every=steps, warmup_epochs=0.5, dataset=dataset)
-        path = os.path.join(workdir, method)
+                             checkpoint_every=steps, warmup_epochs=0.5, dataset=dataset, seed=seed)
+        path = os.path.join(workdir, f"seed{seed}", method)
         run.train_and_evaluate(config, path)
         with open(os.path.join(path, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
@@ -219,6 +222,7 @@ def train_curves(steps: int, workdir: str, batch: int, methods=("baseline", "mes
 
 
 def trained_params(workdir: str, steps: int, batch: int):
+    """The parameters of seed 0's baseline run in ``workdir``."""
     from train import run
     from train.checkpoint import Checkpointer
     from train.config import TrainConfig
@@ -226,11 +230,15 @@ def trained_params(workdir: str, steps: int, batch: int):
     config = TrainConfig(mesa=False, steps=steps, batch_size=batch)  # the architecture: data set irrelevant
     tx = loop.make_optimizer(loop.learning_rate_schedule(config.lr, 1, 2), config.weight_decay)
     like = loop.create_state(run.build_model(config), tx, config.seed, data.IMAGE_SHAPE)
-    ckpt = Checkpointer(f"{workdir}/baseline/checkpoints")
+    ckpt = Checkpointer(f"{workdir}/seed0/baseline/checkpoints")
     try:
         return ckpt.restore(like).params
     finally:
         ckpt.close()
+
+
+def _mean_se(values) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) / len(values) ** 0.5
 
 
 def plot_curves(curves, path: str) -> None:
@@ -269,12 +277,11 @@ def configs(num_heads: int):
 def ranges_configs(num_heads: int):
     """Row ranges (QuantConfig(ranges="row")) at 8 bits, one per token row; at 4 and 2 bits per
     row and head-sized channel group; and the 4/8-bit mix."""
-    row = lambda bits: QuantConfig(bits=bits, num_groups=num_heads, ranges="row")
     return {
         "int8, row ranges": QuantConfig(ranges="row"),
-        "int4, row ranges": row(4),
+        "int4, row ranges (policy.int4_row_ranges)": policy.int4_row_ranges(num_heads),
         "int4 row ranges, attention int8 (policy.int4_with_int8_attention)": policy.int4_with_int8_attention(num_heads),
-        "int2, row ranges": row(2),
+        "int2, row ranges": QuantConfig(bits=2, num_groups=num_heads, ranges="row"),
     }
 
 
@@ -285,6 +292,8 @@ def main(argv=None):
     parser.add_argument("--inputs", nargs="+", default=["structured", "gaussian"], choices=["structured", "gaussian"])
     parser.add_argument("--train-steps", type=int, default=0, help="also train vit-c100 for this many steps")
     parser.add_argument("--train-batch", type=int, default=64)
+    parser.add_argument("--train-seeds", nargs="+", type=int, default=[0], metavar="SEED",
+                        help="train every method with each seed (compared with that seed's baseline)")
     parser.add_argument("--train-methods", nargs="+", default=["baseline", "mesa"], choices=list(TRAIN_METHODS),
                         help="runs to train (baseline first)")
     parser.add_argument("--train-dataset", default="synthetic", choices=["synthetic", "synthetic-hard", "cifar100"],
@@ -331,16 +340,32 @@ def row(f: Fidelity) -> str:
 
 
 def report_training(args) -> None:
-    curves = train_curves(args.train_steps, args.workdir, args.train_batch, args.train_methods, args.train_dataset)
-    base, rows = curves["baseline"]
-    print(f"\nvit-c100 trained {args.train_steps} steps, batch {args.train_batch}, seed 0, "
-          f"on {rows[0]['dataset']} data")
-    print("| method | final train loss | eval loss | eval accuracy | eval loss / baseline - 1 | accuracy - baseline |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for method, (final, _) in curves.items():
-        print(f"| {method} | {final['loss']:.4f} | {final['eval_loss']:.4f} | {final['eval_accuracy']:.4f} | "
-              f"{final['eval_loss'] / base['eval_loss'] - 1:+.2%} | "
-              f"{100 * (final['eval_accuracy'] - base['eval_accuracy']):+.2f} points |")
+    """Final metrics of every method and seed against that seed's baseline; with several seeds,
+    the mean of those paired differences and its standard error over the seeds."""
+    runs = {seed: train_curves(args.train_steps, args.workdir, args.train_batch, args.train_methods,
+                               args.train_dataset, seed) for seed in args.train_seeds}
+    curves = runs[args.train_seeds[0]]
+    print(f"\nvit-c100 trained {args.train_steps} steps, batch {args.train_batch}, seeds {args.train_seeds} "
+          f"(a seed draws the initialisation, the data order and, for synthetic data, the set itself), "
+          f"on {curves['baseline'][1][0]['dataset']} data")
+    print("| method | seed | final train loss | eval loss | eval accuracy | eval loss / baseline - 1 | "
+          "accuracy - baseline |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    differences = {method: [] for method in args.train_methods}
+    for seed, seed_curves in runs.items():
+        base = seed_curves["baseline"][0]
+        for method, (final, _) in seed_curves.items():
+            loss, accuracy = final["eval_loss"] / base["eval_loss"] - 1, final["eval_accuracy"] - base["eval_accuracy"]
+            differences[method].append((loss, accuracy, final["eval_accuracy"]))
+            print(f"| {method} | {seed} | {final['loss']:.4f} | {final['eval_loss']:.4f} | "
+                  f"{final['eval_accuracy']:.4f} | {loss:+.2%} | {100 * accuracy:+.2f} points |")
+    if len(runs) > 1:
+        print(f"\nmean over the {len(runs)} seeds (± standard error of the mean of the per-seed differences):")
+        print("| method | eval accuracy | eval loss / baseline - 1 | accuracy - baseline |\n|---|---:|---:|---:|")
+        for method, rows in differences.items():
+            (loss, loss_se), (accuracy, accuracy_se), (mean_accuracy, _) = (_mean_se(column) for column in zip(*rows))
+            print(f"| {method} | {mean_accuracy:.4f} | {loss:+.2%} ± {loss_se:.2%} | "
+                  f"{100 * accuracy:+.2f} ± {100 * accuracy_se:.2f} points |")
     params = trained_params(args.workdir, args.train_steps, args.train_batch)
     heads = models.preset("vit-c100")["num_heads"]
     held_out = range(WARM_BATCHES, WARM_BATCHES + args.held_out)

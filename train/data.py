@@ -92,7 +92,7 @@ def _tfds_split(split: str, data_dir: str | None) -> Split:
     return Split(images, labels)
 
 
-HARD_NOISE = 2.5  # synthetic-hard: a vit-c100 baseline stays well below saturation in a few hundred steps
+HARD_NOISE = 2.0  # synthetic-hard: a vit-c100 baseline ends between 40% and 80% in 300 steps (not 99%)
 
 
 def synthetic(seed: int = 0, train_size: int = 10_000, test_size: int = 2_000, noise: float = 0.7,
