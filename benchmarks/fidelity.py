@@ -6,11 +6,12 @@
     python -m benchmarks.fidelity --default-only --nnx   # + the NNX ViT compressed by mesa_jax.nnx
     python -m benchmarks.fidelity --only-variance --variance 8 4 --train-steps 300   # ActNN's criterion
     python -m benchmarks.fidelity --default-only --train-steps 300 --train-dataset synthetic-hard \
-        --workdir results/fidelity-hard --train-methods baseline mesa mesa-int8-row mesa-int4-row-attention-int8
+        --workdir results/fidelity-hard --train-methods baseline mesa mesa-int8-row mesa-int4-row --train-seeds 0 1 2
 
 With ``--train-steps N``, vit-c100 is also trained for N steps with and without
 mesa (same seed, data and schedule; CIFAR-100 when prepared, else the synthetic
-set, which the table names), the final loss and accuracy are compared, and the
+set, which the table names; with several ``--train-seeds``, each method once per
+seed), the final loss and accuracy are compared, and the
 per-parameter gradient fidelity is measured again at the trained parameters, for
 both packing orders (see QuantConfig.update_first). Runs already in the workdir
 are resumed, not retrained: delete it to start over.
@@ -237,7 +238,20 @@ def trained_params(workdir: str, steps: int, batch: int):
         ckpt.close()
 
 
-def _mean_se(values) -> tuple[float, float]:
+def paired_differences(runs) -> dict[str, list[tuple[float, float, float]]]:
+    """{method: [(eval loss / baseline - 1, accuracy - baseline, accuracy) for each seed]} of
+    ``runs`` = {seed: train_curves(...)}: each run against its own seed's baseline."""
+    out = {}
+    for curves in runs.values():
+        base = curves["baseline"][0]
+        for method, (final, _) in curves.items():
+            out.setdefault(method, []).append((final["eval_loss"] / base["eval_loss"] - 1,
+                                               final["eval_accuracy"] - base["eval_accuracy"], final["eval_accuracy"]))
+    return out
+
+
+def mean_and_error(values) -> tuple[float, float]:
+    """The mean and its standard error (sample standard deviation / sqrt(n))."""
     return statistics.mean(values), statistics.stdev(values) / len(values) ** 0.5
 
 
@@ -351,19 +365,17 @@ def report_training(args) -> None:
     print("| method | seed | final train loss | eval loss | eval accuracy | eval loss / baseline - 1 | "
           "accuracy - baseline |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    differences = {method: [] for method in args.train_methods}
-    for seed, seed_curves in runs.items():
-        base = seed_curves["baseline"][0]
+    differences = paired_differences(runs)
+    for i, (seed, seed_curves) in enumerate(runs.items()):
         for method, (final, _) in seed_curves.items():
-            loss, accuracy = final["eval_loss"] / base["eval_loss"] - 1, final["eval_accuracy"] - base["eval_accuracy"]
-            differences[method].append((loss, accuracy, final["eval_accuracy"]))
+            loss, accuracy, _ = differences[method][i]
             print(f"| {method} | {seed} | {final['loss']:.4f} | {final['eval_loss']:.4f} | "
                   f"{final['eval_accuracy']:.4f} | {loss:+.2%} | {100 * accuracy:+.2f} points |")
     if len(runs) > 1:
         print(f"\nmean over the {len(runs)} seeds (± standard error of the mean of the per-seed differences):")
         print("| method | eval accuracy | eval loss / baseline - 1 | accuracy - baseline |\n|---|---:|---:|---:|")
         for method, rows in differences.items():
-            (loss, loss_se), (accuracy, accuracy_se), (mean_accuracy, _) = (_mean_se(column) for column in zip(*rows))
+            (loss, loss_se), (accuracy, accuracy_se), (mean_accuracy, _) = (mean_and_error(c) for c in zip(*rows))
             print(f"| {method} | {mean_accuracy:.4f} | {loss:+.2%} ± {loss_se:.2%} | "
                   f"{100 * accuracy:+.2f} ± {100 * accuracy_se:.2f} points |")
     params = trained_params(args.workdir, args.train_steps, args.train_batch)

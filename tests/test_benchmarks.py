@@ -127,3 +127,13 @@ def test_kernel_benchmark_times_every_kernel_of_every_tensor(monkeypatch):
                      "gelu backward", "softmax backward"}
     assert all(r["ms"] > 0 and r["of_peak"] == r["gb_per_s"] for r in rows)
     assert "| softmax backward | xla |" in kernels.table(rows)
+
+
+def test_training_runs_are_compared_with_their_own_seed_s_baseline():
+    final = lambda loss, accuracy: ({"eval_loss": loss, "eval_accuracy": accuracy}, [])
+    runs = {0: {"baseline": final(2.0, 0.60), "mesa": final(2.2, 0.58)},
+            1: {"baseline": final(1.0, 0.50), "mesa": final(1.0, 0.51)}}
+    differences = fidelity.paired_differences(runs)
+    np.testing.assert_allclose(differences["mesa"], [(0.1, -0.02, 0.58), (0.0, 0.01, 0.51)], atol=1e-12)
+    mean, error = fidelity.mean_and_error([c[1] for c in differences["mesa"]])
+    assert mean == pytest.approx(-0.005) and error == pytest.approx(0.015)  # stdev 0.0212 / sqrt(2)
