@@ -222,8 +222,8 @@ def train_curves(steps: int, workdir: str, batch: int, methods=("baseline", "mes
     return out
 
 
-def trained_params(workdir: str, steps: int, batch: int):
-    """The parameters of seed 0's baseline run in ``workdir``."""
+def trained_params(workdir: str, steps: int, batch: int, seed: int = 0):
+    """The parameters of the baseline run of ``seed`` in ``workdir``."""
     from train import run
     from train.checkpoint import Checkpointer
     from train.config import TrainConfig
@@ -231,7 +231,7 @@ def trained_params(workdir: str, steps: int, batch: int):
     config = TrainConfig(mesa=False, steps=steps, batch_size=batch)  # the architecture: data set irrelevant
     tx = loop.make_optimizer(loop.learning_rate_schedule(config.lr, 1, 2), config.weight_decay)
     like = loop.create_state(run.build_model(config), tx, config.seed, data.IMAGE_SHAPE)
-    ckpt = Checkpointer(f"{workdir}/seed0/baseline/checkpoints")
+    ckpt = Checkpointer(f"{workdir}/seed{seed}/baseline/checkpoints")
     try:
         return ckpt.restore(like).params
     finally:
@@ -378,10 +378,10 @@ def report_training(args) -> None:
             (loss, loss_se), (accuracy, accuracy_se), (mean_accuracy, _) = (mean_and_error(c) for c in zip(*rows))
             print(f"| {method} | {mean_accuracy:.4f} | {loss:+.2%} ± {loss_se:.2%} | "
                   f"{100 * accuracy:+.2f} ± {100 * accuracy_se:.2f} points |")
-    params = trained_params(args.workdir, args.train_steps, args.train_batch)
+    params = trained_params(args.workdir, args.train_steps, args.train_batch, args.train_seeds[0])
     heads = models.preset("vit-c100")["num_heads"]
     held_out = range(WARM_BATCHES, WARM_BATCHES + args.held_out)
-    print(f"\nat the trained baseline parameters, group per head; held-out batches "
+    print(f"\nat the trained baseline parameters of seed {args.train_seeds[0]}, group per head; held-out batches "
           f"{held_out.start}-{held_out.stop - 1}, each after warming on the {WARM_BATCHES} before it:")
     print(f"| config | held-out batch | {HEADER}")
     print("|---|---:|---:|---:|---|---:|---|")
@@ -407,7 +407,9 @@ def report_training(args) -> None:
 
 
 def report_variance(args, heads: int) -> None:
-    params = trained_params(args.workdir, args.train_steps, args.train_batch) if args.train_steps else None
+    params = None
+    if args.train_steps:
+        params = trained_params(args.workdir, args.train_steps, args.train_batch, args.train_seeds[0])
     where = f"the trained baseline parameters ({args.train_steps} steps)" if args.train_steps else "initialisation"
     print(f"\nvariance criterion (ActNN) at {where}, {args.model}, batch {args.batch}, only one layer kind "
           f"quantized at a time; quantization: E||g_mesa - g||^2 over 4 seeds, sampling: over 4 batches")
