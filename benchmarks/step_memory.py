@@ -21,6 +21,7 @@ from train import loop
 
 METHODS = ("baseline", "jax_attention", "flash_like", "remat_nothing", "remat_dots", "mesa8", "mesa4", "mesa2",
            "mesa8_row", "mesa4_row", "mesa_mix48")
+TX = loop.make_optimizer(loop.learning_rate_schedule(1e-3, 10, 100), 0.05)  # every measured step's AdamW
 
 
 def recomputed_attention(query, key, value, bias=None, mask=None, broadcast_dropout: bool = True, dropout_rng=None,
@@ -50,16 +51,17 @@ def build(model_name: str, method: str, dtype=None, **overrides) -> nn.Module:
         overrides = {**overrides, "attention_fn": recomputed_attention}
     if method == "jax_attention":  # the core flax NNX's attention calls (no dropout): the NNX rows' baseline
         overrides = {**overrides, "attention_fn": jax.nn.dot_product_attention}
+    per_head = models.presets.per_head(models.preset(model_name))  # int8, channel groups = heads
     if method in ("baseline", "jax_attention", "flash_like") or remat:
         quant = None
     elif method in ("mesa8", "mesa4", "mesa2"):
-        quant = models.presets.per_head(models.preset(model_name), bits=int(method[4:]))
+        quant = dataclasses.replace(per_head, bits=int(method[4:]))
     elif method == "mesa8_row":
         quant = QuantConfig(ranges="row")  # one range per token row (per head-row for attention tensors)
     elif method == "mesa4_row":
-        quant = policy.int4_row_ranges(models.presets.per_head(models.preset(model_name)).num_groups)
+        quant = policy.int4_row_ranges(per_head.num_groups)
     elif method == "mesa_mix48":
-        quant = policy.int4_with_int8_attention(models.presets.per_head(models.preset(model_name)).num_groups)
+        quant = policy.int4_with_int8_attention(per_head.num_groups)
     else:
         raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
     return models.create(model_name, num_classes=1000, quant=quant, dtype=dtype, **overrides)
@@ -73,17 +75,14 @@ class StepMemory:
 
 
 def measure(model: nn.Module, batch: int) -> StepMemory:
-    shape = (model.image_size, model.image_size, 3)
-    tx = loop.make_optimizer(loop.learning_rate_schedule(1e-3, 10, 100), 0.05)
-    compiled = loop.step_memory(model, tx, batch, shape)
+    compiled = loop.step_memory(model, TX, batch, (model.image_size, model.image_size, 3))
     return StepMemory(compiled.peak, compiled.temp, residual_bytes(model, batch))
 
 
 def residual_bytes(model: nn.Module, batch: int) -> int:
     """The bytes autodiff keeps for the backward pass of the training loss (traced, not compiled)."""
     shape = (model.image_size, model.image_size, 3)
-    tx = loop.make_optimizer(loop.learning_rate_schedule(1e-3, 10, 100), 0.05)
-    state = jax.eval_shape(functools.partial(loop.create_state, model, tx, 0, shape))
+    state = jax.eval_shape(functools.partial(loop.create_state, model, TX, 0, shape))
     images = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
 
@@ -110,7 +109,6 @@ def measure_nnx(method: str, batch: int, image_size: int = 224, approximate_gelu
     if method == "mesa8":
         mesa_nnx.compress(model, QuantConfig(num_groups=6, bits=8))  # channel groups = heads, as deit-s
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = loop.make_optimizer(loop.learning_rate_schedule(1e-3, 10, 100), 0.05)
     images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
 
@@ -120,10 +118,10 @@ def measure_nnx(method: str, batch: int, image_size: int = 224, approximate_gelu
 
     def step(params, rest, opt_state, images, labels):
         (value, rest), grads = jax.value_and_grad(loss, has_aux=True)(params, rest, images, labels)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        updates, opt_state = TX.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), rest, opt_state, value
 
-    opt_state = jax.eval_shape(tx.init, params)
+    opt_state = jax.eval_shape(TX.init, params)
     compiled = memory.compiled_memory(jax.jit(step, donate_argnums=(0, 1, 2)), params, rest, opt_state, images, labels)
     kept = memory.saved_residuals(lambda *args: loss(*args)[0], params, rest, images, labels)
     residuals = sum(r.nbytes for r in kept if "argument" not in r.source)
