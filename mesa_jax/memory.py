@@ -1,18 +1,24 @@
 """What a training step keeps for its backward pass, and what it needs at its peak.
 
 Both are answered without running anything: ``saved_residuals`` traces, and
-``compiled_memory`` / ``peak_bytes`` compile and read XLA's memory analysis, so a
-DeiT-B step at batch 128 can be sized on a laptop CPU.
+``compiled_memory`` / ``peak_bytes`` / ``compiled_report`` compile and read XLA's memory
+analysis, so a DeiT-B step at batch 128 can be sized on a laptop CPU. ``target`` says
+for what: jax's default device (``None``), ``"cpu"``, this machine's ``"gpu"``, or an
+H100/H200 described to XLA:GPU (``"h100"``, ``"h200"``, a description's path; see
+``mesa_jax.plan``), so "does this fit on an H100?" has an answer without one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
 from jax._src import ad_checkpoint as _ad_checkpoint  # the engine of print_saved_residuals
 from jax._src import api_util, core
+
+from mesa_jax import hlo, plan
 
 
 class Residual(NamedTuple):
@@ -66,18 +72,60 @@ def residual_bytes(fn: Callable, *args) -> int:
     return sum(r.nbytes for r in saved_residuals(fn, *args))
 
 
-def compiled_memory(fn: Callable, *args) -> CompiledMemory:
+@dataclasses.dataclass(frozen=True)
+class ProgramReport:
+    """One compiled program: its memory and what XLA made of it (see ``mesa_jax.hlo``)."""
+
+    target: str  # what it was compiled for: "cpu", "gpu", "h100", "h200", a description's path
+    memory: CompiledMemory  # peak and its parts
+    fusions: dict[str, int]  # launched fusions by kind (kLoop, kInput, kOutput, __triton_gemm, ...)
+    custom_calls: dict[str, int]  # by target (__cublas$gemm, __cudnn$convForward, __gpu$xla.gpu.triton, ...)
+    conditionals: int
+    while_loops: int
+    bytes_accessed: float | None  # XLA's cost analysis; None where it gives none
+    compile_s: float  # lowering and compiling
+
+    @property
+    def peak(self) -> int:
+        return self.memory.peak
+
+    @property
+    def libraries(self) -> dict[str, int]:
+        """Custom calls and kCustom fusions by the library that runs them: cublas, cudnn, triton, xla."""
+        counts: dict[str, int] = {}
+        for target, n in [*self.custom_calls.items(), *self.fusions.items()]:
+            if target.startswith("k"):  # kLoop, kInput, kOutput: XLA's own fusions
+                continue
+            counts[hlo.library(target)] = counts.get(hlo.library(target), 0) + n
+        return counts
+
+
+def compiled_memory(fn: Callable, *args, target=None) -> CompiledMemory:
     """Compile ``fn`` (jitted here unless it already is) for ``args`` (arrays or
-    ShapeDtypeStructs) and read its memory analysis."""
-    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-    return compiled_analysis(jitted.lower(*args).compile())
+    ShapeDtypeStructs) on ``target`` and read its memory analysis."""
+    compiled, _ = plan.compile(fn, *args, target=target)
+    return compiled_analysis(compiled)
+
+
+def compiled_report(fn: Callable, *args, target=None, dump_to: str | None = None) -> ProgramReport:
+    """``compiled_memory`` and what the program is made of; ``dump_to`` keeps XLA's dumps."""
+    compiled, seconds = plan.compile(fn, *args, target=target, dump_to=dump_to)
+    return program_report(compiled, seconds, target)
+
+
+def program_report(compiled, compile_s: float = 0.0, target=None) -> ProgramReport:
+    """The report of an already compiled program."""
+    counts = hlo.count(compiled.as_text())
+    name = plan.resolve(target).name if target is not None else jax.default_backend()
+    return ProgramReport(name, compiled_analysis(compiled), counts.fusions, counts.custom_calls,
+                         counts.conditionals, counts.while_loops, hlo.bytes_accessed(compiled), compile_s)
 
 
 def compiled_analysis(compiled) -> CompiledMemory:
     """The memory analysis of an already compiled program (``jax.jit(f).lower(...).compile()``)."""
     analysis = compiled.memory_analysis()
     if analysis is None:
-        raise RuntimeError(f"the {jax.default_backend()} backend gives no compile-time memory analysis")
+        raise RuntimeError("this backend gives no compile-time memory analysis")
     return CompiledMemory(
         temp=analysis.temp_size_in_bytes,
         argument=analysis.argument_size_in_bytes,
@@ -86,9 +134,9 @@ def compiled_analysis(compiled) -> CompiledMemory:
     )
 
 
-def peak_bytes(fn: Callable, *args) -> int:
-    """Compile-time peak bytes of ``jax.jit(fn)(*args)``: temporaries + arguments + outputs."""
-    return compiled_memory(fn, *args).peak
+def peak_bytes(fn: Callable, *args, target=None) -> int:
+    """Compile-time peak bytes of ``jax.jit(fn)(*args)`` on ``target``: temporaries + arguments + outputs."""
+    return compiled_memory(fn, *args, target=target).peak
 
 
 def _nbytes(aval) -> int:

@@ -1,0 +1,105 @@
+"""What an optimized XLA program is made of, read from its HLO text and XLA's cost analysis.
+
+``count(compiled.as_text())`` counts the instructions that launch work -- those outside
+fusion bodies: fusions (one kernel each, by kind), custom calls by target (cuBLAS
+``__cublas$gemm`` / ``__cublas$lt$matmul``, cuDNN ``__cudnn$...``, Triton/Pallas
+``__gpu$xla.gpu.triton``), conditionals and while loops. Each instruction counts once,
+however often its computation runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from typing import NamedTuple
+
+import jax
+
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([^\s(]+)\s*\(.*\{\s*$")  # "%fused_add (p: f32[2]) -> f32[2] {"
+_CALLS = re.compile(r"\bcalls=%?([^\s,}]+)")
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_FUSION_KIND = re.compile(r"\bkind=(k\w+)")
+_BACKEND_KIND = re.compile(r'"kind":"([^"]+)"')  # a kCustom fusion's backend: __triton_gemm, __cudnn$fusion
+
+
+class Counts(NamedTuple):
+    fusions: dict[str, int]  # by kind: kLoop, kInput, kOutput, or a kCustom fusion's backend (__triton_gemm)
+    custom_calls: dict[str, int]  # by target
+    conditionals: int
+    while_loops: int
+
+
+def count(text: str) -> Counts:
+    """The launching instructions of an optimized HLO module's text (``compiled.as_text()``)."""
+    computations = _computations(text)
+    fused = {m.group(1) for body in computations.values() for line in body
+             if _opcode(line) == "fusion" and (m := _CALLS.search(line))}
+    fusions, calls, ops = collections.Counter(), collections.Counter(), collections.Counter()
+    for name, body in computations.items():
+        if name in fused:
+            continue
+        for line in body:
+            op = _opcode(line)
+            ops[op] += 1
+            if op == "fusion":
+                kind = _FUSION_KIND.search(line)
+                backend = _BACKEND_KIND.search(line)
+                kind = kind.group(1) if kind else "?"
+                fusions[backend.group(1) if kind == "kCustom" and backend else kind] += 1
+            elif op == "custom-call" and (target := _TARGET.search(line)):
+                calls[target.group(1)] += 1
+    return Counts(dict(fusions), dict(calls), ops["conditional"], ops["while"])
+
+
+def library(target: str) -> str:
+    """Which library a custom call or kCustom fusion runs: cublas, cudnn, triton or xla."""
+    for prefix, name in (("__cublas", "cublas"), ("__cudnn", "cudnn")):
+        if target.startswith(prefix):
+            return name
+    return "triton" if "triton" in target else "xla"
+
+
+def _computations(text: str) -> dict[str, list[str]]:
+    """Computation name -> its instruction lines."""
+    computations, current = {}, None
+    for line in text.splitlines():
+        header = _HEADER.match(line)
+        if header and not line.startswith(" "):
+            current = computations.setdefault(header.group(1), [])
+        elif line.startswith("}"):
+            current = None
+        elif current is not None and "=" in line:
+            current.append(line)
+    return computations
+
+
+def _opcode(line: str) -> str:
+    """The opcode of ``[ROOT] %name = SHAPE opcode(operands), ...``; SHAPE may be a nested tuple."""
+    rest = line.split("=", 1)[1].lstrip()
+    if rest.startswith("("):  # a tuple shape: skip to its closing parenthesis
+        depth = 0
+        for i, c in enumerate(rest):
+            depth += {"(": 1, ")": -1}.get(c, 0)
+            if depth == 0:
+                rest = rest[i + 1:].lstrip()
+                break
+    else:
+        rest = rest.split(" ", 1)[-1]
+    return rest.split("(", 1)[0].strip()
+
+
+def bytes_accessed(compiled) -> float | None:
+    """Bytes the program reads and writes by XLA's cost analysis: the backend's own where it
+    gives one (XLA:CPU), else XLA's generic analysis of the optimized modules run through the
+    CPU client (a compile-only GPU program gives none of its own; cuBLAS calls count 0 flops)."""
+    cost = compiled.cost_analysis()
+    if cost:
+        return float(cost.get("bytes accessed", 0.0))
+    from jax._src.lib import _jax  # the generic analysis jax itself uses for lowered programs
+
+    try:
+        modules = compiled.runtime_executable().hlo_modules()
+        client = jax.devices("cpu")[0].client
+        return float(sum(_jax.hlo_module_cost_analysis(client, m).get("bytes accessed", 0.0) for m in modules))
+    except (AttributeError, jax.errors.JaxRuntimeError):
+        return None
