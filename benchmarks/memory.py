@@ -8,13 +8,19 @@
         --no-max-batch                                                  # memory against tokens
     python -m benchmarks.memory --models deit-s --dtypes float32 --methods baseline mesa8 --nnx --no-max-batch
                                             # + the NNX ViT-S/16 compressed in place (mesa_jax.nnx)
+    python -m benchmarks.memory --targets cpu h100 --no-max-batch   # + XLA:GPU's plan for an H100
+    python -m benchmarks.memory --models deit-s --dtypes bfloat16 --methods baseline flash_like mesa8 \
+        --targets h100 --only-max-batch                     # largest batch in the H100's memory
 
 For each model, dtype, batch and method: XLA's compile-time peak bytes of the
-jitted, state-donating train step (forward, backward, AdamW update), its ratio to
-the baseline's, and the bytes autodiff keeps for the backward pass, in all and per
-token and block (in bytes and in units of the width C). Nothing is
-executed, so this runs on a laptop CPU; on XLA:CPU the peak can understate what
-mesa saves (it drops optimization barriers), the residual bytes cannot.
+jitted, state-donating train step (forward, backward, AdamW update) for each target
+(``--targets``: cpu, gpu, h100, h200 or a description's path; see mesa_jax.plan), its
+ratio to the baseline's, and the bytes autodiff keeps for the backward pass, in all and
+per token and block (in bytes and in units of the width C); then what XLA made of each
+compiled step (mesa_jax.memory.ProgramReport). Nothing is executed, so this runs on a
+laptop CPU. XLA:CPU's peak is not a GPU's (it keeps bfloat16 as float32, fuses and
+schedules otherwise, drops optimization barriers); an H100/H200 target is XLA:GPU's own
+plan, compiled without the GPU (pip install -e ".[gpu-plan]").
 """
 
 from __future__ import annotations
@@ -28,16 +34,17 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import step_memory
-from mesa_jax import memory
+from mesa_jax import memory, plan
 from mesa_jax import models
 from mesa_jax.models import vit
-from train import loop
 
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 DEFAULT_METHODS = ("baseline", "remat_nothing", "remat_dots", "mesa8")
+TARGET_LABELS = {"cpu": "XLA:CPU peak", "gpu": "GPU plan", "h100": "H100 plan", "h200": "H200 plan"}
+DEFAULT_BUDGET_GIB = 16.0  # the largest-batch search's budget where the target's memory is unknown (the CPU)
 
 
-def rows(model_names, dtypes, batches, methods, scan: bool = False, image_sizes=(None,)):
+def rows(model_names, dtypes, batches, methods, scan: bool = False, image_sizes=(None,), targets=("cpu",)):
     """(label, dtype, batch, method, StepMemory, model) for every combination, baseline first."""
     for name in model_names:
         for size in image_sizes:
@@ -47,7 +54,7 @@ def rows(model_names, dtypes, batches, methods, scan: bool = False, image_sizes=
                 for batch in batches:
                     for method in methods:
                         model = step_memory.build(name, method, DTYPES[dtype], **sized)
-                        yield label, dtype, batch, method, step_memory.measure(model, batch), model
+                        yield label, dtype, batch, method, step_memory.measure(model, batch, targets), model
 
 
 def per_token_block(m, model, batch: int) -> float | None:
@@ -61,50 +68,89 @@ def per_token_block(m, model, batch: int) -> float | None:
     return m.residuals / (batch * tokens * model.depth)
 
 
-def max_batches(model_names, dtypes, methods, budget_bytes: int):
-    """(model, dtype, method, largest batch, a multiple of 8, whose step peak fits the budget)."""
-    tx = loop.make_optimizer(loop.learning_rate_schedule(1e-3, 10, 100), 0.05)
-    for name in model_names:
-        for dtype in dtypes:
-            for method in methods:
-                model = step_memory.build(name, method, DTYPES[dtype])
-                shape = (model.image_size, model.image_size, 3)
-                def peak(batch, model=model, shape=shape):
-                    began = time.perf_counter()
-                    bytes_ = loop.step_memory(model, tx, batch, shape).peak
-                    print(f"  {name} {dtype} {method} batch {batch}: {bytes_ / 2**30:.2f} GiB "
-                          f"({time.perf_counter() - began:.0f} s)", file=sys.stderr, flush=True)
-                    return bytes_
-
-                yield name, dtype, method, memory.max_batch_size(peak, budget_bytes, start=64, multiple=8, limit=8192)
-                jax.clear_caches()  # a long search compiles many programs: free each row's
+def budget(target: plan.Target, budget_gib: float | None) -> int:
+    """The search's budget in bytes: ``budget_gib`` if given, else the target's memory (16 GiB for the CPU)."""
+    if budget_gib is None:
+        return target.memory_bytes or int(DEFAULT_BUDGET_GIB * 2**30)
+    return int(budget_gib * 2**30)
 
 
-def max_batch_table(results, budget_gib: float):
+def max_batches(model_names, dtypes, methods, targets, budget_gib: float | None = None, start: int = 64,
+                known: dict | None = None):
+    """(model, dtype, method, target, budget bytes, largest batch, a multiple of 8, whose step peak
+    fits the budget). ``known`` maps (model, dtype, method, batch, target name) to peaks already
+    measured (the batch-128 table's), so the search does not compile them again."""
+    known = {} if known is None else known
+    for target in targets:
+        for name in model_names:
+            for dtype in dtypes:
+                for method in methods:
+                    model = step_memory.build(name, method, DTYPES[dtype])
+
+                    def peak(batch, model=model, method=method, name=name, dtype=dtype):
+                        key = (name, dtype, method, batch, target.name)
+                        if key not in known:
+                            report = step_memory.compile_step(model, batch, target)
+                            known[key] = report.peak
+                            print(f"  {name} {dtype} {method} batch {batch} on {target.name}: "
+                                  f"{report.peak / 2**30:.2f} GiB ({report.compile_s:.0f} s)", file=sys.stderr, flush=True)
+                        return known[key]
+
+                    limit = budget(target, budget_gib)
+                    found = memory.max_batch_size(peak, limit, start=start, multiple=8, limit=8192)
+                    yield name, dtype, method, target.name, limit, found
+                    jax.clear_caches()  # a long search compiles many programs: free each row's
+
+
+def max_batch_table(results):
     """Lines of the largest-batch table, each as soon as its row is measured (slow rows)."""
-    yield f"| model | dtype | method | largest batch under {budget_gib:g} GiB |"
-    yield "|---|---|---|---:|"
-    for name, dtype, method, batch in results:
-        yield f"| {name} | {dtype} | {method} | {batch} |"
+    yield "| model | dtype | method | target | budget GiB | largest batch |"
+    yield "|---|---|---|---|---:|---:|"
+    for name, dtype, method, target, budget_bytes, batch in results:
+        yield f"| {name} | {dtype} | {method} | {target} | {budget_bytes / 2**30:.1f} | {batch} |"
+
+
+def _mib(b) -> str:
+    return f"{b / 2**20:,.0f}"
 
 
 def table(results) -> str:
-    mib = lambda b: f"{b / 2**20:,.0f}"
-    lines = [
-        "| model | dtype | batch | method | peak MiB | baseline / method | residuals MiB | B / token / block |",
-        "|---|---|---:|---|---:|---:|---:|---:|",
-    ]
+    """Peak and ratio per target (column pairs), residual bytes, per token and block."""
+    targets = list(dict.fromkeys(t for *_, m, _ in results for t in m.reports))
+    header = "".join(f" {TARGET_LABELS.get(t, t + ' plan')} MiB | baseline / method |" for t in targets)
+    lines = [f"| model | dtype | batch | method |{header} residuals MiB | B / token / block |",
+             "|---|---|---:|---|" + "---:|---:|" * len(targets) + "---:|---:|"]
     baseline = {}
     for name, dtype, batch, method, m, model in results:
         if method == "baseline":
-            baseline[name, dtype, batch] = m.peak
+            baseline[name, dtype, batch] = m
         ref = baseline.get((name, dtype, batch))
-        ratio = f"{ref / m.peak:.2f}x" if ref else "-"
+        peaks = ""
+        for t in targets:
+            report = m.reports.get(t)
+            ratio = f"{ref.reports[t].peak / report.peak:.2f}x" if ref and report and t in ref.reports else "-"
+            peaks += f" {_mib(report.peak) if report else '-'} | {ratio} |"
         per_token = per_token_block(m, model, batch)
         width = 384 if model is None else getattr(model, "width", 1)
         per_token = "-" if per_token is None else f"{per_token:,.0f} ({per_token / width:.1f} C)"
-        lines.append(f"| {name} | {dtype} | {batch} | {method} | {mib(m.peak)} | {ratio} | {mib(m.residuals)} | "
-                     f"{per_token} |")
+        lines.append(f"| {name} | {dtype} | {batch} | {method} |{peaks} {_mib(m.residuals)} | {per_token} |")
+    return "\n".join(lines)
+
+
+def report_table(results) -> str:
+    """What XLA made of each compiled step (mesa_jax.memory.ProgramReport), one line per target."""
+    lines = ["| model | dtype | batch | method | target | peak MiB | temp | arguments | outputs - aliased | "
+             "fusions | cuBLAS | cuDNN | Triton | conditionals | while loops | GB accessed | compile s |",
+             "|---|---|---:|---|---|" + "---:|" * 12]
+    for name, dtype, batch, method, m, _ in results:
+        for t, r in m.reports.items():
+            lib = r.libraries
+            accessed = "-" if r.bytes_accessed is None else f"{r.bytes_accessed / 1e9:,.1f}"
+            lines.append(
+                f"| {name} | {dtype} | {batch} | {method} | {t} | {_mib(r.peak)} | {_mib(r.memory.temp)} | "
+                f"{_mib(r.memory.argument)} | {_mib(r.memory.output - r.memory.alias)} | {sum(r.fusions.values())} | "
+                f"{lib.get('cublas', 0)} | {lib.get('cudnn', 0)} | {lib.get('triton', 0)} | {r.conditionals} | "
+                f"{r.while_loops} | {accessed} | {r.compile_s:.0f} |")
     return "\n".join(lines)
 
 
@@ -116,7 +162,7 @@ def plot(results, path: str) -> None:
 
     series = {}
     for name, dtype, batch, method, m, _ in results:
-        series.setdefault((name, dtype, method), []).append((batch, m.peak / 2**30))
+        series.setdefault((name, dtype, method), []).append((batch, m.peak / 2**30))  # the first target's
     colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(step_memory.METHODS)}
     styles = {"float32": "-", "bfloat16": "--"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -140,8 +186,13 @@ def main(argv=None):
     parser.add_argument("--image-sizes", nargs="+", type=int, default=[None], metavar="PIXELS",
                         help="image sizes (default: the preset's); tokens = (size / patch)^2 + 1")
     parser.add_argument("--plot", metavar="PNG", help="also plot peak memory against batch size")
-    parser.add_argument("--budget-gib", type=float, default=16.0,
-                        help="memory budget of the largest-batch search (default: 16)")
+    parser.add_argument("--targets", "--target", nargs="+", default=["cpu"], metavar="TARGET",
+                        help="compile for: cpu (default), gpu (this machine's), h100, h200 (XLA:GPU without a GPU: "
+                             'pip install -e ".[gpu-plan]"), or the path of a GPU description (.txtpb)')
+    parser.add_argument("--budget-gib", type=float, default=None,
+                        help="memory budget of the largest-batch search (default: the target's memory; 16 for the CPU)")
+    parser.add_argument("--max-batch-start", type=int, default=64, metavar="BATCH",
+                        help="the search's first batch (default: 64; the batches of the table are not compiled again)")
     parser.add_argument("--nnx", action="store_true",
                         help="also the NNX ViT-S/16 (benchmarks.nnx_vit), float32, baseline and mesa8, with "
                              "DeiT-S's exact GELU and with the documentation's tanh GELU")
@@ -151,28 +202,36 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if "baseline" not in args.methods:
         args.methods.insert(0, "baseline")
+    try:
+        targets = [plan.resolve(t) for t in args.targets]
+    except (RuntimeError, ValueError) as e:  # no plugin, an unknown name, an unreadable description
+        parser.error(str(e))
     if args.only_max_batch:
-        return print_max_batches(args)
+        return print_max_batches(args, targets, {})
     start = time.time()
-    results = list(rows(args.models, args.dtypes, args.batches, args.methods, args.scan, args.image_sizes))
+    results = list(rows(args.models, args.dtypes, args.batches, args.methods, args.scan, args.image_sizes, targets))
     if args.nnx:
         for name, approximate in (("nnx vit-s16", False), ("nnx vit-s16, tanh gelu", True)):
-            measure = functools.partial(step_memory.measure_nnx, approximate_gelu=approximate)
+            measure = functools.partial(step_memory.measure_nnx, approximate_gelu=approximate, targets=targets)
             results += [(name, "float32", batch, method, measure(method, batch), None)
                         for batch in args.batches for method in ("baseline", "mesa8")]
-    print(f"compile-time peak of one train step; jax {jax.__version__} on {jax.default_backend()}, "
+    print(f"compile-time peak of one train step for {', '.join(t.name for t in targets)}; jax {jax.__version__}, "
           f"{time.time() - start:.0f} s")
     print(table(results))
+    print()
+    print(report_table(results))
     if args.plot:
         plot(results, args.plot)
         print(f"wrote {args.plot}")
     if args.max_batch:
-        print_max_batches(args)
+        known = {(name, dtype, method, batch, t): r.peak for name, dtype, batch, method, m, _ in results
+                 for t, r in m.reports.items()}
+        print_max_batches(args, targets, known)
 
 
-def print_max_batches(args) -> None:
-    budget = int(args.budget_gib * 2**30)
-    for line in max_batch_table(max_batches(args.models, args.dtypes, args.methods, budget), args.budget_gib):
+def print_max_batches(args, targets, known) -> None:
+    results = max_batches(args.models, args.dtypes, args.methods, targets, args.budget_gib, args.max_batch_start, known)
+    for line in max_batch_table(results):
         print(line, flush=True)
 
 

@@ -1,7 +1,8 @@
 """Compile-time memory of one full training step (forward, backward, AdamW update).
 
 Shared by the model memory benchmark and its tests: nothing is executed, so
-DeiT-B at batch 256 can be sized on a laptop CPU.
+DeiT-B at batch 256 can be sized on a laptop CPU, and planned for an H100 on one
+(``target="h100"``, see mesa_jax.plan).
 """
 
 from __future__ import annotations
@@ -69,22 +70,40 @@ def build(model_name: str, method: str, dtype=None, **overrides) -> nn.Module:
 
 @dataclasses.dataclass(frozen=True)
 class StepMemory:
-    peak: int  # compile-time peak bytes of the jitted, state-donating train step
-    temp: int
     residuals: int  # bytes autodiff keeps for the backward pass (jaxpr level, params excluded)
+    reports: dict[str, memory.ProgramReport]  # the jitted, state-donating train step compiled per target
+
+    @property
+    def peak(self) -> int:
+        """Compile-time peak bytes for the first target measured."""
+        return next(iter(self.reports.values())).peak
 
 
-def measure(model: nn.Module, batch: int) -> StepMemory:
-    compiled = loop.step_memory(model, TX, batch, (model.image_size, model.image_size, 3))
-    return StepMemory(compiled.peak, compiled.temp, residual_bytes(model, batch))
+def measure(model: nn.Module, batch: int, targets=(None,)) -> StepMemory:
+    """Residual bytes, and the step compiled for each target (None: jax's default device)."""
+    reports = {}
+    for target in targets:
+        report = compile_step(model, batch, target)
+        reports[report.target] = report
+    return StepMemory(residual_bytes(model, batch), reports)
+
+
+def step_args(model: nn.Module, batch: int):
+    """(state, images, labels) of a train step, as ShapeDtypeStructs."""
+    shape = (model.image_size, model.image_size, 3)
+    state = jax.eval_shape(functools.partial(loop.create_state, model, TX, 0, shape))
+    return state, jax.ShapeDtypeStruct((batch, *shape), jnp.float32), jax.ShapeDtypeStruct((batch,), jnp.int32)
+
+
+def compile_step(model: nn.Module, batch: int, target=None, dump_to: str | None = None) -> memory.ProgramReport:
+    """The jitted, state-donating train step compiled for ``target``: its report (nothing runs)."""
+    step = jax.jit(loop.train_step, donate_argnums=0)
+    return memory.compiled_report(step, *step_args(model, batch), target=target, dump_to=dump_to)
 
 
 def residual_bytes(model: nn.Module, batch: int) -> int:
     """The bytes autodiff keeps for the backward pass of the training loss (traced, not compiled)."""
-    shape = (model.image_size, model.image_size, 3)
-    state = jax.eval_shape(functools.partial(loop.create_state, model, TX, 0, shape))
-    images = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
-    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    state, images, labels = step_args(model, batch)
 
     def loss(params, mesa, images, labels):
         variables = {"params": params, **({"mesa": mesa} if mesa else {})}
@@ -95,7 +114,8 @@ def residual_bytes(model: nn.Module, batch: int) -> int:
     return sum(r.nbytes for r in kept if "argument" not in r.source)
 
 
-def measure_nnx(method: str, batch: int, image_size: int = 224, approximate_gelu: bool = False) -> StepMemory:
+def measure_nnx(method: str, batch: int, image_size: int = 224, approximate_gelu: bool = False,
+                targets=(None,)) -> StepMemory:
     """The same step for the NNX ViT-S/16 of benchmarks.nnx_vit (float32): ``baseline`` as
     written, ``mesa8`` compressed in place by mesa_jax.nnx.compress (int8, per head); DeiT-S's
     exact GELU unless ``approximate_gelu`` (flax's documentation model)."""
@@ -122,7 +142,8 @@ def measure_nnx(method: str, batch: int, image_size: int = 224, approximate_gelu
         return optax.apply_updates(params, updates), rest, opt_state, value
 
     opt_state = jax.eval_shape(TX.init, params)
-    compiled = memory.compiled_memory(jax.jit(step, donate_argnums=(0, 1, 2)), params, rest, opt_state, images, labels)
+    jitted = jax.jit(step, donate_argnums=(0, 1, 2))
+    reports = [memory.compiled_report(jitted, params, rest, opt_state, images, labels, target=t) for t in targets]
     kept = memory.saved_residuals(lambda *args: loss(*args)[0], params, rest, images, labels)
     residuals = sum(r.nbytes for r in kept if "argument" not in r.source)
-    return StepMemory(compiled.peak, compiled.temp, residuals)
+    return StepMemory(residuals, {r.target: r for r in reports})

@@ -19,6 +19,7 @@ default device, as ``jax.jit`` would compile.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -170,5 +171,14 @@ def compile(fn: Callable, *args, target: str | Target | None = None, dump_to: st
     if dump_to:
         options |= {"xla_dump_to": os.fspath(dump_to), "xla_dump_hlo_as_text": True}
     began = time.perf_counter()
-    compiled = jitted.lower(*place(args, target)).compile(compiler_options=options or None)
+    with _no_cache_writes() if target and target.compiler_options else contextlib.nullcontext():
+        compiled = jitted.lower(*place(args, target)).compile(compiler_options=options or None)
     return compiled, time.perf_counter() - began
+
+
+def _no_cache_writes():
+    """jax's persistent cache cannot read a compile-only executable back (that needs a client):
+    keep description targets' programs out of it."""
+    from jax._src import config  # the flag's context manager; jax.config only sets it process-wide
+
+    return config.persistent_cache_min_compile_time_secs(float("inf"))

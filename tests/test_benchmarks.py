@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks import fidelity, memory as memory_bench, speed, step_memory
-from mesa_jax import memory
+from mesa_jax import memory, plan
 from mesa_jax.models import vit
 
 TINY = dict(image_size=32, patch_size=8, width=24, depth=1, num_heads=2, mlp_dim=48, drop_path=0.0)
@@ -92,16 +92,56 @@ def test_speed_ratios_are_medians_of_per_repeat_ratios():
     assert "| mesa8 |" in speed.table(times, batch=8)
 
 
-def test_memory_table_gives_ratios_against_the_same_row_s_baseline():
-    m = lambda peak: step_memory.StepMemory(peak=peak, temp=0, residuals=peak // 2)
+def report(target, peak, **counts):
+    parts = memory.CompiledMemory(temp=peak - 2**20, argument=2**20, output=0, alias=0)
+    return memory.ProgramReport(target, parts, counts.get("fusions", {"kLoop": 3}), counts.get("custom_calls", {}),
+                                counts.get("conditionals", 0), 0, 2e9, 1.5)
+
+
+def test_memory_table_gives_ratios_per_target_against_the_same_row_s_baseline():
+    m = lambda cpu, h100: step_memory.StepMemory(residuals=cpu // 2, reports={"cpu": report("cpu", cpu),
+                                                                              "h100": report("h100", h100)})
     model = step_memory.build("vit-test", "baseline")  # 32 pixels in patches of 8: 16 + 1 tokens
-    rows = [("vit-test", "float32", 8, "baseline", m(4 * 2**20), model),
-            ("vit-test", "float32", 8, "mesa8", m(2**20), model)]
+    rows = [("vit-test", "float32", 8, "baseline", m(4 * 2**20, 3 * 2**20), model),
+            ("vit-test", "float32", 8, "mesa8", m(2**20, 2 * 2**20), model)]
     text = memory_bench.table(rows)
+    assert "| XLA:CPU peak MiB | baseline / method | H100 plan MiB | baseline / method |" in text.splitlines()[0]
     per_token = 2**19 / (8 * 17 * model.depth)
-    assert f"| vit-test | float32 | 8 | mesa8 | 1 | 4.00x | 0 | {per_token:,.0f} ({per_token / model.width:.1f} C) |" in text
-    lines = list(memory_bench.max_batch_table([("m", "float32", "mesa8", 96)], 16))
-    assert "largest batch under 16 GiB" in lines[0] and lines[-1] == "| m | float32 | mesa8 | 96 |"
+    assert (f"| vit-test | float32 | 8 | mesa8 | 1 | 4.00x | 2 | 1.50x | 0 | "
+            f"{per_token:,.0f} ({per_token / model.width:.1f} C) |") in text
+    lines = list(memory_bench.max_batch_table([("m", "bfloat16", "mesa8", "h100", 80 * 2**30, 96)]))
+    assert "largest batch" in lines[0] and lines[-1] == "| m | bfloat16 | mesa8 | h100 | 80.0 | 96 |"
+
+
+def test_report_table_counts_libraries_and_control_flow():
+    m = step_memory.StepMemory(residuals=0, reports={"h100": report(
+        "h100", 3 * 2**20, fusions={"kLoop": 5, "__triton_gemm": 2},
+        custom_calls={"__cublas$lt$matmul": 4, "__cudnn$convForward": 1, "__gpu$xla.gpu.triton": 3}, conditionals=7)})
+    line = memory_bench.report_table([("m", "bfloat16", 8, "mesa8", m, None)]).splitlines()[-1]
+    assert line == "| m | bfloat16 | 8 | mesa8 | h100 | 3 | 2 | 1 | 0 | 7 | 4 | 1 | 5 | 7 | 0 | 2.0 | 2 |"
+
+
+def test_the_search_budget_is_the_target_s_memory_unless_given():
+    cpu, h100 = plan.Target("cpu", None), plan.Target("h100", None, memory_bytes=84942979072)
+    assert memory_bench.budget(h100, None) == 84942979072 and memory_bench.budget(h100, 16) == 16 * 2**30
+    assert memory_bench.budget(cpu, None) == 16 * 2**30
+
+
+@pytest.mark.slow  # two compilations of a step
+def test_a_cpu_target_compiles_the_step_the_default_device_does():
+    model = step_memory.build("vit-test", "mesa8")
+    default, cpu = (step_memory.compile_step(model, 8, t) for t in (None, "cpu"))
+    assert default.memory == cpu.memory and default.fusions == cpu.fusions and cpu.target == "cpu"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(plan._installed(f"jax_plugins.{n}") for n in plan.PLUGINS),
+                    reason='needs the CUDA plugin: pip install -e ".[gpu-plan]"')
+def test_steps_compile_for_an_h100_without_one():
+    base, mesa = (step_memory.compile_step(step_memory.build("vit-test", m), 64, "h100") for m in ("baseline", "mesa8"))
+    assert base.target == mesa.target == "h100" and 0 < base.peak < plan.resolve("h100").memory_bytes
+    assert base.libraries.get("cublas", 0) > 0 and base.conditionals == 0  # GEMMs on cuBLAS: no autotuning here
+    assert mesa.memory.argument > base.memory.argument  # the "mesa" statistics travel in the state
 
 
 def test_fidelity_compare_finds_the_worst_parameter():
