@@ -392,7 +392,7 @@ def _softmax(original, x, axis=-1, where=None, **kwargs):
     if where is not None or kwargs or axis not in (-1, x.ndim - 1):
         return original(x, axis=axis, where=where, **kwargs)
     op = lambda stats, seeds, configs: ops.softmax(x, stats[0], seeds[0], configs[0])
-    return interception.function_site("softmax", "softmax", [(None, x, ops.attention_layout(x.ndim))], op,
+    return interception.function_site("softmax", "softmax", [(None, ops.kept_output(x), ops.attention_layout(x.ndim))], op,
                           lambda: original(x, axis=axis))
 
 
@@ -511,7 +511,7 @@ class Softmax(_Function):
         if self.axis not in (-1, x.ndim - 1):
             raise ValueError(f"Softmax supports the last axis only, got axis={self.axis} for shape {x.shape}")
         op = lambda stats, seeds, configs: ops.softmax(x, stats[0], seeds[0], configs[0])
-        return self._site("softmax", "outputs", x, ops.attention_layout(x.ndim), op, lambda: ops.softmax_reference(x))
+        return self._site("softmax", "outputs", ops.kept_output(x), ops.attention_layout(x.ndim), op, lambda: ops.softmax_reference(x))
 
 
 class MatMul(_Function):

@@ -499,5 +499,5 @@ class Softmax(_Function):
 
     def __call__(self, x):
         op = lambda stats, seeds, configs: ops.softmax(x, stats[0], seeds[0], configs[0])
-        return self._call("outputs", x, ops.attention_layout(x.ndim), op, lambda: ops.softmax_reference(x))
+        return self._call("outputs", ops.kept_output(x), ops.attention_layout(x.ndim), op, lambda: ops.softmax_reference(x))
 

@@ -542,6 +542,12 @@ def softmax_reference(x):
     return jax.nn.softmax(x, axis=-1)
 
 
+def kept_output(x):
+    """What softmax keeps, declared before it exists: a tensor shaped like its input ``x`` that
+    is never another op's residual (``x`` may be one: a LayerNorm's or GELU's output)."""
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
 @jax.custom_vjp
 def _softmax(x, y, kept):
     """``y`` (softmax(x)) as a function of x, whose backward reads ``kept``."""
