@@ -4,7 +4,10 @@
 
 Run one method per process: ``memory_stats()["peak_bytes_in_use"]`` is a
 high-water mark of the whole process. Prints one JSON object (peak is null on
-backends without memory statistics, such as the CPU).
+backends without memory statistics, such as the CPU), with ``plan``: XLA's
+compile-time report of the very program that ran (compiled here, autotuned on this
+device), to set beside the real peak and beside a description's plan
+(``python -m benchmarks.step_plan --target h200``).
 """
 
 from __future__ import annotations
@@ -30,14 +33,15 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args(argv)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
-    run = speed.make_runner(step_memory.build(args.model, args.method, dtype), args.batch)
-    first_steps = run(2)  # compile and warm: mesa's programs compile for long on a GPU
-    seconds = statistics.median(run(1) for _ in range(args.steps))
+    runner = speed.make_runner(step_memory.build(args.model, args.method, dtype), args.batch)
+    first_steps = runner.run(2)  # warm
+    seconds = statistics.median(runner.run(1) for _ in range(args.steps))
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     result = dict(method=args.method, model=args.model, batch=args.batch, dtype=args.dtype,
-                  step_s=seconds, compile_and_two_steps_s=first_steps, images_per_s=args.batch / seconds, peak_bytes=stats.get("peak_bytes_in_use"),
-                  device=device.device_kind, jax=jax.__version__)
+                  step_s=seconds, compile_s=runner.report.compile_s, two_steps_s=first_steps,
+                  images_per_s=args.batch / seconds, peak_bytes=stats.get("peak_bytes_in_use"),
+                  device=device.device_kind, jax=jax.__version__, plan=runner.report.as_dict())
     print(json.dumps(result))
     if args.json:
         with open(args.json, "w") as f:

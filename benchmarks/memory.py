@@ -68,18 +68,29 @@ def per_token_block(m, model, batch: int) -> float | None:
     return m.residuals / (batch * tokens * model.depth)
 
 
-def budget(target: plan.Target, budget_gib: float | None) -> int:
-    """The search's budget in bytes: ``budget_gib`` if given, else the target's memory (16 GiB for the CPU)."""
+def budget(target: plan.Target, budget_gib: str | float | None) -> int:
+    """The search's budget in bytes: ``budget_gib`` GiB, or a percentage of the target's memory
+    ("75%": jax's default share of a GPU), or (None) all of it; 16 GiB where it is unknown (the CPU)."""
+    memory_bytes = target.memory_bytes or int(DEFAULT_BUDGET_GIB * 2**30)
     if budget_gib is None:
-        return target.memory_bytes or int(DEFAULT_BUDGET_GIB * 2**30)
-    return int(budget_gib * 2**30)
+        return memory_bytes
+    if isinstance(budget_gib, str) and budget_gib.endswith("%"):
+        return int(memory_bytes * float(budget_gib[:-1]) / 100)
+    return int(float(budget_gib) * 2**30)
 
 
-def max_batches(model_names, dtypes, methods, targets, budget_gib: float | None = None, start: int = 64,
+def searched(target: plan.Target) -> plan.Target:
+    """The target a search compiles for: a GPU description's programs as written (XLA:GPU would
+    rematerialize past about 60 GiB on an H100, and the plan stop growing with the batch)."""
+    return plan.without_rematerialization(target) if target.compiler_options else target
+
+
+def max_batches(model_names, dtypes, methods, targets, budgets_gib=(None,), start: int = 64,
                 known: dict | None = None):
     """(model, dtype, method, target, budget bytes, largest batch, a multiple of 8, whose step peak
-    fits the budget). ``known`` maps (model, dtype, method, batch, target name) to peaks already
-    measured (the batch-128 table's), so the search does not compile them again."""
+    fits the budget), for each budget in ``budgets_gib`` (None: the target's memory). ``known``
+    maps (model, dtype, method, batch, target name) to peaks already measured (the batch-128
+    table's, below any rematerialization limit), so the search does not compile them again."""
     known = {} if known is None else known
     for target in targets:
         for name in model_names:
@@ -90,15 +101,16 @@ def max_batches(model_names, dtypes, methods, targets, budget_gib: float | None 
                     def peak(batch, model=model, method=method, name=name, dtype=dtype):
                         key = (name, dtype, method, batch, target.name)
                         if key not in known:
-                            report = step_memory.compile_step(model, batch, target)
+                            report = step_memory.compile_step(model, batch, searched(target))
                             known[key] = report.peak
                             print(f"  {name} {dtype} {method} batch {batch} on {target.name}: "
                                   f"{report.peak / 2**30:.2f} GiB ({report.compile_s:.0f} s)", file=sys.stderr, flush=True)
                         return known[key]
 
-                    limit = budget(target, budget_gib)
-                    found = memory.max_batch_size(peak, limit, start=start, multiple=8, limit=8192)
-                    yield name, dtype, method, target.name, limit, found
+                    for budget_gib in budgets_gib:
+                        limit = budget(target, budget_gib)
+                        found = memory.max_batch_size(peak, limit, start=start, multiple=8, limit=8192)
+                        yield name, dtype, method, target.name, limit, found
                     jax.clear_caches()  # a long search compiles many programs: free each row's
 
 
@@ -189,8 +201,10 @@ def main(argv=None):
     parser.add_argument("--targets", "--target", nargs="+", default=["cpu"], metavar="TARGET",
                         help="compile for: cpu (default), gpu (this machine's), h100, h200 (XLA:GPU without a GPU: "
                              'pip install -e ".[gpu-plan]"), or the path of a GPU description (.txtpb)')
-    parser.add_argument("--budget-gib", type=float, default=None,
-                        help="memory budget of the largest-batch search (default: the target's memory; 16 for the CPU)")
+    parser.add_argument("--budget-gib", nargs="+", default=[None], metavar="GIB",
+                        help="memory budgets of the largest-batch search, in GiB or as a share of the target's "
+                             "memory (75%%: jax's default share of a GPU); default: the target's memory (16 GiB "
+                             "for the CPU)")
     parser.add_argument("--max-batch-start", type=int, default=64, metavar="BATCH",
                         help="the search's first batch (default: 64; the batches of the table are not compiled again)")
     parser.add_argument("--nnx", action="store_true",

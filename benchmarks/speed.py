@@ -3,10 +3,10 @@
     python -m benchmarks.speed                       # vit-c100, batch 64, this machine
     python -m benchmarks.speed --model deit-s --batch 128 --dtype bfloat16   # a GPU
 
-Every method is compiled and warmed up first; then each repeat times ``--steps``
-steps of every method in turn, and the ratio to the baseline is taken within the
-repeat. The table gives the median ratio over repeats: robust to a shared, noisy
-machine, where absolute times are not.
+Every method is compiled (ahead of time) and warmed up first; then each repeat times
+``--steps`` steps of every method in turn, and the ratio to the baseline is taken within
+the repeat. The table gives the median ratio over repeats: robust to a shared, noisy
+machine, where absolute times are not. A second table says what XLA made of each step.
 """
 
 from __future__ import annotations
@@ -14,26 +14,32 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks import step_memory
-from mesa_jax import models
+from benchmarks import memory as memory_bench, step_memory
+from mesa_jax import memory, models, plan
 from train import loop
 
 DEFAULT_METHODS = ("baseline", "mesa8", "flash_like", "remat_nothing", "remat_dots")
 
 
-def make_runner(model, batch: int, seed: int = 0):
-    """A closure running one jitted, state-donating train step on fixed random data."""
+class Runner(NamedTuple):
+    run: Callable[[int], float]  # run(steps) -> seconds
+    report: memory.ProgramReport  # the step it runs, as compiled (ahead of time, once)
+
+
+def make_runner(model, batch: int, seed: int = 0) -> Runner:
+    """One jitted, state-donating train step on fixed random data, compiled ahead of time."""
     tx = loop.make_optimizer(loop.learning_rate_schedule(1e-4, 1, 10**6), 0.05)
     shape = (model.image_size, model.image_size, 3)
     state = loop.create_state(model, tx, seed, shape)
     key = jax.random.key(seed)
     images = jax.random.normal(key, (batch, *shape))
     labels = jax.random.randint(key, (batch,), 0, model.num_classes)
-    step = jax.jit(loop.train_step, donate_argnums=0)
+    step, seconds = plan.compile(jax.jit(loop.train_step, donate_argnums=0), state, images, labels)
     box = [state]
 
     def run(steps: int) -> float:
@@ -43,7 +49,7 @@ def make_runner(model, batch: int, seed: int = 0):
         jax.block_until_ready((box[0], metrics))
         return time.perf_counter() - start
 
-    return run
+    return Runner(run, memory.program_report(step, seconds))
 
 
 def ratios(times: dict[str, list[float]]) -> dict[str, float]:
@@ -52,16 +58,16 @@ def ratios(times: dict[str, list[float]]) -> dict[str, float]:
     return {m: statistics.median(t / b for t, b in zip(ts, base)) for m, ts in times.items()}
 
 
-def measure(model_name: str, batch: int, dtype, methods, steps: int, repeats: int) -> dict[str, list[float]]:
+def measure(model_name: str, batch: int, dtype, methods, steps: int, repeats: int):
+    """(seconds per step of each repeat, the compiled step's report), per method."""
     runners = {m: make_runner(step_memory.build(model_name, m, dtype), batch) for m in methods}
-    for run in runners.values():
-        run(1)  # compile
-        run(1)  # warm
+    for runner in runners.values():
+        runner.run(2)  # warm
     times = {m: [] for m in methods}
     for _ in range(repeats):
-        for m, run in runners.items():
-            times[m].append(run(steps) / steps)
-    return times
+        for m, runner in runners.items():
+            times[m].append(runner.run(steps) / steps)
+    return times, {m: runner.report for m, runner in runners.items()}
 
 
 def table(times: dict[str, list[float]], batch: int) -> str:
@@ -83,11 +89,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     methods = ["baseline"] + [m for m in args.methods if m != "baseline"]
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
-    times = measure(args.model, args.batch, dtype, methods, args.steps, args.repeats)
+    times, reports = measure(args.model, args.batch, dtype, methods, args.steps, args.repeats)
     device = jax.devices()[0]
     print(f"{args.model}, batch {args.batch}, {args.dtype}, {args.repeats} repeats x {args.steps} steps; "
           f"jax {jax.__version__} on {device.platform} ({device.device_kind})")
     print(table(times, args.batch))
+    print()
+    print(memory_bench.report_table([(args.model, args.dtype, args.batch, m, step_memory.StepMemory(0, {r.target: r}), None)
+                                     for m, r in reports.items()]))
 
 
 if __name__ == "__main__":

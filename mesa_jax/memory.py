@@ -99,6 +99,11 @@ class ProgramReport:
             counts[hlo.library(target)] = counts.get(hlo.library(target), 0) + n
         return counts
 
+    def as_dict(self) -> dict:
+        """JSON-ready: the memory parts by name with the peak, and the library counts."""
+        return {**dataclasses.asdict(self), "memory": {**self.memory._asdict(), "peak": self.peak},
+                "libraries": self.libraries}
+
 
 def compiled_memory(fn: Callable, *args, target=None) -> CompiledMemory:
     """Compile ``fn`` (jitted here unless it already is) for ``args`` (arrays or

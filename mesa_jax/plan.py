@@ -41,6 +41,9 @@ DESCRIPTIONS = {"h100": "h100_sxm.txtpb", "h200": "h200.txtpb"}  # in mesa_jax/t
 # ("Failed to parse GpuTargetConfigProto"); a one-device plan reads none of them.
 UNPARSED_FIELDS = ("collective_memory_granularity",)
 DESCRIPTION_OPTIONS = (("xla_gpu_enable_triton_gemm", False),)  # untuned Triton GEMMs do not tile: cuBLAS
+# XLA:GPU rematerializes (recomputes values, trading time for memory) a program whose plan exceeds
+# about 95% (this factor, in percent) of 80% of the device memory less its arguments and outputs.
+NO_REMAT = (("xla_gpu_memory_limit_slop_factor", 10_000),)
 PLUGINS = ("xla_cuda13", "xla_cuda12")  # jax_plugins.* modules, newest first
 INSTALL = 'pip install -e ".[gpu-plan]" (jax-cuda12-plugin and jax-cuda12-pjrt at jaxlib\'s version, {version})'
 
@@ -79,6 +82,13 @@ def _description_target(name: str) -> Target:
     device = _cuda_topology(text, path).devices[0]
     memory = re.search(r"^\s*device_memory_size:\s*(\d+)", text, re.M)
     return Target(name, device, DESCRIPTION_OPTIONS, int(memory.group(1)) if memory else None)
+
+
+def without_rematerialization(target: Target) -> Target:
+    """``target`` compiling programs as written: its memory limit lifted 100-fold, so XLA:GPU never
+    recomputes to fit (below the limit nothing changes: DeiT-S's batch-128 plans are identical).
+    A largest-batch search needs it: past the limit the plan stops growing with the batch."""
+    return dataclasses.replace(target, compiler_options=target.compiler_options + NO_REMAT)
 
 
 def description_path(name: str) -> pathlib.Path:

@@ -123,8 +123,10 @@ def test_report_table_counts_libraries_and_control_flow():
 
 def test_the_search_budget_is_the_target_s_memory_unless_given():
     cpu, h100 = plan.Target("cpu", None), plan.Target("h100", None, memory_bytes=84942979072)
-    assert memory_bench.budget(h100, None) == 84942979072 and memory_bench.budget(h100, 16) == 16 * 2**30
-    assert memory_bench.budget(cpu, None) == 16 * 2**30
+    assert memory_bench.budget(h100, None) == 84942979072 and memory_bench.budget(h100, "16") == 16 * 2**30
+    assert memory_bench.budget(h100, "75%") == 84942979072 * 3 // 4 and memory_bench.budget(cpu, None) == 16 * 2**30
+    assert memory_bench.searched(h100) == h100 and memory_bench.searched(plan.Target("h100", None, (("a", 1),))) \
+        .compiler_options == (("a", 1), *plan.NO_REMAT)
 
 
 @pytest.mark.slow  # two compilations of a step

@@ -1,0 +1,101 @@
+"""XLA's plan for one training step on a target, without running it: the measuring tool for a step.
+
+    python -m benchmarks.step_plan --target h100 --model deit-s --batch 128 --dtype bfloat16 \
+        --methods baseline flash_like mesa8
+    MESA_JAX_IMPL=pallas python -m benchmarks.step_plan --target h200 --methods mesa8   # the Pallas kernels
+    python -m benchmarks.step_plan --target h100 --methods mesa8 --dump /tmp/mesa8      # + XLA's dumps
+    python -m benchmarks.step_plan --compare results/gpu     # gpu_check.sh's real peaks beside the plans
+
+For each method: the jitted, state-donating train step (forward, backward, AdamW) compiled
+for the target (h100, h200 or a description's path: XLA:GPU without a GPU, pip install -e
+".[gpu-plan]"; gpu: this machine's; cpu), as one table line of mesa_jax.memory.ProgramReport
+and, with --json, one JSON object per line. --dump keeps XLA's dumps per method
+(DIR/METHOD/*memory-usage-report.txt: the buffers live at the peak; *buffer-assignment.txt;
+the optimized HLO) and prints the largest buffers live at the peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+
+import jax.numpy as jnp
+
+from benchmarks import memory as memory_bench, step_memory
+from mesa_jax import models, plan
+
+
+def peak_buffers(dump_dir: str, top: int = 8) -> list[str]:
+    """The ``top`` largest buffers live at the peak, from XLA's live-range dump (GPU) of the step."""
+    found = sorted(glob.glob(os.path.join(dump_dir, "*train_step*after_optimizations-live-range.txt")))
+    if not found:
+        return []
+    text = open(found[-1]).read()
+    section = text.split("(peak):", 1)[-1] if "(peak):" in text else ""
+    sizes = re.findall(r"^\s+(\S+): (\d+) bytes", section, re.M)
+    return [f"{name}: {int(size) / 2**20:,.1f} MiB" for name, size in sorted(sizes, key=lambda s: -int(s[1]))[:top]]
+
+
+def compare(out_dir: str) -> str:
+    """The real peaks of gpu_check.sh (step_METHOD.txt, device_step's JSON) beside XLA's compile-time
+    plan of the program that ran and the description's plan (plan.json from --json)."""
+    planned = {}
+    if os.path.exists(os.path.join(out_dir, "plan.json")):
+        for line in open(os.path.join(out_dir, "plan.json")):
+            row = json.loads(line)
+            planned[row["method"]] = row
+    lines = ["| method | real peak MiB | compiled on this GPU MiB | description plan MiB | real / description plan |",
+             "|---|---:|---:|---:|---:|"]
+    for path in sorted(glob.glob(os.path.join(out_dir, "step_*.txt"))):
+        rows = [json.loads(l) for l in open(path) if l.startswith("{")]
+        if not rows:
+            lines.append(f"| {os.path.basename(path)[5:-4]} | (no result: see the file) | | | |")
+            continue
+        real = rows[-1]
+        method, peak = real["method"], real.get("peak_bytes")
+        here = real.get("plan", {}).get("memory", {}).get("peak")
+        there = planned.get(method, {}).get("memory", {}).get("peak")
+        mib = lambda b: "-" if b is None else f"{b / 2**20:,.0f}"
+        ratio = f"{peak / there:.3f}" if peak and there else "-"
+        target = planned.get(method, {}).get("target", "")
+        lines.append(f"| {method} | {mib(peak)} | {mib(here)} | {mib(there)} {target} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="h100", help="h100 (default), h200, a description's path, gpu or cpu")
+    parser.add_argument("--model", default="deit-s", choices=models.names())
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=list(memory_bench.DTYPES))
+    parser.add_argument("--methods", nargs="+", default=["baseline", "mesa8"], choices=step_memory.METHODS)
+    parser.add_argument("--dump", metavar="DIR", help="keep XLA's dumps in DIR/METHOD")
+    parser.add_argument("--json", metavar="FILE", help="also write one JSON object per method to FILE")
+    parser.add_argument("--compare", metavar="DIR", help="only print gpu_check.sh's real peaks in DIR beside the plans")
+    args = parser.parse_args(argv)
+    if args.compare:
+        return print(compare(args.compare))
+    try:
+        target = plan.resolve(args.target)
+    except (RuntimeError, ValueError) as e:
+        parser.error(str(e))
+    results = []
+    for method in args.methods:
+        model = step_memory.build(args.model, method, memory_bench.DTYPES[args.dtype])
+        dump = os.path.join(args.dump, method) if args.dump else None
+        report = step_memory.compile_step(model, args.batch, target, dump_to=dump)
+        results.append((args.model, args.dtype, args.batch, method, step_memory.StepMemory(0, {target.name: report}), None))
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({"model": args.model, "dtype": args.dtype, "batch": args.batch, "method": method,
+                                    **report.as_dict()}) + "\n")
+        if dump:
+            print(f"{method}: largest buffers live at the peak ({dump}):", *peak_buffers(dump), sep="\n  ", flush=True)
+    print(memory_bench.report_table(results))
+
+
+if __name__ == "__main__":
+    main()
