@@ -171,9 +171,10 @@ def _per_group(v: jax.Array) -> jax.Array:
 
 
 def _group_range(lo: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """[G] min of ``lo`` and max of ``hi``, grouped views holding +-inf where nothing counts."""
+    """[G] min of ``lo`` and max of ``hi``, grouped views holding +-inf where nothing counts
+    (a group with nothing finite stays (+inf, -inf): ``seen`` is False there)."""
     lo, hi = _min_max(lo, hi, (0, 2))
-    return arithmetic.range_or_zero(_replicated(lo), _replicated(hi))
+    return _replicated(lo), _replicated(hi)
 
 
 def _min_max(lo: jax.Array, hi: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
@@ -193,7 +194,7 @@ def _replicated(v: jax.Array) -> jax.Array:
 
 
 def group_min_max(x: jax.Array, layout: Layout, groups: int) -> tuple[jax.Array, jax.Array]:
-    """Per-group [G] min and max over the finite entries (0 and 0 if a group has none).
+    """Per-group [G] min and max over the finite entries (+inf and -inf if a group has none).
 
     Under stop_gradient: autodiff must not keep the float input for their VJP.
     """
@@ -216,18 +217,58 @@ def init_stats(groups: int) -> Stats:
 
 def stats_of(x: jax.Array, layout: Layout, groups: int) -> Stats:
     """The statistics of x alone, as a first observation sets them."""
-    lo, hi = group_min_max(x, layout, groups)
+    lo, hi = arithmetic.range_or_zero(*group_min_max(x, layout, groups))
     return Stats(lo, _finite_span(lo, hi), jnp.ones((), jnp.int32))
 
 
+def seen(lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """[G] whether a measured group had a finite entry (group_min_max gives lo > hi if not)."""
+    return lo <= hi
+
+
+def informative(stats: Stats) -> jax.Array:
+    """[G] whether a group's running estimate can pack a tensor: it has seen one, with a range.
+    A zero span (nothing seen yet, a constant such as a zero-initialised layer's output, a
+    constant dummy batch at init) says nothing about the spread of what comes next."""
+    return (stats.count > 0) & (stats.span > 0)
+
+
+# One batch moves the estimate by at most this many of its own spans on each side: its range is
+# clipped to [lo - GROWTH * span, hi + GROWTH * span] before the EMA, so a single outlier (1e6
+# among O(1) values) widens the span by at most 2 * GROWTH * (1 - ema_decay) (1.2x at decay
+# 0.9), while a real change of scale is followed by that factor per step.
+GROWTH = 1.0
+
+
 def fold_range(stats: Stats, lo: jax.Array, hi: jax.Array, config: QuantConfig) -> Stats:
-    """EMA update of the running estimate with a measured per-group min and max; the first initialises."""
-    decay = jnp.where(stats.count > 0, config.ema_decay, 0.0)
+    """The running estimate updated with a measured per-group min and max: an EMA (decay
+    ``config.ema_decay``) of the range clipped to GROWTH spans around the estimate. A group
+    without an informative estimate takes the range as it is; a group with nothing finite
+    (an empty or all-NaN batch) keeps its estimate, and a tensor with nothing finite does not
+    count as an observation."""
+    known = informative(stats)
+    width = GROWTH * stats.span
+    clipped_lo = jnp.where(known, jnp.maximum(lo, stats.lo - width), lo)
+    clipped_hi = jnp.where(known, jnp.minimum(hi, stats.lo + stats.span + width), hi)
+    decay = jnp.where(known, config.ema_decay, 0.0)
+    new_lo = decay * stats.lo + (1 - decay) * clipped_lo
+    new_span = decay * stats.span + (1 - decay) * _finite_span(clipped_lo, clipped_hi)
+    observed = seen(lo, hi)
     return Stats(
-        lo=decay * stats.lo + (1 - decay) * lo,
-        span=decay * stats.span + (1 - decay) * _finite_span(lo, hi),
-        count=stats.count + 1,
+        lo=jnp.where(observed, new_lo, stats.lo),
+        span=jnp.where(observed, new_span, stats.span),
+        count=stats.count + jnp.any(observed).astype(stats.count.dtype),
     )
+
+
+def packing_range(stats: Stats, lo: jax.Array, hi: jax.Array) -> Stats:
+    """The range a tensor packs with, given its measured (lo, hi): the running estimate where
+    it is informative, else the tensor's own range (a first observation). A select, not a
+    branch: no conditional in the compiled step (a lax.cond is a host round trip on a GPU)."""
+    own_lo, own_hi = arithmetic.range_or_zero(lo, hi)
+    known = informative(stats)
+    return Stats(jnp.where(known, stats.lo, own_lo), jnp.where(known, stats.span, _finite_span(own_lo, own_hi)),
+                 stats.count)
 
 
 def update(stats: Stats, x: jax.Array, config: QuantConfig, layout: Layout = "channels") -> Stats:
@@ -310,11 +351,12 @@ def pack_and_update(x: jax.Array, stats: Stats, config: QuantConfig, seed, layou
                     normalized_by=None) -> tuple[Packed, Stats]:
     """Pack x for the backward pass and fold its per-group range into the running ``stats``.
 
-    x is packed with the range estimated *before* it (what falls outside is
-    clamped) while its own range is measured in the same read: one pass over x.
-    Only the first observation, with no estimate yet, measures x first and packs
-    with its own range. ``config.update_first`` is Mesa's order instead: update
-    the estimate with x, then pack with it (two passes).
+    x is packed with the range estimated *before* it (what falls outside is clamped), or
+    with its own range where there is no informative estimate yet (``packing_range``: the
+    first observation, a batch after an empty one); its range, measured first, then updates
+    the estimate (``fold_range``). ``config.update_first`` is Mesa's order instead: update
+    the estimate with x, then pack with it. Both read x twice (measure, pack): XLA:GPU runs
+    the pack as its own pass either way, and its plan shows the same bytes for both orders.
     """
     packed, lo, hi = pack_and_measure(x, stats, config, seed, layout, normalized_by)
     return packed, fold_range(stats, lo, hi, config)
@@ -324,22 +366,14 @@ def pack_and_measure(x: jax.Array, stats: Stats, config: QuantConfig, seed, layo
                      normalized_by=None) -> tuple[Packed, jax.Array, jax.Array]:
     """(x packed as pack_and_update packs it, x's per-group finite min, max)."""
     _check_groups(x, stats, config, layout)
-    if by_rows(x.shape, layout, stats.lo.shape[0], config):  # no estimate needed, first observation or not
+    if by_rows(x.shape, layout, stats.lo.shape[0], config):  # no estimate needed
         # the row's range, then its codes: two reads of x; the barrier makes them reads of one
         # buffer (XLA:CPU otherwise fuses LayerNorm's normalization into both, keeping its inputs)
         x, normalized_by = jax.lax.optimization_barrier((x, normalized_by))
         return _pack_measure(x, stats, config, seed, layout, normalized_by)
-    if config.update_first:
-        lo, hi = group_min_max(normalize_rows(x, normalized_by), layout, stats.lo.shape[0])
-        return pack(x, fold_range(stats, lo, hi, config), config, seed, layout, normalized_by), lo, hi
-
-    def measure_first():
-        lo, hi = group_min_max(normalize_rows(x, normalized_by), layout, stats.lo.shape[0])
-        own = Stats(lo, _finite_span(lo, hi), stats.count)
-        return pack(x, own, config, seed, layout, normalized_by), lo, hi
-
-    running = lambda: _pack_measure(x, stats, config, seed, layout, normalized_by)
-    return jax.lax.cond(stats.count > 0, running, measure_first)
+    lo, hi = group_min_max(normalize_rows(x, normalized_by), layout, stats.lo.shape[0])
+    with_range = fold_range(stats, lo, hi, config) if config.update_first else packing_range(stats, lo, hi)
+    return pack(x, with_range, config, seed, layout, normalized_by), lo, hi
 
 
 def _pack_measure(x, stats: Stats, config: QuantConfig, seed, layout: Layout, normalized_by):

@@ -94,6 +94,42 @@ def test_gradient_error_scales_with_the_step(name):  # scanned_vit: three compil
     assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
 
 
+def test_one_outlier_batch_does_not_capture_the_running_ranges():
+    """Statistics warmed on three batches, then one batch with an element of 1e6 (or 3e38):
+    every span grows at most 1 + 2 GROWTH (1 - decay) times (1.2x), so the next clean batch's
+    gradient error grows at most like the step (it was 0.54 in cosine before the update was
+    clipped); an all-NaN batch is no observation at all."""
+    model, shape, kwargs = MODELS["encoder"]
+    config = QuantConfig(stochastic=False)
+    compressed = compress(model, config)
+    batches = [inputs(shape, seed) for seed in range(5)]
+    variables = init(compressed, batches[0])
+    params = variables["params"]
+    observe = jax.jit(lambda mesa, x: compressed.apply({"params": params, "mesa": mesa}, x, mutable=["mesa"],
+                                                        **kwargs)[1]["mesa"])
+    warm = variables["mesa"]
+    for x in batches[:3]:
+        warm = observe(warm, x)
+    _, exact = loss_and_grads(model, {"params": params}, batches[4], **kwargs)
+
+    def error_and_cosine(mesa):
+        _, got = loss_and_grads(compressed, {"params": params, "mesa": mesa}, batches[4], **kwargs)
+        a, b = ravel_pytree(got)[0], ravel_pytree(exact)[0]
+        return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)), float(a @ b / jnp.linalg.norm(a) / jnp.linalg.norm(b))
+
+    before, _ = error_and_cosine(warm)
+    bound = 1 + 2 * quant.GROWTH * (1 - config.ema_decay)
+    for outlier in (1e6, 3e38):
+        after = observe(warm, batches[3].at[0, 0, 0].set(outlier))
+        growth = max(float(jnp.max(a.span / b.span)) for a, b in zip(stats_leaves(after), stats_leaves(warm)))
+        assert growth <= bound * (1 + 1e-6), growth
+        error, cosine = error_and_cosine(after)
+        assert error <= growth * before * 1.05 and cosine >= 0.99, (outlier, error, before, cosine)
+    nan_first = observe(variables["mesa"], jnp.full(shape, jnp.nan))
+    for a, b in zip(jax.tree.leaves(nan_first), jax.tree.leaves(variables["mesa"])):
+        np.testing.assert_array_equal(a, b)  # count 0 still: the next batch is the first observation
+
+
 def kept_by(model, x, **kwargs):
     variables = init(model, x)
     loss = lambda p: jnp.sum(model.apply({**variables, "params": p}, x, mutable=["mesa"], **kwargs)[0])

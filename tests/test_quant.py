@@ -235,6 +235,64 @@ def test_normalized_by_packs_the_normalized_rows(key):
     np.testing.assert_array_equal(after.lo, quant.update(stats, xn, config).lo)
 
 
+def test_an_outlier_widens_the_estimate_by_at_most_its_growth_bound(key):
+    """One element of 1e6 (or 3e38) among O(1) values: the new span is at most
+    1 + 2 * GROWTH * (1 - decay) times the old one (1.2x at decay 0.9), not 1e5."""
+    config = QuantConfig(num_groups=2)
+    stats = quant.update(quant.init_stats(2), jax.random.normal(key, (64, 8)), config)
+    for outlier in (1e6, -1e6, 3e38):
+        x = jax.random.normal(jax.random.key(1), (64, 8)).at[5, 6].set(outlier)
+        after = quant.update(stats, x, config)
+        bound = 1 + 2 * quant.GROWTH * (1 - config.ema_decay)
+        assert jnp.all(after.span <= stats.span * bound * (1 + 1e-6)), (outlier, after.span / stats.span)
+        assert jnp.all(jnp.isfinite(after.lo)) and int(after.count) == 2
+
+
+def test_a_change_of_scale_is_followed_by_the_growth_bound_per_step(key):
+    config = QuantConfig()
+    stats = quant.update(quant.init_stats(1), jax.random.normal(key, (64, 8)), config)
+    for _ in range(40):  # the data's scale jumps 100x: the estimate follows, 1.2x a step
+        stats = quant.update(stats, 100 * jax.random.normal(key, (64, 8)), config)
+    lo, hi = quant.group_min_max(100 * jax.random.normal(key, (64, 8)), "channels", 1)
+    np.testing.assert_allclose(stats.span, hi - lo, rtol=0.1)
+
+
+@pytest.mark.parametrize("empty", [jnp.zeros((0, 8)), jnp.full((4, 8), jnp.nan), jnp.full((4, 8), jnp.inf)])
+def test_an_empty_or_non_finite_batch_is_no_observation(empty, key):
+    config = QuantConfig(num_groups=2)
+    fresh = quant.init_stats(2)
+    for a, b in zip(quant.update(fresh, empty, config), fresh):
+        np.testing.assert_array_equal(a, b)
+    x = jax.random.normal(key, (4, 8))
+    warm = quant.update(fresh, x, config)
+    for a, b in zip(quant.update(warm, empty, config), warm):
+        np.testing.assert_array_equal(a, b)
+    # after an empty first batch, the next one is still a first observation: its own range
+    packed, after = quant.pack_and_update(x, quant.update(fresh, empty, config), config, SEED)
+    np.testing.assert_array_equal(packed.words, quant.pack(x, quant.stats_of(x, "channels", 2), config, SEED).words)
+    assert int(after.count) == 1
+
+
+def test_a_zero_span_estimate_packs_with_the_tensor_s_own_range(key):
+    """A constant dummy batch at init, or a zero-initialised layer's output, leaves a span of 0:
+    no information about the spread of what comes next, so that is measured, not clamped to."""
+    config = QuantConfig(stochastic=False)
+    zero = quant.Stats(jnp.zeros(1), jnp.zeros(1), jnp.array(3))
+    x = jax.random.normal(key, (3, 16))
+    packed, after = quant.pack_and_update(x, zero, config, SEED)
+    np.testing.assert_array_equal(packed.words, quant.pack(x, quant.stats_of(x, "channels", 1), config, SEED).words)
+    np.testing.assert_allclose(after.span, quant.stats_of(x, "channels", 1).span, rtol=1e-6)  # taken as is
+
+
+def test_packing_compiles_without_a_conditional():
+    """The first observation is a select, not a lax.cond (a host round trip per tensor on a GPU)."""
+    x = jax.ShapeDtypeStruct((8, 32), jnp.float32)
+    stats = quant.init_stats(1)
+    for config in (QuantConfig(), QuantConfig(update_first=True), QuantConfig(ranges="row")):
+        text = jax.jit(quant.pack_and_update, static_argnums=2).lower(x, stats, config, SEED).as_text()
+        assert "conditional" not in text and "stablehlo.case" not in text and "stablehlo.if" not in text
+
+
 def _correlation(a, b):
     a, b = np.ravel(a) - np.mean(a), np.ravel(b) - np.mean(b)
     return float(np.dot(a, b) / np.sqrt(np.dot(a, a) * np.dot(b, b)))
