@@ -73,6 +73,14 @@ def test_auto_falls_back_to_synthetic_loudly_and_records_it(tmp_path, use_small_
     assert header["dataset"] == "synthetic" and "SYNTHETIC" in header["dataset_warning"]
 
 
+def test_eval_batches_caps_evaluation_and_eval_every_0_never_evaluates(tmp_path, use_small_synthetic):
+    final = run.train_and_evaluate(config(steps=2, eval_every=0), str(tmp_path))
+    assert "eval_loss" not in final and not [r for r in rows(tmp_path) if "eval_loss" in r]
+    final = run.train_and_evaluate(config(steps=4, eval_every=4, eval_batches=1), str(tmp_path))  # resumable
+    assert [(r["step"], r["eval_images"]) for r in rows(tmp_path) if "eval_loss" in r] == [(4, 8)]
+    assert final["eval_images"] == 8
+
+
 @pytest.mark.slow  # repeated coverage: kept out of the default run
 def test_synthetic_data_is_learnable(tmp_path, use_small_synthetic):
     run.train_and_evaluate(config(steps=16, lr=3e-3, log_every=1, eval_every=100), str(tmp_path))

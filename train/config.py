@@ -33,7 +33,8 @@ class TrainConfig:
     seed: int = 0
     dataset: str = "auto"  # auto (CIFAR-100, else synthetic), cifar100, synthetic, synthetic-hard
     data_dir: str | None = None  # TFDS data dir holding a prepared cifar100
-    eval_every: int = 1000  # steps between evaluations (and one at the end)
+    eval_every: int = 1000  # steps between evaluations (and one at the end); 0: never
+    eval_batches: int | None = None  # evaluate on at most this many test batches; None: the whole test set
     log_every: int = 50  # steps between metrics rows
     checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
     compare_memory: bool = False  # also compile the baseline's step to log its peak memory
@@ -55,7 +56,9 @@ class TrainConfig:
              f"--warmup-epochs must be finite and >= 0, got {self.warmup_epochs}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}"),
-            (self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}"),
+            (self.eval_every >= 0, f"--eval-every must be >= 0 (0: never), got {self.eval_every}"),
+            (self.eval_batches is None or self.eval_batches >= 1,
+             f"--eval-batches must be >= 1, got {self.eval_batches}"),
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
             (self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}"),
         ]
@@ -77,9 +80,10 @@ class TrainConfig:
         return min(round(self.warmup_epochs * steps_per_epoch), self.total_steps(steps_per_epoch) // 2)
 
 
-# Settings a resumed run may change: how long it trains, how often it logs, evaluates and
-# checkpoints, where it reads the (same) data from. Everything else must match the workdir's.
-RESUMABLE = ("epochs", "steps", "eval_every", "log_every", "checkpoint_every", "compare_memory", "data_dir")
+# Settings a resumed run may change: how long it trains, how often (and on how much) it
+# logs, evaluates and checkpoints, where it reads the (same) data from. Everything else must match the workdir's.
+RESUMABLE = ("epochs", "steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "compare_memory",
+             "data_dir")
 
 
 def flag(name: str) -> str:

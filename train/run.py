@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 import sys
@@ -121,13 +122,15 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-def evaluate(eval_fn, state, split: data.Split, batch_size: int, sharding) -> dict:
+def evaluate(eval_fn, state, split: data.Split, batch_size: int, sharding, max_batches: int | None = None) -> dict:
+    """Loss and accuracy over the test split's first ``max_batches`` batches (None: all of
+    it), and how many images that was."""
     totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
-    for images, labels, mask in data.eval_batches(split, batch_size, sharding):
+    for images, labels, mask in itertools.islice(data.eval_batches(split, batch_size, sharding), max_batches):
         for k, v in jax.device_get(eval_fn(state, images, labels, mask)).items():
             totals[k] += v
     return {"eval_loss": float(totals["loss_sum"] / totals["count"]),
-            "eval_accuracy": float(totals["correct"] / totals["count"])}
+            "eval_accuracy": float(totals["correct"] / totals["count"]), "eval_images": int(totals["count"])}
 
 
 def _header(config, dataset, train_fn, tx, mesh, workdir) -> dict:
@@ -209,8 +212,9 @@ def _loop(config, dataset, state, train_fn, eval_fn, schedule, total, batches, c
                                                        int(state.step), total, batches):
             state, step_metrics = train_fn(state, images, labels)
             done, steps_timed = step + 1, steps_timed + 1
-            log_now, eval_now = done % config.log_every == 0, done % config.eval_every == 0
             save_now, last = done % config.checkpoint_every == 0, done == total
+            log_now = done % config.log_every == 0
+            eval_now = config.eval_every > 0 and (done % config.eval_every == 0 or last)  # 0: never
             row = None
             if log_now or eval_now or save_now or last:
                 values = jax.device_get({**step_metrics, "bad_step": state.bad_step})  # waits for the step
@@ -222,8 +226,9 @@ def _loop(config, dataset, state, train_fn, eval_fn, schedule, total, batches, c
                            "images_per_sec": steps_timed * config.batch_size / seconds}
                     metrics.write(row)
                     final.update(row)
-                if eval_now or last:
-                    evaluation = {"step": done, **evaluate(eval_fn, state, dataset.test, config.batch_size, batches)}
+                if eval_now:
+                    evaluation = {"step": done, **evaluate(eval_fn, state, dataset.test, config.batch_size, batches,
+                                                           config.eval_batches)}
                     metrics.write(evaluation)
                     final.update(evaluation)
                     log.info("step %d  eval loss %.4f  accuracy %.4f", done, evaluation["eval_loss"],

@@ -37,7 +37,9 @@ HELP = {
     "dataset": "auto: CIFAR-100 if prepared, else synthetic (with a loud warning); synthetic-hard: noisier, "
                "a task that does not saturate",
     "data_dir": "TFDS data dir holding a prepared cifar100",
-    "eval_every": "steps between test-set evaluations (and one at the end)",
+    "eval_every": "steps between test-set evaluations (and one at the end); 0: never, not even at the end",
+    "eval_batches": "evaluate on at most this many batches of --batch-size test images (None: the whole test "
+                    "set); each evaluation row records eval_images",
     "log_every": "steps between metrics rows",
     "checkpoint_every": "steps between checkpoints (and one at the end)",
 }
