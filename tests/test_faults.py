@@ -7,7 +7,9 @@ compared with an uninterrupted run.
 """
 
 import glob
+import json
 import os
+import pathlib
 import random
 import shutil
 import signal
@@ -18,10 +20,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from mesa_jax.models import vit
-from train import data, loop, run
+from train import checkpoint, data, loop, run
 from train.workdir import Workdir, WorkdirError
 from train_cases import (TINY, cli, config, dies_after, restored, rows, small_synthetic,  # noqa: F401
                          tiny_preset, use_small_synthetic)
@@ -113,14 +116,82 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one(how, two_checkp
         np.testing.assert_array_equal(a, b)
 
 
-def test_no_checkpoint_that_verifies_is_a_one_line_error(tmp_path, use_small_synthetic, capsys):
+def flags(workdir, *more):
+    return ["--workdir", str(workdir), "--model", "vit-test", "--batch-size", "8", "--log-every", "2",
+            "--eval-every", "3", "--checkpoint-every", "2", "--dataset", "synthetic", "--warmup-epochs", "0.1", *more]
+
+
+def test_no_checkpoint_that_verifies_is_a_one_line_error_and_never_a_restart(tmp_path, use_small_synthetic, capsys):
+    """The damaged checkpoint is set aside; this rerun and the identical one after it stop in
+    one line, and neither trains from step 0 over the run's metrics."""
     run.train_and_evaluate(config(steps=2), str(tmp_path))
     damage(tmp_path, 2, "flip")
-    flags = ["--workdir", str(tmp_path), "--model", "vit-test", "--steps", "6", "--batch-size", "8",
-             "--log-every", "2", "--eval-every", "3", "--checkpoint-every", "2", "--dataset", "synthetic",
-             "--warmup-epochs", "0.1"]
-    code, _, err = cli(*flags, capsys=capsys)
-    assert code == 1 and "no checkpoint in" in err.strip().splitlines()[-1] and "Traceback" not in err
+    before = rows(tmp_path)
+    for _ in range(2):
+        code, _, err = cli(*flags(tmp_path, "--steps", "6"), capsys=capsys)
+        assert code == 1 and err.count("\n") == 1 and "holds a run" in err and "move the workdir aside" in err
+        assert rows(tmp_path) == before
+    assert os.listdir(tmp_path / "checkpoints-damaged")
+
+
+def test_a_workdir_whose_checkpoints_are_gone_refuses_to_start_over(two_checkpoints, tmp_path, use_small_synthetic):
+    workdir = tmp_path / "w"
+    shutil.copytree(two_checkpoints[0], workdir)
+    shutil.rmtree(workdir / "checkpoints")
+    before = rows(workdir)
+    with pytest.raises(WorkdirError, match=r"records its checkpoint step 4\) but no checkpoint of it restores"):
+        run.train_and_evaluate(config(steps=4, checkpoint_every=2), str(workdir))
+    assert rows(workdir) == before
+
+
+def without_checksum(workdir, step: int) -> None:
+    """Checkpoint ``step`` as one written before checksums lived in the step: no custom metadata."""
+    path = pathlib.Path(f"{workdir}/checkpoints/{step}/_CHECKPOINT_METADATA")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "custom_metadata": {}}))
+
+
+def test_checkpoints_without_checksums_restore_unverified_saying_so(two_checkpoints, tmp_path, use_small_synthetic,
+                                                                   caplog):
+    """An old workdir's checksums.json still verifies its steps; with it deleted, the intact steps
+    restore unverified (one log line), and one with a non-finite value is set aside."""
+    workdir = tmp_path / "w"
+    shutil.copytree(two_checkpoints[0], workdir)
+    cfg, model = config(steps=4, checkpoint_every=2), run.build_model(config())
+    like = loop.create_state(model, loop.make_optimizer(lambda count: 1e-3, cfg.weight_decay), 0, (32, 32, 3))
+
+    def restore():
+        ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"), keep=3)
+        try:
+            return ckpt.restore(like)
+        finally:
+            ckpt.close()
+
+    expected = restore()
+    for step in (2, 4):
+        without_checksum(workdir, step)
+    legacy = workdir / "checkpoints" / "checksums.json"
+    legacy.write_text(json.dumps({"4": checkpoint.digest(expected)}))
+    assert int(restore().step) == 4 and "UNVERIFIED" not in caplog.text
+
+    legacy.unlink()
+    state = restore()
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(a, b)
+    assert "checkpoint step 4" in caplog.text and "restored UNVERIFIED" in caplog.text
+    assert not os.path.exists(workdir / "checkpoints-damaged")
+
+    ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"), keep=3)
+    bad = state.replace(step=state.step + 2, params=jax.tree.map(lambda p: p.at[...].set(jnp.nan), state.params))
+    ckpt.manager.save(6, args=ocp.args.StandardSave(bad), force=True)  # as the old code saved: no checksum
+    ckpt.close()
+    assert int(restore().step) == 4
+    assert "checkpoint step 6" in caplog.text and "non-finite values" in caplog.text
+
+
+def test_a_run_diverging_before_its_first_checkpoint_says_there_is_none(tmp_path, use_small_synthetic):
+    with pytest.raises(run.NonFinite, match=r"step 1 gave a non-finite .* No checkpoint was saved: rerun with a "
+                                            r"lower --lr"):
+        run.train_and_evaluate(config(steps=2, lr=1e30), str(tmp_path))
 
 
 def test_a_diverging_step_is_never_applied_or_saved(tmp_path, use_small_synthetic, monkeypatch):

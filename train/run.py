@@ -4,9 +4,11 @@ Rerunning with the same workdir resumes from the newest checkpoint that restores
 verifies: params, optimizer state, mesa statistics, RNG and data position (the
 step), so a killed run continues exactly as an uninterrupted one would. What a kill
 loses: the steps since that checkpoint. What is refused: a second run on the
-workdir, and a rerun whose settings differ from the recorded ones (train.workdir).
-A non-finite loss, gradient or parameter is never applied (train.loop.guarded); the
-run stops at the next log, evaluation or checkpoint step, naming the first bad step.
+workdir, a rerun whose settings differ from the recorded ones, and a rerun of a
+workdir that holds a run but no checkpoint that restores (train.workdir): it never
+starts over from step 0. A non-finite loss, gradient or parameter is never applied
+(train.loop.guarded); the run stops at the next log, evaluation or checkpoint step,
+naming the first bad step.
 """
 
 from __future__ import annotations
@@ -157,11 +159,15 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
     """Train, evaluate and checkpoint in ``workdir`` (locked for the run); returns the final metrics."""
     maybe_initialize_distributed()
     with Workdir.open(workdir) as wd:
-        wd.check(config)
-        return _train(config, wd)
+        checkpoints = Checkpointer(wd.file("checkpoints"))
+        try:
+            wd.check(config)
+            return _train(config, wd, checkpoints)
+        finally:
+            checkpoints.close()
 
 
-def _train(config: TrainConfig, wd: Workdir) -> dict:
+def _train(config: TrainConfig, wd: Workdir, checkpoints: Checkpointer) -> dict:
     mesh = loop.make_mesh()
     if config.batch_size % mesh.size:
         raise ValueError(f"--batch-size {config.batch_size} is not divisible by the {mesh.size} devices")
@@ -174,24 +180,31 @@ def _train(config: TrainConfig, wd: Workdir) -> dict:
     model = build_model(config)
     state = jax.device_put(loop.create_state(model, tx, config.seed, image_shape(model)), loop.replicated(mesh))
 
-    checkpoints = Checkpointer(wd.file("checkpoints"))
     metrics = MetricsLog(wd.file("metrics.jsonl"))
-    try:
-        restored = checkpoints.restore(state)
-        state = restored if restored is not None else state
-        start = int(state.step)
-        if start >= total:
-            log.info("the run in %s already finished (step %d of %d)", wd.path, start, total)
-            return metrics.latest()
-        batches = loop.batch_sharding(mesh)
-        train_fn = compile_train_step(model, config, state, batches)
-        header = _header(config, dataset, train_fn, tx, mesh, wd.path)
-        metrics.start_segment(header, resumed_from=start)
-        _log_memory(header, start, total)
-        eval_fn = jax.jit(make_eval_step(model))
-        return _loop(config, dataset, state, train_fn, eval_fn, schedule, total, batches, checkpoints, metrics)
-    finally:
-        checkpoints.close()
+    restored = checkpoints.restore(state)
+    if restored is None:
+        wd.refuse_start_over()
+        _say_if_replacing(metrics)
+    state = restored if restored is not None else state
+    start = int(state.step)
+    if start >= total:
+        log.info("the run in %s already finished (step %d of %d)", wd.path, start, total)
+        return metrics.latest()
+    batches = loop.batch_sharding(mesh)
+    train_fn = compile_train_step(model, config, state, batches)
+    header = _header(config, dataset, train_fn, tx, mesh, wd.path)
+    wd.record(config, dataset.name)  # the run starts training: from its first checkpoint on, it binds reruns
+    metrics.start_segment(header, resumed_from=start)
+    _log_memory(header, start, total)
+    eval_fn = jax.jit(make_eval_step(model))
+    return _loop(config, dataset, state, train_fn, eval_fn, schedule, total, batches, checkpoints, metrics, wd)
+
+
+def _say_if_replacing(metrics: MetricsLog) -> None:
+    logged = [r for r in metrics.rows() if "event" not in r]
+    if logged:
+        log.warning("%s: the run logged %d rows but saved no checkpoint; starting from step 0 replaces them",
+                    metrics.path, len(logged))
 
 
 def _log_memory(header: dict, start: int, total: int) -> None:
@@ -203,7 +216,7 @@ def _log_memory(header: dict, start: int, total: int) -> None:
              + (f" ({peaks['baseline'] / peaks['mesa']:.1f}x less with mesa)" if len(peaks) == 2 else ""))
 
 
-def _loop(config, dataset, state, train_fn, eval_fn, schedule, total, batches, checkpoints, metrics) -> dict:
+def _loop(config, dataset, state, train_fn, eval_fn, schedule, total, batches, checkpoints, metrics, wd) -> dict:
     """The steps, with the host reading the device only at log, evaluation and checkpoint steps."""
     progress = Progress(int(state.step), total)
     final, clock, steps_timed = {}, time.perf_counter(), 0
@@ -235,6 +248,7 @@ def _loop(config, dataset, state, train_fn, eval_fn, schedule, total, batches, c
                              evaluation["eval_accuracy"])
                 if save_now or last:
                     checkpoints.save(state)
+                    wd.saved(done)
                 clock, steps_timed = time.perf_counter(), 0  # throughput excludes evaluation and saving
             progress.update(done, row)
     finally:
@@ -245,7 +259,8 @@ def _loop(config, dataset, state, train_fn, eval_fn, schedule, total, batches, c
 def _stop_if_bad(bad_step: int, done: int, checkpoints: Checkpointer) -> None:
     if bad_step >= 0:
         saved = checkpoints.steps()
+        then = (f"The newest checkpoint (step {saved[0]}) is finite: rerun to retry from it, or start a new workdir "
+                f"with a lower --lr (or --dtype float32)" if saved else
+                "No checkpoint was saved: rerun with a lower --lr (or --dtype float32), in this workdir or another")
         raise NonFinite(f"step {bad_step} gave a non-finite loss, gradient or parameters; its update was not "
-                        f"applied and the run stopped at step {done}. The newest checkpoint (step "
-                        f"{saved[0] if saved else 'none'}) is finite: rerun to retry from it, or start a new "
-                        f"workdir with a lower --lr (or --dtype float32)")
+                        f"applied and the run stopped at step {done}. {then}")

@@ -1,13 +1,26 @@
-"""A run's working directory: checked once, locked, and tied to the configuration it started with.
+"""A run's working directory: checked once, locked, and tied to the run it holds.
 
     with Workdir.open(path) as workdir:      # one-line errors for unusable paths; exclusive lock
-        workdir.check(config)                # first use records it; a conflict is refused
-        workdir.check_dataset("cifar100")    # the data set the run trains on, likewise
+        workdir.check(config)                # a run the workdir holds refuses other settings
+        workdir.check_dataset("cifar100")    # and another data set
+        workdir.refuse_start_over()          # when no checkpoint restores: only if it holds no run
+        workdir.record(config, "cifar100")   # when training starts
+        workdir.saved(step)                  # after each checkpoint
 
 The lock is an ``fcntl.flock`` on WORKDIR/lock: a second run on the same workdir is
 refused at once, and a killed run releases it with its process. The configuration
-is WORKDIR/config.json, written atomically; a rerun may change only the flags in
-train.config.RESUMABLE (train longer, log, evaluate or checkpoint at other intervals).
+is WORKDIR/config.json, written atomically when a run starts training (a run that
+fails before that leaves none), with the data set it trains on and the newest
+checkpoint it saved.
+
+The workdir *holds a run* once that run has saved a checkpoint (config.json names
+it; or checkpoints are present, or set aside in checkpoints-damaged/). From then on a
+rerun may change only the flags in train.config.RESUMABLE (train longer, log,
+evaluate or checkpoint at other intervals), and a rerun that finds no checkpoint to
+restore is refused in one line instead of starting over from step 0 (which would
+rewrite metrics.jsonl). Until then nothing would be lost: a rerun, with any
+settings, starts afresh and replaces the record (a run killed before its first
+checkpoint, a run that failed before its first step).
 """
 
 from __future__ import annotations
@@ -24,7 +37,8 @@ from train.config import RESUMABLE, TrainConfig, flag
 
 
 class WorkdirError(RuntimeError):
-    """The workdir cannot be used: not a directory, not writable, busy, or another run's."""
+    """The workdir cannot be used: not a directory, not writable, busy, or another run's;
+    or it holds a run that has no checkpoint left to resume from."""
 
 
 class Workdir:
@@ -67,26 +81,56 @@ class Workdir:
             os.close(fd)  # releases the lock
 
     def check(self, config: TrainConfig) -> None:
-        """Record ``config`` on first use; afterwards refuse one that differs from the record."""
-        recorded = self._recorded()
-        if recorded is None:
-            self._record(dataclasses.asdict(config))
-            return
-        differing = config.differences(recorded)
+        """Refuse ``config`` where it differs from the run the workdir holds (RESUMABLE aside)."""
+        recorded = self._binding()
+        differing = config.differences(recorded) if recorded else []
         if differing:
             resumable = ", ".join(flag(name) for name in RESUMABLE)
             raise WorkdirError(f"--workdir {self.path} holds a run with other settings ({'; '.join(differing)}): "
                                f"rerun with the recorded ones (only {resumable} may change) or use another workdir")
 
     def check_dataset(self, name: str) -> None:
-        """Record the data set the run trains on (auto may fall back to synthetic); refuse another."""
-        recorded = self._recorded() or {}
-        used = recorded.get("dataset_used")
-        if used is None:
-            self._record({**recorded, "dataset_used": name})
-        elif used != name:
+        """Refuse a data set other than the one the run the workdir holds trains on (auto may
+        fall back to synthetic)."""
+        used = (self._binding() or {}).get("dataset_used")
+        if used is not None and used != name:
             raise WorkdirError(f"--workdir {self.path} holds a run trained on {used!r} data, but {name!r} is what "
                                f"is available now: resuming would change the data mid-run; use another workdir")
+
+    def holds_run(self) -> str | None:
+        """What shows that the workdir holds a run (see the module docstring), or None."""
+        saved = (self._recorded() or {}).get("checkpoint_step")
+        if saved is not None:
+            return f"config.json records its checkpoint step {saved}"
+        if _listing(self.file("checkpoints-damaged")):
+            return "its checkpoints were set aside in checkpoints-damaged/"
+        if any(entry.isdigit() for entry in _listing(self.file("checkpoints"))):
+            return "it has checkpoints"
+        return None
+
+    def refuse_start_over(self) -> None:
+        """Called when no checkpoint restores: a workdir that holds a run must not start over."""
+        held = self.holds_run()
+        if held is not None:
+            kept = _listing(self.file("checkpoints-damaged"))
+            damaged = " (damaged ones are kept in checkpoints-damaged/)" if kept else ""
+            raise WorkdirError(f"--workdir {self.path} holds a run ({held}) but no checkpoint of it restores: put its "
+                               f"checkpoints back in {self.file('checkpoints')}{damaged}, or move the workdir aside "
+                               f"to start afresh")
+
+    def record(self, config: TrainConfig, dataset: str) -> None:
+        """Record the configuration and data set of the run now training (keeping its newest checkpoint)."""
+        kept = {k: v for k, v in (self._recorded() or {}).items() if k == "checkpoint_step"}
+        self._record({**dataclasses.asdict(config), "dataset_used": dataset, **kept})
+
+    def saved(self, step: int) -> None:
+        """Record that checkpoint ``step`` is complete: from now on the workdir holds the run."""
+        self._record({**(self._recorded() or {}), "checkpoint_step": step})
+
+    def _binding(self) -> dict | None:
+        """The record, where it binds a rerun: once the workdir holds a run."""
+        recorded = self._recorded()
+        return recorded if recorded is not None and self.holds_run() else None
 
     def _recorded(self) -> dict | None:
         path = self.file("config.json")
@@ -128,3 +172,10 @@ def write_atomically(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _listing(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
