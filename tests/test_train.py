@@ -66,11 +66,28 @@ def test_cifar100_requested_but_missing_is_a_clear_error(tmp_path):
         data.load("cifar100", data_dir=str(tmp_path))
 
 
-def test_auto_falls_back_to_synthetic_loudly_and_records_it(tmp_path, use_small_synthetic, caplog):
-    run.train_and_evaluate(config(dataset="auto", data_dir=str(tmp_path / "empty"), steps=2), str(tmp_path / "w"))
+def test_auto_falls_back_to_synthetic_loudly_and_records_it(tmp_path, use_small_synthetic, monkeypatch, caplog):
+    def unprepared(split, data_dir):  # the default TFDS data dir holds no cifar100
+        assert data_dir is None
+        raise data.DataUnavailable("cannot read TFDS cifar100 from the default TFDS data dir")
+
+    monkeypatch.setattr(data, "_tfds_split", unprepared)
+    run.train_and_evaluate(config(dataset="auto", steps=2), str(tmp_path / "w"))
     assert "SYNTHETIC" in caplog.text
     header = rows(tmp_path / "w")[0]
     assert header["dataset"] == "synthetic" and "SYNTHETIC" in header["dataset_warning"]
+
+
+def test_a_mistyped_data_dir_is_a_one_line_error_under_auto_and_a_corrected_rerun_runs(tmp_path, use_small_synthetic,
+                                                                                        capsys):
+    """--dataset auto with an explicit --data-dir that does not hold CIFAR-100: an error, not
+    synthetic data; and the failed run, which never trained, binds nothing in its workdir."""
+    workdir, typo = tmp_path / "w", tmp_path / "tensorflow_datsets"
+    common = ["--workdir", str(workdir), "--model", "vit-test", "--steps", "2", "--batch-size", "8"]
+    code, _, err = cli(*common, "--data-dir", str(typo), capsys=capsys)
+    assert code == 1 and err.count("\n") == 1 and f"{typo}: no such directory" in err
+    assert not os.path.exists(workdir / "config.json")
+    assert cli(*common, "--dataset", "synthetic", capsys=capsys)[0] == 0  # a config.json of auto refused it
 
 
 def test_eval_batches_caps_evaluation_and_eval_every_0_never_evaluates(tmp_path, use_small_synthetic):

@@ -55,7 +55,9 @@ class Dataset:
 
 def load(kind: str, data_dir: str | None = None, seed: int = 0) -> Dataset:
     """``kind``: "cifar100" (TFDS, error if unavailable), "synthetic", or "auto"
-    (CIFAR-100 when it can be read, else the synthetic set with a loud warning)."""
+    (CIFAR-100 when it can be read, else the synthetic set with a loud warning). A
+    ``data_dir`` given explicitly must hold CIFAR-100, under auto too: a mistyped path
+    is an error, never a silent switch to synthetic data."""
     if kind == "synthetic":
         return synthetic(seed)
     if kind == "synthetic-hard":
@@ -67,6 +69,9 @@ def load(kind: str, data_dir: str | None = None, seed: int = 0) -> Dataset:
     except DataUnavailable as err:
         if kind == "cifar100":
             raise
+        if data_dir is not None:
+            raise DataUnavailable(f"{err} (--dataset auto falls back to synthetic data only when no --data-dir "
+                                  f"is given)") from err.__cause__
         log.warning(
             "\n" + "!" * 78 + "\n!! CIFAR-100 is not available (%s).\n!! Training on a SYNTHETIC "
             "CIFAR-shaped data set instead; the metrics record dataset=synthetic.\n" + "!" * 78, err

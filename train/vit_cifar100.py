@@ -34,9 +34,9 @@ HELP = {
     "warmup_epochs": "epochs of linear learning-rate warmup",
     "label_smoothing": "label smoothing of the cross-entropy",
     "seed": "seed of initialisation, data order, augmentation and dropout",
-    "dataset": "auto: CIFAR-100 if prepared, else synthetic (with a loud warning); synthetic-hard: noisier, "
-               "a task that does not saturate",
-    "data_dir": "TFDS data dir holding a prepared cifar100",
+    "dataset": "auto: CIFAR-100 if prepared, else synthetic (with a loud warning; with --data-dir, an error); "
+               "synthetic-hard: noisier, a task that does not saturate",
+    "data_dir": "TFDS data dir holding a prepared cifar100 (an error if it does not, under auto too)",
     "eval_every": "steps between test-set evaluations (and one at the end); 0: never, not even at the end",
     "eval_batches": "evaluate on at most this many batches of --batch-size test images (None: the whole test "
                     "set); each evaluation row records eval_images",
