@@ -6,8 +6,10 @@ random moments of real runs (mid-step, mid-checkpoint), each resumed to the end 
 compared with an uninterrupted run.
 """
 
+import errno
 import glob
 import json
+import logging
 import os
 import pathlib
 import random
@@ -15,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -186,6 +189,97 @@ def test_checkpoints_without_checksums_restore_unverified_saying_so(two_checkpoi
     ckpt.close()
     assert int(restore().step) == 4
     assert "checkpoint step 6" in caplog.text and "non-finite values" in caplog.text
+
+
+def interrupt_second_save(monkeypatch, raise_it):
+    """Orbax's array writes of the second save run, then ``raise_it()`` before the step commits."""
+    real, calls = ocp.StandardCheckpointHandler.async_save, []
+
+    async def save(self, *args, **kwargs):
+        futures = await real(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            raise_it()
+        return futures
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", save)
+    return real
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_during_a_save_is_one_line_exit_130_and_the_run_resumes(presses, tmp_path, use_small_synthetic,
+                                                                        monkeypatch, capsys):
+    """A first Ctrl-C lets the save (step 4) complete; a second interrupts it, leaving step 2 intact."""
+    real = interrupt_second_save(monkeypatch, lambda: [signal.raise_signal(signal.SIGINT) for _ in range(presses)])
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in a program
+    try:
+        code, out, err = cli(*flags(tmp_path, "--steps", "6"), capsys=capsys)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the program")
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    saved = 6 - 2 * presses
+    assert code == 130 and err == ("python -m train.vit_cifar100: interrupted; rerun the same command to resume "
+                                   f"from checkpoint step {saved}\n")
+    assert int(restored(tmp_path, config()).step) == saved
+    assert not glob.glob(f"{tmp_path}/checkpoints/*tmp*")  # an interrupted save's directory, removed on opening
+    if presses == 1:
+        monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", real)
+        assert cli(*flags(tmp_path, "--steps", "6"), capsys=capsys)[0] == 0
+        assert [(r["step"], r["event"]) for r in rows(tmp_path) if "event" in r] == [(0, "start"), (4, "resume")]
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_workdir_resumable(tmp_path, use_small_synthetic, monkeypatch,
+                                                                        capsys, caplog):
+    """Orbax logs tensorstore's ENOSPC from its threads with tracebacks, and tensorstore's
+    callbacks report more through sys.unraisablehook; the program says it once."""
+    def disk_full():
+        error = ValueError("RESOURCE_EXHAUSTED: Error writing local file \"x\": No space left on device "
+                           "[os_error_code='28']")
+        logging.getLogger("absl").error("_SignalingThread.run() raised an exception: %s", error, exc_info=error)
+        closed = RuntimeError("Event loop is closed")
+        sys.unraisablehook(type("UnraisableHookArgs", (), dict(exc_type=RuntimeError, exc_value=closed,
+                                                                exc_traceback=None, err_msg=None, object=None)))
+        raise error
+
+    interrupt_second_save(monkeypatch, disk_full)
+    code, _, err = cli(*flags(tmp_path, "--steps", "4"), capsys=capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert "No space left on device" in err and "resume from checkpoint step 2" in err
+    assert "_SignalingThread" not in caplog.text and "Event loop" not in err
+    assert int(restored(tmp_path, config()).step) == 2
+
+
+@pytest.mark.slow  # the same one-line path as a full disk during a save
+def test_a_full_disk_while_logging_is_one_line(tmp_path, use_small_synthetic, monkeypatch, capsys):
+    real = run.MetricsLog.write
+
+    def write(self, row):
+        if row["step"] == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+        real(self, row)
+
+    monkeypatch.setattr(run.MetricsLog, "write", write)
+    code, _, err = cli(*flags(tmp_path, "--steps", "4", "--log-every", "1"), capsys=capsys)
+    assert code == 1 and err.count("\n") == 1 and "metrics.jsonl" in err and "checkpoint step 2" in err
+
+
+def test_an_unwritable_checkpoints_directory_is_refused_before_compiling(tmp_path, monkeypatch, capsys):
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    directory.chmod(0o555)
+    real = tempfile.NamedTemporaryFile
+
+    def probe(*args, dir=None, **kwargs):  # what a read-only directory does to its owner (root writes anyway)
+        if dir == str(directory):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), dir)
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", probe)
+    monkeypatch.setattr(loop, "create_state", lambda *a: pytest.fail("compiled before checking the checkpoints"))
+    code, _, err = cli(*flags(tmp_path, "--steps", "4"), capsys=capsys)
+    directory.chmod(0o755)
+    assert code == 1 and err.count("\n") == 1 and f"cannot write checkpoints in {directory}" in err
 
 
 def test_a_run_diverging_before_its_first_checkpoint_says_there_is_none(tmp_path, use_small_synthetic):

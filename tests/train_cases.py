@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import sys
 
 import pytest
@@ -53,11 +54,15 @@ def restored(workdir, cfg):
 
 
 def cli(*args, capsys):
-    """Run the program's main in this process: (exit code, stdout, stderr)."""
+    """Run the program's main in this process: (exit code, stdout, stderr). Its Ctrl-C
+    handling, a process's, is undone."""
+    handler = signal.getsignal(signal.SIGINT)
     try:
         code = vit_cifar100.main(list(args))
     except SystemExit as exit:
         code = exit.code if isinstance(exit.code, int) else (print(exit.code, file=sys.stderr) or 1)
+    finally:
+        signal.signal(signal.SIGINT, handler)
     out = capsys.readouterr()
     return code, out.out, out.err
 

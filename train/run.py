@@ -8,12 +8,15 @@ workdir, a rerun whose settings differ from the recorded ones, and a rerun of a
 workdir that holds a run but no checkpoint that restores (train.workdir): it never
 starts over from step 0. A non-finite loss, gradient or parameter is never applied
 (train.loop.guarded); the run stops at the next log, evaluation or checkpoint step,
-naming the first bad step.
+naming the first bad step. Ctrl-C (``Interrupted``) and a full disk or a denied
+write (``WorkdirError``) stop the run with a one-line message naming the checkpoint
+a rerun resumes from.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import itertools
 import logging
@@ -28,16 +31,20 @@ import jax.numpy as jnp
 from mesa_jax import Policy, QuantConfig, models
 from mesa_jax.memory import compiled_analysis
 from train import data, loop
-from train.checkpoint import Checkpointer
+from train.checkpoint import CheckpointError, Checkpointer
 from train.config import TrainConfig
 from train.metrics import MetricsLog
-from train.workdir import Workdir
+from train.workdir import Workdir, WorkdirError, storage_error
 
 log = logging.getLogger(__name__)
 
 
 class NonFinite(RuntimeError):
     """A step's loss, gradient or updated parameters were not finite."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run; the message names the checkpoint a rerun resumes from."""
 
 
 def quant_of(config: TrainConfig):
@@ -156,15 +163,39 @@ def _header(config, dataset, train_fn, tx, mesh, workdir) -> dict:
 
 
 def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
-    """Train, evaluate and checkpoint in ``workdir`` (locked for the run); returns the final metrics."""
+    """Train, evaluate and checkpoint in ``workdir`` (locked for the run); returns the final metrics.
+
+    Ctrl-C raises ``Interrupted``; a full disk or a denied write (during a save too: orbax's
+    own reports of it are silenced, train.checkpoint) raises ``WorkdirError``; both say, in
+    one line, which checkpoint a rerun resumes from. An unwritable checkpoints directory is
+    refused before anything compiles.
+    """
     maybe_initialize_distributed()
     with Workdir.open(workdir) as wd:
         checkpoints = Checkpointer(wd.file("checkpoints"))
         try:
             wd.check(config)
             return _train(config, wd, checkpoints)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; {_resume_hint(checkpoints)}") from None
+        except (data.DataUnavailable, NonFinite, WorkdirError, CheckpointError):
+            raise  # one line already, whatever caused them
+        except Exception as err:
+            failure = storage_error(err)
+            if failure is None:
+                raise
+            remedy = "free space" if failure.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "fix permissions"
+            where = f" ({failure.filename})" if failure.filename else ""
+            raise WorkdirError(f"{failure.strerror}{where}: {remedy}, then {_resume_hint(checkpoints)}") from None
         finally:
             checkpoints.close()
+
+
+def _resume_hint(checkpoints: Checkpointer) -> str:
+    steps = checkpoints.steps()
+    if steps:
+        return f"rerun the same command to resume from checkpoint step {steps[0]}"
+    return "rerun the same command (no checkpoint was saved yet: it starts from step 0)"
 
 
 def _train(config: TrainConfig, wd: Workdir, checkpoints: Checkpointer) -> dict:

@@ -8,7 +8,8 @@ The full recipe (100 epochs, batch 128; expected accuracy: see README):
 
     python -m train.vit_cifar100 --workdir runs/c100 --dataset cifar100
 
-Rerunning a command with the same --workdir resumes from its latest checkpoint.
+Rerunning a command with the same --workdir resumes from its latest checkpoint; a workdir
+whose run has no checkpoint left that restores is refused rather than started over.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
+import signal
 import sys
 
 from train.config import DATASETS, TrainConfig
@@ -53,13 +56,16 @@ CHOICES = {"bits": (8, 4, 2), "attention_bits": (8, 4, 2), "ranges": ("running",
            "dtype": ("float32", "bfloat16"), "dataset": DATASETS}
 
 
+PROG = "python -m train.vit_cifar100"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2: never a traceback
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m train.vit_cifar100", description=__doc__,
+    p = _Parser(prog=PROG, description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="checkpoints and metrics.jsonl go here (required)")
     for name, (flag, action, text) in SWITCHES.items():
@@ -74,22 +80,29 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Errors a user can act on (flags, data, workdir, checkpoints, a full disk, divergence)
+    end the program with one line and exit code 1 (2 for flags); Ctrl-C with one line and 130."""
     args = vars(parser().parse_args(argv))
     workdir = args.pop("workdir")
     try:
         config = TrainConfig(**args)
     except ValueError as err:
-        sys.exit(f"python -m train.vit_cifar100: error: {err}")
+        sys.exit(f"{PROG}: error: {err}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("absl", "jax"):  # orbax's per-save chatter, jax's backend probing
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from train import checkpoint, data, run, workdir as workdirs  # after flag parsing: --help stays fast
-
-    errors = (data.DataUnavailable, run.NonFinite, workdirs.WorkdirError, checkpoint.CheckpointError, ValueError)
     try:
-        final = run.train_and_evaluate(config, workdir)
-    except errors as err:
-        sys.exit(f"python -m train.vit_cifar100: error: {err}")
+        from train import checkpoint, data, run, workdir as workdirs  # after flag parsing: --help stays fast
+
+        errors = (data.DataUnavailable, run.NonFinite, workdirs.WorkdirError, checkpoint.CheckpointError, ValueError)
+        try:
+            final = run.train_and_evaluate(config, workdir)
+        except errors as err:
+            sys.exit(f"{PROG}: error: {err}")
+    except KeyboardInterrupt as err:
+        signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # another Ctrl-C while exiting: at once, quietly
+        print(f"{PROG}: {str(err) or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
     return 0
 

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import os
+import re
 
 import jax
 
@@ -37,7 +39,7 @@ from train.config import RESUMABLE, TrainConfig, flag
 
 
 class WorkdirError(RuntimeError):
-    """The workdir cannot be used: not a directory, not writable, busy, or another run's;
+    """The workdir cannot be used: not a directory, not writable, full, busy, or another run's;
     or it holds a run that has no checkpoint left to resume from."""
 
 
@@ -66,7 +68,10 @@ class Workdir:
         if jax.process_index() != 0:  # one writer per run
             yield
             return
-        fd = os.open(self.file("lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.file("lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise WorkdirError(f"--workdir {self.path}: cannot open its lock file ({err.strerror})") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -167,11 +172,36 @@ def usable(path: str) -> None:
 def write_atomically(path: str, text: str) -> None:
     """Write a whole file or nothing: a temporary file, flushed to disk, then renamed over."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: leave no partial temporary file behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+# Errors a user fixes outside the program (free space, permissions), reported in one line.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def storage_error(err: BaseException) -> OSError | None:
+    """The out-of-space or permission OSError behind ``err``, or None. Orbax reports
+    tensorstore's as ``ValueError("RESOURCE_EXHAUSTED: ... [os_error_code='28']")`` (the
+    code, not the status: XLA's out-of-memory errors are RESOURCE_EXHAUSTED too)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+            return err
+        code = re.search(r"os_error_code='?(\d+)", str(err))
+        if code and int(code.group(1)) in STORAGE_ERRNOS:
+            return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _listing(path: str) -> list[str]:
