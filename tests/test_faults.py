@@ -282,6 +282,7 @@ def test_an_unwritable_checkpoints_directory_is_refused_before_compiling(tmp_pat
     assert code == 1 and err.count("\n") == 1 and f"cannot write checkpoints in {directory}" in err
 
 
+@pytest.mark.slow  # one more compilation (the learning rate is in the program) for one sentence of a message
 def test_a_run_diverging_before_its_first_checkpoint_says_there_is_none(tmp_path, use_small_synthetic):
     with pytest.raises(run.NonFinite, match=r"step 1 gave a non-finite .* No checkpoint was saved: rerun with a "
                                             r"lower --lr"):
