@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import os
 import re
@@ -25,7 +26,7 @@ import re
 import jax.numpy as jnp
 
 from benchmarks import memory as memory_bench, step_memory
-from mesa_jax import models, plan
+from mesa_jax import hlo, models, plan
 
 
 def peak_buffers(dump_dir: str, top: int = 8) -> list[str]:
@@ -37,6 +38,47 @@ def peak_buffers(dump_dir: str, top: int = 8) -> list[str]:
     section = text.split("(peak):", 1)[-1] if "(peak):" in text else ""
     sizes = re.findall(r"^\s+(\S+): (\d+) bytes", section, re.M)
     return [f"{name}: {int(size) / 2**20:,.1f} MiB" for name, size in sorted(sizes, key=lambda s: -int(s[1]))[:top]]
+
+
+def live_temp(dump_dir: str):
+    """(temp allocation bytes, instruction names in program order, live temporary bytes at each)
+    from XLA:GPU's buffer assignment and live ranges of the step; None without them."""
+    def read(suffix):
+        found = sorted(glob.glob(os.path.join(dump_dir, f"*train_step*after_optimizations-{suffix}.txt")))
+        return open(found[-1]).read() if found else None
+
+    assignment, ranges = read("buffer-assignment"), read("live-range")
+    temp = assignment and re.search(r"allocation \d+: size (\d+), preallocated-temp:(.*?)(?=\nallocation |\Z)",
+                                    assignment, re.S)
+    if not temp or not ranges:
+        return None
+    sizes = dict(re.findall(r"value: <\d+ (\S+) @\d+> \(size=(\d+),", temp.group(2)))
+    order, spans = ranges.split("BufferLiveRange:", 1)
+    names = [name for _, name in re.findall(r"^\s+(\d+):(\S+)$", order, re.M)]
+    change = [0] * (len(names) + 1)
+    for value, start, end in re.findall(r"^\s+(\S+):(\d+)-(\d+)$", spans.split("Live ranges at")[0], re.M):
+        size = int(sizes.get(value.removesuffix("{}"), 0))  # a non-tuple value: "name{}" there, "name" here
+        change[int(start)] += size
+        change[min(int(end) + 1, len(names))] -= size
+    live = list(itertools.accumulate(change[:-1]))
+    return int(temp.group(1)), names, live
+
+
+def headroom(dump_dir: str) -> list[str]:
+    """The least headroom below the planned temporaries at the custom calls of each library
+    (cuBLAS, cuDNN, ...): a workspace there raises the peak only by what exceeds it."""
+    found = live_temp(dump_dir)
+    programs = sorted(glob.glob(os.path.join(dump_dir, "*train_step*after_optimizations.txt")))
+    if not found or not programs:
+        return []
+    calls = dict(re.findall(r'^\s+(?:ROOT )?%(\S+) = .*custom-call\(.*custom_call_target="([^"]+)"',
+                            open(programs[-1]).read(), re.M))
+    temp, names, live = found
+    least: dict[str, list[int]] = {}
+    for name, b in zip(names, live):
+        if name in calls:
+            least.setdefault(hlo.library(calls[name]), []).append(temp - b)
+    return [f"least headroom at the {len(at)} {lib} calls: {min(at) / 2**20:,.0f} MiB" for lib, at in least.items()]
 
 
 def compare(out_dir: str) -> str:
@@ -93,7 +135,8 @@ def main(argv=None):
                 f.write(json.dumps({"model": args.model, "dtype": args.dtype, "batch": args.batch, "method": method,
                                     **report.as_dict()}) + "\n")
         if dump:
-            print(f"{method}: largest buffers live at the peak ({dump}):", *peak_buffers(dump), sep="\n  ", flush=True)
+            print(f"{method}: largest buffers live at the peak ({dump}):", *peak_buffers(dump), *headroom(dump),
+                  sep="\n  ", flush=True)
     print(memory_bench.report_table(results))
 
 

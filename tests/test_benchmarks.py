@@ -179,3 +179,24 @@ def test_training_runs_are_compared_with_their_own_seed_s_baseline():
     np.testing.assert_allclose(differences["mesa"], [(0.1, -0.02, 0.58), (0.0, 0.01, 0.51)], atol=1e-12)
     mean, error = fidelity.mean_and_error([c[1] for c in differences["mesa"]])
     assert mean == pytest.approx(-0.005) and error == pytest.approx(0.015)  # stdev 0.0212 / sqrt(2)
+
+
+def test_headroom_at_library_calls_from_xla_s_dumps(tmp_path):
+    from benchmarks import step_plan
+
+    prefix = "module_0001.jit_train_step.sm_9.0a_gpu_after_optimizations"
+    (tmp_path / f"{prefix}-buffer-assignment.txt").write_text(
+        "allocation 0: size 64, parameter 0:\n value: <1 p @0> (size=64,offset=0): f32[16]\n"
+        "allocation 1: size 300, preallocated-temp:\n"
+        " value: <2 a @0> (size=100,offset=0): f32[25]\n value: <3 gemm{0} @0> (size=200,offset=100): f32[50]\n"
+        " value: <4 conv{0} @0> (size=40,offset=0): f32[10]\n")
+    (tmp_path / f"{prefix}-live-range.txt").write_text(
+        "HloLiveRange (max 3):\n  InstructionSequence:\n    0:p\n    1:a\n    2:gemm\n    3:conv\n"
+        "  BufferLiveRange:\n    p{}:0-3\n    a{}:1-2\n    gemm{0}:2-2\n    conv{0}:3-3\n"
+        "  Live ranges at 2 (peak):\n    a{}: 100 bytes\n")
+    (tmp_path / f"{prefix}.txt").write_text(
+        '  %gemm = (f32[50]{0}, s8[0]{0}) custom-call(%a), custom_call_target="__cublas$lt$matmul"\n'
+        '  ROOT %conv = (f32[10]{0}, u8[0]{0}) custom-call(%gemm), custom_call_target="__cudnn$convForward"\n')
+    assert step_plan.live_temp(str(tmp_path)) == (300, ["p", "a", "gemm", "conv"], [0, 100, 300, 40])
+    assert step_plan.headroom(str(tmp_path)) == ["least headroom at the 1 cublas calls: 0 MiB",
+                                                 "least headroom at the 1 cudnn calls: 0 MiB"]
