@@ -39,7 +39,7 @@ def test_the_module_runs_from_a_checkout_and_documents_every_flag_with_its_defau
     assert out.returncode == 0, out.stderr
     for flag in ("--model", "--no-mesa", "--bits", "--dtype", "--batch-size", "--epochs", "--steps", "--lr",
                  "--weight-decay", "--warmup-epochs", "--seed", "--dataset", "--data-dir", "--workdir",
-                 "--eval-every", "--compare-memory"):
+                 "--eval-every", "--eval-batches", "--compare-memory"):
         assert flag in out.stdout
     assert "(default: vit-c100)" in out.stdout
 
