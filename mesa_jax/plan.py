@@ -117,7 +117,10 @@ def plugin_module() -> str:
     for name in PLUGINS:
         if _installed(f"jax_plugins.{name}"):
             package = f"jax-cuda{name[-2:]}-pjrt"
-            found = importlib.metadata.version(package)
+            try:
+                found = importlib.metadata.version(package)
+            except importlib.metadata.PackageNotFoundError:  # installed otherwise (a source build): trust it
+                found = version
             if found != version:
                 raise RuntimeError(f"{package} {found} does not match jaxlib {version}: {INSTALL.format(version=version)}")
             return f"jax_plugins.{name}"
