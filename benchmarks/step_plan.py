@@ -23,8 +23,6 @@ import json
 import os
 import re
 
-import jax.numpy as jnp
-
 from benchmarks import memory as memory_bench, step_memory
 from mesa_jax import hlo, models, plan
 
