@@ -29,7 +29,12 @@ from mesa_jax import ops
 from pallas_kernels.hashing import combine
 from mesa_jax.quant import QuantConfig
 
-BLOCK = 64  # queries per backward block: [B, H, BLOCK, S] floats alive at once, not [B, H, T, S]
+# The backward recomputes the probabilities a block of queries at a time: [B, H, block, S]
+# float32 alive at once, not [B, H, T, S]. A block takes every query while that stays under
+# BLOCK_BYTES (DeiT-S at batch 128: one block of 197, 119 MB), else the largest power of two
+# of queries that fits (at least MIN_BLOCK): fewer, larger GEMMs where the map is small.
+BLOCK_BYTES = 1 << 28
+MIN_BLOCK = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,10 +120,12 @@ _attention.defvjp(ops.own(_attention_fwd), _attention_bwd)
 
 def logits(q, k, bias, mask, forward: Forward, first_query: int = 0):
     """scale * q @ k + bias, masked, in >= float32: [B, H, Tq, S] for the queries of q
-    (``first_query`` is the index of q's first row, for the causal mask), and the scale."""
+    (``first_query`` is the index of q's first row, for the causal mask), and the scale.
+    The product runs and rounds in q's dtype, as the baseline's forward computes it; the
+    rest in float32."""
     scale = forward.scale if forward.scale is not None else 1.0 / math.sqrt(q.shape[-1])
     compute = jnp.promote_types(q.dtype, jnp.float32)
-    s = jnp.einsum("bthd,bshd->bhts", q.astype(compute), k.astype(compute)) * scale
+    s = jnp.einsum("bthd,bshd->bhts", q, k).astype(compute) * scale
     if bias is not None:
         s = s + jnp.reshape(bias, (1,) * (s.ndim - bias.ndim) + bias.shape).astype(compute)
     allowed = None if mask is None else jnp.broadcast_to(mask, s.shape)
@@ -137,8 +144,17 @@ def probabilities(q, k, bias, mask, forward: Forward, first_query: int = 0, lse=
     return (jax.nn.softmax(s, axis=-1) if lse is None else jnp.exp(s - lse[..., None])), scale
 
 
-def row_log_sum_exp(q, k, bias, mask, forward: Forward, block: int = BLOCK):
+def query_block(batch: int, heads: int, queries: int, keys: int) -> int:
+    """Queries per backward block: all of them while [B, H, T, S] float32 fits BLOCK_BYTES."""
+    per_query = batch * heads * keys * 4
+    if queries * per_query <= BLOCK_BYTES:
+        return queries
+    return max(MIN_BLOCK, 1 << max(BLOCK_BYTES // per_query, 1).bit_length() - 1)
+
+
+def row_log_sum_exp(q, k, bias, mask, forward: Forward, block: int | None = None):
     """Each query row's log-sum-exp of the logits, float32 [B, H, T], one block of queries at a time."""
+    block = block or query_block(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
     rows = []
     for start in range(0, q.shape[1], block):
         q_b = q[:, start: start + block]
@@ -155,18 +171,23 @@ def _rows(a, start, size, t):
     return lax.slice_in_dim(a, start, start + size, axis=a.ndim - 2)
 
 
-def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int = BLOCK, lse=None):
-    """(dq, dk, dv, dbias) of softmax attention, one block of ``block`` queries at a time.
+def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int | None = None, lse=None):
+    """(dq, dk, dv, dbias) of softmax attention, one block of ``block`` queries at a time
+    (default ``query_block``: one block where the [B, H, T, S] map is small).
 
     Per block: P = softmax(scale q_b k^T + bias_b) (or exp(. - lse_b) with a saved
     log-sum-exp), dP = g_b v^T, dS = P (dP - rowsum(P dP)), dq_b = scale dS k,
-    dk += scale dS^T q_b, dv += P^T g_b, dbias_b = dS (summed to bias's shape).
+    dk += scale dS^T q_b, dv += P^T g_b, dbias_b = dS (summed to bias's shape). Products
+    run in the inputs' dtype (bfloat16 GEMMs for bfloat16 inputs, as the baseline's
+    backward: half the bytes of float32 ones), the softmax algebra in float32, and the
+    blocks' dk, dv sum in float32.
     """
     t = q.shape[1]
+    block = min(block or query_block(q.shape[0], q.shape[2], t, k.shape[1]), t)
     blocks = -(-t // block)
     pad = blocks * block - t
-    padded = lambda a, axis: jnp.pad(a, [(0, pad if i == axis else 0) for i in range(a.ndim)])
-    qp, gp = padded(q, 1), padded(g, 1)  # padded queries have g = 0: they contribute nothing
+    padded = lambda a, axis: a if not pad else jnp.pad(a, [(0, pad if i == axis else 0) for i in range(a.ndim)])
+    qp, gp = padded(q, 1), padded(g.astype(q.dtype), 1)  # padded queries have g = 0: they contribute nothing
     per_query = lambda a: a is not None and a.ndim >= 2 and a.shape[-2] == t  # rows that follow the queries
     bias_rows, mask_rows = per_query(bias), per_query(mask)
     bias_p = padded(bias, bias.ndim - 2) if bias_rows else bias
@@ -174,30 +195,31 @@ def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int = BLOC
     lse_p = None if lse is None else jnp.pad(lse, [(0, 0), (0, 0), (0, pad)], constant_values=jnp.inf)  # P = 0
 
     def rows(a, start, follows):
-        return lax.slice_in_dim(a, start, start + block, axis=a.ndim - 2) if follows else a
+        return lax.slice_in_dim(a, start, start + block, axis=a.ndim - 2) if follows and blocks > 1 else a
 
     compute = jnp.promote_types(q.dtype, jnp.float32)
-    k32, v32 = k.astype(compute), v.astype(compute)
-    dk = dv = jnp.zeros(k.shape, compute)
+    product = lambda spec, a, b: jnp.einsum(spec, a, b).astype(compute)
+    dk = dv = None
     dbias = None if bias is None or bias_rows else jnp.zeros(bias.shape, compute)
     dqs, dbiases = [], []
     for start in range(0, blocks * block, block):  # unrolled: XLA schedules and frees block by block
-        q_b, g_b = qp[:, start : start + block].astype(compute), gp[:, start : start + block].astype(compute)
+        q_b, g_b = qp[:, start: start + block], gp[:, start: start + block]
         bias_b = rows(bias_p, start, bias_rows)
         lse_b = None if lse is None else lse_p[..., start: start + block]
         p, scale = probabilities(q_b, k, bias_b, rows(mask_p, start, mask_rows), forward, start, lse_b)
-        dp = jnp.einsum("bthd,bshd->bhts", g_b, v32)
+        dp = product("bthd,bshd->bhts", g_b, v)
         ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))
-        dqs.append(jnp.einsum("bhts,bshd->bthd", ds, k32) * scale)
-        dk = dk + jnp.einsum("bhts,bthd->bshd", ds, q_b) * scale
-        dv = dv + jnp.einsum("bhts,bthd->bshd", p, g_b)
+        ds_low, p_low = ds.astype(q.dtype), p.astype(q.dtype)  # the GEMMs' operands, in the inputs' dtype
+        dqs.append(product("bhts,bshd->bthd", ds_low, k) * scale)
+        dk_b, dv_b = product("bhts,bthd->bshd", ds_low, q_b) * scale, product("bhts,bthd->bshd", p_low, g_b)
+        dk, dv = (dk_b, dv_b) if dk is None else (dk + dk_b, dv + dv_b)
         if bias is not None and bias_rows:
             dbiases.append(_summed_to(ds, bias_b.shape))
         elif bias is not None:  # a bias shared by all queries: accumulated
             dbias = dbias + _summed_to(ds, bias_b.shape)
-    dq = jnp.concatenate(dqs, axis=1)[:, :t]
+    dq = jnp.concatenate(dqs, axis=1)[:, :t] if blocks > 1 else dqs[0]
     if bias is not None and bias_rows:
-        dbias = jnp.concatenate(dbiases, axis=-2)[..., :t, :]
+        dbias = jnp.concatenate(dbiases, axis=-2)[..., :t, :] if blocks > 1 else dbiases[0]
     dbias = None if bias is None else dbias.astype(bias.dtype)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
 

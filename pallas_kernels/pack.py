@@ -1,4 +1,4 @@
-"""Pack / unpack kernels: one row of a [R, C] view per program, codes into uint32 words.
+"""Pack / unpack kernels: one row of a [R, C] view per program, codes into words (bytes).
 
 Per-group parameters reach a row as a per-row pair (heads: the row's head) and a
 per-column pair (channel groups: the column's group); the unused one of each pair
@@ -73,7 +73,7 @@ def _pack_kernel(x_ref, col_shift_ref, col_inv_ref, row_ref, base_ref, seed_ref,
                                    2**bits - 1)
         acc = acc | _code_bits(code, col, length, bits, lane)
         lo, hi = _fold_row_range(lo, hi, x, col, length, col_groups)
-    words_ref[...] = acc
+    words_ref[...] = acc.astype(words_ref.dtype)
     lo_ref[...] = lo
     hi_ref[...] = hi
 
@@ -97,7 +97,7 @@ def _pack_row_ranges_kernel(x_ref, moments_ref, base_ref, seed_ref, words_ref, l
         scale = column_values(scale_ref, 0, col, slots, length // col_groups)
         noise = uniform(seed_ref[0], base_ref[0] + col) if stochastic else 0.5
         acc = acc | _code_bits(arithmetic.quantize(x, shift, 1.0 / scale, noise, 2**bits - 1), col, length, bits, lane)
-    words_ref[...] = acc
+    words_ref[...] = acc.astype(words_ref.dtype)
 
 
 def column_values(ref, first: int, col, slots: int, group_len: int):
@@ -111,7 +111,7 @@ def column_values(ref, first: int, col, slots: int, group_len: int):
 
 
 def dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_ref, bits, slots: int, group_len: int):
-    """(lane slice, dequantized float32 values) for each of the 32 // bits lanes of a row.
+    """(lane slice, dequantized float32 values) for each of the 8 // bits lanes of a row.
 
     ``words_ref`` holds one row ([W], ``row_ref`` [>= 2 * slots]) or a block of rows ([rows, W],
     ``row_ref`` [rows, >= 2 * slots]: the shifts of the row's column groups, then their scales);
@@ -119,7 +119,7 @@ def dequantized_lanes(words_ref, col_shift_ref, col_scale_ref, row_ref, bits, sl
     with its column's pair.
     """
     per_word, words = arithmetic.codes_per_word(bits), words_ref.shape[-1]
-    w = words_ref[...]
+    w = words_ref[...].astype(jnp.uint32)
     as_row = lambda v: v.reshape((1,) * (w.ndim - 1) + v.shape)  # [W] -> [1, W] for a block of rows
     for lane in range(per_word):
         lanes = pl.ds(lane, words, stride=per_word)
@@ -143,7 +143,7 @@ def pad_columns(a, width: int, value=0.0):
 @functools.partial(jax.jit, static_argnames=("bits", "stochastic", "col_groups", "interpret"))
 def pack_rows(x, col_shift, col_inv, row_shift, row_inv, seed, row_mean=None, row_rstd=None, *, bits, stochastic,
               col_groups=1, interpret=False):
-    """[R, C] -> ([R, words_per_row] uint32 words, [R, col_groups] row min, row max).
+    """[R, C] -> ([R, words_per_row] words, [R, col_groups] row min, row max).
 
     The words are the reference's packed codes; the minima and maxima are over
     the finite entries of each row's ``col_groups`` contiguous column groups
@@ -160,7 +160,7 @@ def pack_rows(x, col_shift, col_inv, row_shift, row_inv, seed, row_mean=None, ro
     row = jnp.stack([row_shift, row_inv, row_mean, row_rstd], axis=1).astype(jnp.float32)
     kernel = functools.partial(_pack_kernel, bits=bits, length=length, stochastic=stochastic,
                                col_groups=col_groups, normalize=normalize)
-    out_shape = (jax.ShapeDtypeStruct((words,), jnp.uint32), jax.ShapeDtypeStruct((slots,), jnp.float32),
+    out_shape = (jax.ShapeDtypeStruct((words,), arithmetic.WORD), jax.ShapeDtypeStruct((slots,), jnp.float32),
                  jax.ShapeDtypeStruct((slots,), jnp.float32))
     call = pl.pallas_call(kernel, out_shape=out_shape, interpret=interpret, name="mesa_pack",
                           compiler_params=TRITON)
@@ -184,7 +184,7 @@ def pack_rows_with_ranges(x, seed, row_mean=None, row_rstd=None, *, bits, stocha
     moments = jnp.stack([row_mean, row_rstd] if normalize else [jnp.zeros(rows), jnp.ones(rows)], axis=1)
     kernel = functools.partial(_pack_row_ranges_kernel, bits=bits, length=length, stochastic=stochastic,
                                col_groups=col_groups, normalize=normalize)
-    out_shape = (jax.ShapeDtypeStruct((words,), jnp.uint32), jax.ShapeDtypeStruct((slots,), jnp.float32),
+    out_shape = (jax.ShapeDtypeStruct((words,), arithmetic.WORD), jax.ShapeDtypeStruct((slots,), jnp.float32),
                  jax.ShapeDtypeStruct((slots,), jnp.float32), jax.ShapeDtypeStruct((slots,), jnp.float32),
                  jax.ShapeDtypeStruct((slots,), jnp.float32))
     call = pl.pallas_call(kernel, out_shape=out_shape, interpret=interpret, name="mesa_pack_row_ranges",

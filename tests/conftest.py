@@ -23,6 +23,27 @@ CHANNEL_SHAPES = [(2, 5, 8), (3, 7, 16)]
 HEAD_SHAPES = [(2, 3, 5, 5), (1, 4, 7, 6)]
 
 
+def conditionals(lowered) -> int:
+    """The conditionals of a lowered program that choose at run time: ``stablehlo.case`` ops with
+    more than one branch that computes something (lax.platform_dependent's choice of the
+    platform's branch is resolved when XLA compiles: its branches only return constants)."""
+    count = 0
+    for op in _walk(lowered.compiler_ir("stablehlo").operation):
+        if op.name in ("stablehlo.case", "stablehlo.if"):
+            working = [r for r in op.regions
+                       if any(o.name not in ("stablehlo.constant", "stablehlo.return") for o in r.blocks[0].operations)]
+            count += len(working) > 1 or (op.name == "stablehlo.if")
+    return count
+
+
+def _walk(op):
+    yield op
+    for region in op.regions:
+        for block in region.blocks:
+            for inner in block.operations:
+                yield from _walk(inner.operation)
+
+
 @pytest.fixture
 def key():
     return jax.random.key(0)

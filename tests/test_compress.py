@@ -54,7 +54,7 @@ def test_every_stock_layer_alone_keeps_its_params_forward_and_packs_its_input(_,
     np.testing.assert_array_equal(compress(layer).apply({**original, "mesa": variables["mesa"]}, x),
                                   layer.apply(original, x))
     kept = kept_by(compress(layer), x)
-    assert any(r.dtype == jnp.uint32 for r in kept)
+    assert any(r.dtype == quant.WORD for r in kept)
     assert all(not jnp.issubdtype(r.dtype, jnp.floating) or np.prod(r.shape) < x.size // 4 for r in kept), kept
 
 
@@ -149,7 +149,7 @@ def test_a_transformer_keeps_no_float_activation():
 def test_a_cnn_keeps_its_convolution_and_dense_inputs_packed():
     """Conv and Dense inputs are packed; ReLU's masks are not mesa's to compress."""
     model, shape, _ = MODELS["cnn"]
-    packed = [r for r in kept_by(compress(model), inputs(shape)) if r.dtype == jnp.uint32]
+    packed = [r for r in kept_by(compress(model), inputs(shape)) if r.dtype == quant.WORD]
     assert len(packed) == 4  # two Conv, two Dense
 
 

@@ -295,7 +295,7 @@ def test_fused_backward_kernels_read_per_row_scales(op, shape, layout, key):
 def test_fused_kernels_lower_to_triton_for_cuda(name, row_ranges):
     from pallas_kernels import fused
 
-    words = jax.ShapeDtypeStruct((4, 50), jnp.uint32)
+    words = jax.ShapeDtypeStruct((4, 197), quant.WORD)
     g = jax.ShapeDtypeStruct((4, 197), jnp.bfloat16)
     shift, scale = (jnp.zeros((4, 3)), jnp.ones((4, 3))) if row_ranges else (jnp.zeros(1), jnp.ones(1))
     if name == "layer_norm_backward":

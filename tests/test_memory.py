@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks import op_chains
-from mesa_jax import memory, ops
+from mesa_jax import memory, ops, quant
 from mesa_jax.quant import QuantConfig
 
 from op_cases import SEED, stats_of
@@ -32,7 +32,7 @@ def test_compiled_step_keeps_int8_not_float(name):
 def test_saved_residuals_reports_shapes_dtypes_bytes_and_sources():
     x = jnp.ones((2, 4, 8))
     found = memory.saved_residuals(lambda x: ops.gelu(x, stats_of(x), SEED, QuantConfig())[0], x)
-    words = [r for r in found if r.dtype == jnp.uint32 and r.shape == (2, 4, 2)]  # 8 codes -> 2 words a row
+    words = [r for r in found if r.dtype == quant.WORD and r.shape == (2, 4, 8)]  # 8-bit codes: a byte each
     assert len(words) == 1 and words[0].nbytes == 64
     assert all(isinstance(r.source, str) and r.source for r in found)
     exact = memory.saved_residuals(lambda x: ops.gelu(x, None, SEED, None)[0], x)

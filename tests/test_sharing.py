@@ -96,7 +96,7 @@ def test_sharing_keeps_one_packed_copy(kind, key):
     args = inputs(key)
 
     def words(shared):
-        return [r for r in memory.saved_residuals(chain(kind, shared), *args) if r.dtype == jnp.uint32]
+        return [r for r in memory.saved_residuals(chain(kind, shared), *args) if r.dtype == quant.WORD]
 
     assert len(words(False)) == 2 and len(words(True)) == 1
     assert sum(r.nbytes for r in words(True)) == B * N * C  # int8: one byte per element
@@ -116,7 +116,7 @@ def test_softmax_output_is_the_matmul_s_operand(key):
 
         return attend
 
-    kept = lambda shared: [r for r in memory.saved_residuals(f(shared), s, v) if r.dtype == jnp.uint32]
+    kept = lambda shared: [r for r in memory.saved_residuals(f(shared), s, v) if r.dtype == quant.WORD]
     assert len(kept(False)) == 3 and len(kept(True)) == 2
     g = jax.random.normal(jax.random.key(4), (2, 3, 9, 8))
     ds, dv = grads(f(True), (s, v), g)
