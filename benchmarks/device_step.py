@@ -31,6 +31,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", help="also write the result to this file")
+    parser.add_argument("--memory-profile", help="write jax's device memory profile (pprof) after the steps here")
     args = parser.parse_args(argv)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
     runner = speed.make_runner(step_memory.build(args.model, args.method, dtype), args.batch)
@@ -43,6 +44,8 @@ def main(argv=None):
                   images_per_s=args.batch / seconds, peak_bytes=stats.get("peak_bytes_in_use"),
                   device=device.device_kind, jax=jax.__version__, plan=runner.report.as_dict())
     print(json.dumps(result))
+    if args.memory_profile:  # what stays allocated between steps, by the Python stack that made it
+        jax.profiler.save_device_memory_profile(args.memory_profile)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

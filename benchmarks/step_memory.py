@@ -20,8 +20,8 @@ from mesa_jax import QuantConfig, memory, policy
 from mesa_jax import models
 from train import loop
 
-METHODS = ("baseline", "jax_attention", "flash_like", "remat_nothing", "remat_dots", "mesa8", "mesa4", "mesa2",
-           "mesa8_row", "mesa4_row", "mesa_mix48")
+METHODS = ("baseline", "jax_attention", "flash_like", "remat_nothing", "remat_dots", "mesa8", "mesa8_remat", "mesa4",
+           "mesa2", "mesa8_row", "mesa4_row", "mesa_mix48")
 TX = loop.make_optimizer(loop.learning_rate_schedule(1e-3, 10, 100), 0.05)  # every measured step's AdamW
 
 
@@ -45,7 +45,8 @@ def build(model_name: str, method: str, dtype=None, **overrides) -> nn.Module:
     with a policy (these three: ViT/DeiT, which have the fields), mesa
     at 8/4/2 bits, mesa at 8 bits with row ranges (one per row), at 4 bits with row ranges
     (per head-sized group), or the 4/8-bit mix with row ranges."""
-    remat = {"remat_nothing": "nothing_saveable", "remat_dots": "dots_saveable"}.get(method)
+    remat = {"remat_nothing": "nothing_saveable", "remat_dots": "dots_saveable",
+             "mesa8_remat": "nothing_saveable"}.get(method)
     if remat:
         overrides = {**overrides, "remat": remat}
     if method == "flash_like":
@@ -53,8 +54,10 @@ def build(model_name: str, method: str, dtype=None, **overrides) -> nn.Module:
     if method == "jax_attention":  # the core flax NNX's attention calls (no dropout): the NNX rows' baseline
         overrides = {**overrides, "attention_fn": jax.nn.dot_product_attention}
     per_head = models.presets.per_head(models.preset(model_name))  # int8, channel groups = heads
-    if method in ("baseline", "jax_attention", "flash_like") or remat:
+    if method in ("baseline", "jax_attention", "flash_like", "remat_nothing", "remat_dots"):
         quant = None
+    elif method == "mesa8_remat":  # block remat, the recomputation's residuals packed
+        quant = per_head
     elif method in ("mesa8", "mesa4", "mesa2"):
         quant = dataclasses.replace(per_head, bits=int(method[4:]))
     elif method == "mesa8_row":

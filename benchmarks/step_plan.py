@@ -80,28 +80,32 @@ def headroom(dump_dir: str) -> list[str]:
 
 
 def compare(out_dir: str) -> str:
-    """The real peaks of gpu_check.sh (step_METHOD.txt, device_step's JSON) beside XLA's compile-time
-    plan of the program that ran and the description's plan (plan.json from --json)."""
+    """The steps gpu_check.sh ran (step_NAME.txt, device_step's JSON): real step time, compile
+    time and real peak, beside XLA's compile-time plan of the program that ran and a
+    description's plan (plan.json from --json, when one was made for the same methods)."""
     planned = {}
     if os.path.exists(os.path.join(out_dir, "plan.json")):
         for line in open(os.path.join(out_dir, "plan.json")):
             row = json.loads(line)
             planned[row["method"]] = row
-    lines = ["| method | real peak MiB | compiled on this GPU MiB | description plan MiB | real / description plan |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| step | ms | time / baseline | compile s | real peak MiB | compiled on this GPU MiB | "
+             "description plan MiB | real / description plan |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    results = {}
     for path in sorted(glob.glob(os.path.join(out_dir, "step_*.txt"))):
         rows = [json.loads(l) for l in open(path) if l.startswith("{")]
-        if not rows:
-            lines.append(f"| {os.path.basename(path)[5:-4]} | (no result: see the file) | | | |")
+        results[os.path.basename(path)[5:-4]] = rows[-1] if rows else None
+    base = (results.get("baseline") or {}).get("step_s")
+    mib = lambda b: "-" if b is None else f"{b / 2**20:,.0f}"
+    for name, real in results.items():
+        if real is None:
+            lines.append(f"| {name} | (no result: see step_{name}.txt) | | | | | | |")
             continue
-        real = rows[-1]
-        method, peak = real["method"], real.get("peak_bytes")
-        here = real.get("plan", {}).get("memory", {}).get("peak")
-        there = planned.get(method, {}).get("memory", {}).get("peak")
-        mib = lambda b: "-" if b is None else f"{b / 2**20:,.0f}"
+        peak, plan_there = real.get("peak_bytes"), planned.get(real["method"], {})
+        here, there = real.get("plan", {}).get("memory", {}).get("peak"), plan_there.get("memory", {}).get("peak")
         ratio = f"{peak / there:.3f}" if peak and there else "-"
-        target = planned.get(method, {}).get("target", "")
-        lines.append(f"| {method} | {mib(peak)} | {mib(here)} | {mib(there)} {target} | {ratio} |")
+        slower = f"{real['step_s'] / base:.2f}x" if base else "-"
+        lines.append(f"| {name} | {1e3 * real['step_s']:.1f} | {slower} | {real.get('compile_s', 0):.0f} | {mib(peak)} | "
+                     f"{mib(here)} | {mib(there)} {plan_there.get('target', '')} | {ratio} |")
     return "\n".join(lines)
 
 

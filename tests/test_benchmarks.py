@@ -1,5 +1,6 @@
 """The benchmarks' logic on tiny inputs: the largest-batch search, ratios, tables, comparisons."""
 
+import json
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -200,3 +201,23 @@ def test_headroom_at_library_calls_from_xla_s_dumps(tmp_path):
     assert step_plan.live_temp(str(tmp_path)) == (300, ["p", "a", "gemm", "conv"], [0, 100, 300, 40])
     assert step_plan.headroom(str(tmp_path)) == ["least headroom at the 1 cublas calls: 0 MiB",
                                                  "least headroom at the 1 cudnn calls: 0 MiB"]
+
+
+def test_gpu_check_results_are_set_beside_each_other(tmp_path):
+    """step_plan --compare: one row per step file, labelled by the file (mesa8 ran twice:
+    XLA and Pallas), its time against the baseline's, and its real peak against its plans."""
+    from benchmarks import step_plan
+
+    def step(name, method, step_s, peak):
+        row = dict(method=method, step_s=step_s, compile_s=40.0, peak_bytes=peak,
+                   plan={"memory": {"peak": peak - 2**20}})
+        (tmp_path / f"step_{name}.txt").write_text("compile log\n" + json.dumps(row) + "\n")
+
+    step("baseline", "baseline", 0.030, 7000 * 2**20)
+    step("mesa8_pallas", "mesa8", 0.045, 2800 * 2**20)
+    (tmp_path / "step_mesa8.txt").write_text("Traceback: killed at its time limit\n")
+    table = step_plan.compare(str(tmp_path)).splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line for line in table[2:]}
+    assert set(rows) == {"baseline", "mesa8", "mesa8_pallas"}
+    assert "1.50x" in rows["mesa8_pallas"] and "2,800" in rows["mesa8_pallas"] and "2,799" in rows["mesa8_pallas"]
+    assert "no result" in rows["mesa8"]

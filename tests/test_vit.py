@@ -14,6 +14,9 @@ from jax.flatten_util import ravel_pytree
 
 from mesa_jax import Policy, QuantConfig, quant
 from mesa_jax.models import vit
+from train import loop
+
+from conftest import conditionals
 
 TINY = dict(width=48, depth=2, num_heads=3, mlp_dim=96)
 NEAREST = QuantConfig(num_groups=3, stochastic=False)
@@ -154,6 +157,17 @@ def test_scan_and_remat_give_the_plain_model_s_gradients(variant, images, labels
     np.testing.assert_allclose(loss_v, loss_p, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_v), jax.tree.leaves(g_p)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("ranges", ["running", "row"])
+def test_the_training_step_has_no_run_time_conditional_on_a_gpu(ranges, images, labels):
+    """Lowered for CUDA (no GPU needed): a lax.cond there is a host round trip per tensor and
+    step. XLA:CPU's lowering has one per packed tensor, always true (quant.kept_whole_on_cpu)."""
+    model = tiny(QuantConfig(num_groups=3, ranges=ranges))
+    tx = loop.make_optimizer(lambda count: 1e-3, 0.0)
+    state = jax.eval_shape(lambda: loop.create_state(model, tx, 0, images.shape[1:]))
+    traced = jax.jit(loop.train_step).trace(state, images, labels)
+    assert conditionals(traced.lower(lowering_platforms=("cuda",))) == 0
 
 
 @pytest.mark.slow  # repeated coverage: kept out of the default run
