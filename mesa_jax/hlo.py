@@ -88,18 +88,27 @@ def _opcode(line: str) -> str:
     return rest.split("(", 1)[0].strip()
 
 
-def bytes_accessed(compiled) -> float | None:
-    """Bytes the program reads and writes by XLA's cost analysis: the backend's own where it
-    gives one (XLA:CPU), else XLA's generic analysis of the optimized modules run through the
-    CPU client (a compile-only GPU program gives none of its own; cuBLAS calls count 0 flops)."""
-    cost = compiled.cost_analysis()
-    if cost:
-        return float(cost.get("bytes accessed", 0.0))
-    from jax._src.lib import _jax  # the generic analysis jax itself uses for lowered programs
+class Cost(NamedTuple):
+    """XLA's cost analysis of a compiled program."""
 
-    try:
-        modules = compiled.runtime_executable().hlo_modules()
-        client = jax.devices("cpu")[0].client
-        return float(sum(_jax.hlo_module_cost_analysis(client, m).get("bytes accessed", 0.0) for m in modules))
-    except (AttributeError, jax.errors.JaxRuntimeError):
-        return None
+    bytes_accessed: float  # read and written
+    flops: float  # arithmetic XLA itself emits: a cuBLAS or cuDNN call counts 0 (on a GPU: the non-GEMM work)
+
+
+def cost(compiled) -> Cost | None:
+    """XLA's cost analysis: the backend's own where it gives one (XLA:CPU), else XLA's generic
+    analysis of the optimized modules run through the CPU client (a compile-only GPU program
+    gives none of its own); None where neither is available."""
+    found = compiled.cost_analysis()
+    if not found:
+        from jax._src.lib import _jax  # the generic analysis jax itself uses for lowered programs
+
+        try:
+            client = jax.devices("cpu")[0].client
+            found = {}
+            for module in compiled.runtime_executable().hlo_modules():
+                for key, value in _jax.hlo_module_cost_analysis(client, module).items():
+                    found[key] = found.get(key, 0.0) + value
+        except (AttributeError, jax.errors.JaxRuntimeError):
+            return None
+    return Cost(float(found.get("bytes accessed", 0.0)), float(found.get("flops", 0.0)))

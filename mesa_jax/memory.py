@@ -83,6 +83,7 @@ class ProgramReport:
     conditionals: int
     while_loops: int
     bytes_accessed: float | None  # XLA's cost analysis; None where it gives none
+    flops: float | None  # the same analysis' arithmetic: on a GPU target, what is not cuBLAS/cuDNN
     compile_s: float  # lowering and compiling
 
     @property
@@ -120,10 +121,10 @@ def compiled_report(fn: Callable, *args, target=None, dump_to: str | None = None
 
 def program_report(compiled, compile_s: float = 0.0, target=None) -> ProgramReport:
     """The report of an already compiled program."""
-    counts = hlo.count(compiled.as_text())
+    counts, cost = hlo.count(compiled.as_text()), hlo.cost(compiled)
     name = plan.resolve(target).name if target is not None else jax.default_backend()
     return ProgramReport(name, compiled_analysis(compiled), counts.fusions, counts.custom_calls,
-                         counts.conditionals, counts.while_loops, hlo.bytes_accessed(compiled), compile_s)
+                         counts.conditionals, counts.while_loops, *(cost or (None, None)), compile_s)
 
 
 def compiled_analysis(compiled) -> CompiledMemory:

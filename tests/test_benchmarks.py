@@ -96,7 +96,7 @@ def test_speed_ratios_are_medians_of_per_repeat_ratios():
 def report(target, peak, **counts):
     parts = memory.CompiledMemory(temp=peak - 2**20, argument=2**20, output=0, alias=0)
     return memory.ProgramReport(target, parts, counts.get("fusions", {"kLoop": 3}), counts.get("custom_calls", {}),
-                                counts.get("conditionals", 0), 0, 2e9, 1.5)
+                                counts.get("conditionals", 0), 0, 2e9, 7e9, 1.5)
 
 
 def test_memory_table_gives_ratios_per_target_against_the_same_row_s_baseline():
@@ -119,7 +119,7 @@ def test_report_table_counts_libraries_and_control_flow():
         "h100", 3 * 2**20, fusions={"kLoop": 5, "__triton_gemm": 2},
         custom_calls={"__cublas$lt$matmul": 4, "__cudnn$convForward": 1, "__gpu$xla.gpu.triton": 3}, conditionals=7)})
     line = memory_bench.report_table([("m", "bfloat16", 8, "mesa8", m, None)]).splitlines()[-1]
-    assert line == "| m | bfloat16 | 8 | mesa8 | h100 | 3 | 2 | 1 | 0 | 7 | 4 | 1 | 5 | 7 | 0 | 2.0 | 2 |"
+    assert line == "| m | bfloat16 | 8 | mesa8 | h100 | 3 | 2 | 1 | 0 | 7 | 4 | 1 | 5 | 7 | 0 | 2.0 | 7 | 2 |"
 
 
 def test_the_search_budget_is_the_target_s_memory_unless_given():
