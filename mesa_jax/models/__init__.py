@@ -1,12 +1,15 @@
-"""Model families in stock flax.linen, compressed by ``mesa_jax.compress``: ViT/DeiT, Swin, PVT.
+"""Model families in stock flax.linen, compressed by ``mesa_jax.compress``: ViT/DeiT, Swin, PVT
+(images), GPT-2 and Llama (causal language models).
 
     from mesa_jax import models
     model = models.create("swin-ti", num_classes=1000)     # any preset, by name
+    lm = models.create("gpt2-s", vocab_size=256)           # a language model: tokens [B, T] -> logits
 """
 
-from mesa_jax.models import presets, pvt, swin, vit
+from mesa_jax.models import gpt, llama, presets, pvt, swin, vit
 
-FAMILIES = (vit, swin, pvt)
+FAMILIES = (vit, swin, pvt, gpt, llama)
+LANGUAGE_MODELS = (gpt, llama)  # families whose models take tokens [B, T]
 
 
 def names() -> list[str]:
@@ -14,7 +17,7 @@ def names() -> list[str]:
 
 
 def family(name: str):
-    """The module (vit, swin or pvt) whose presets hold ``name``."""
+    """The module (vit, swin, pvt, gpt or llama) whose presets hold ``name``."""
     for module in FAMILIES:
         if name in module.PRESETS:
             return module
@@ -26,8 +29,12 @@ def preset(name: str) -> dict:
 
 
 def create(name: str, **kwargs):
-    """The preset ``name`` of whichever family has it (vit.create, swin.create, pvt.create)."""
+    """The preset ``name`` of whichever family has it (vit.create, swin.create, gpt.create, ...)."""
     return family(name).create(name, **kwargs)
 
 
-__all__ = ["create", "family", "names", "preset", "presets", "pvt", "swin", "vit"]
+def is_language_model(name: str) -> bool:
+    return family(name) in LANGUAGE_MODELS
+
+
+__all__ = ["create", "family", "gpt", "is_language_model", "llama", "names", "preset", "presets", "pvt", "swin", "vit"]

@@ -1,15 +1,22 @@
 """What every model family's ``create`` does with a preset: its fields, the overrides checked, and
-mesa by default (int8, channel groups = the heads)."""
+mesa by default (int8, channel groups = the heads); and the blocks' rematerialization policies."""
 
 from __future__ import annotations
 
 import dataclasses
+
+import flax.linen as nn
+import jax
 
 from mesa_jax.compress import compress
 from mesa_jax.policy import Quant
 from mesa_jax.quant import QuantConfig
 
 PER_HEAD = "per_head"  # create()'s default quant
+REMAT_POLICIES = {  # a model's ``remat`` field: the jax.checkpoint policy of each block
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
 
 
 def per_head(fields: dict, **config) -> QuantConfig:
@@ -19,10 +26,10 @@ def per_head(fields: dict, **config) -> QuantConfig:
     return QuantConfig(num_groups=heads if isinstance(heads, int) else heads[0], **config)
 
 
-def create(cls, presets: dict, name: str, *, num_classes: int, quant: Quant | str = PER_HEAD, dtype=None,
-           **overrides):
-    """``cls`` with preset ``name``'s fields and ``overrides``; ``quant``: "per_head", a
-    QuantConfig or Policy (for every layer), or None (the plain-flax baseline)."""
+def create(cls, presets: dict, name: str, *, quant: Quant | str = PER_HEAD, dtype=None, **overrides):
+    """``cls`` with preset ``name``'s fields and ``overrides`` (``num_classes`` for a vision
+    model); ``quant``: "per_head", a QuantConfig or Policy (for every layer), or None (the
+    plain-flax baseline)."""
     family = cls.__name__
     if name not in presets:
         raise ValueError(f"unknown {family} preset {name!r}; valid names: {sorted(presets)}")
@@ -34,5 +41,15 @@ def create(cls, presets: dict, name: str, *, num_classes: int, quant: Quant | st
         if quant != PER_HEAD:
             raise ValueError(f"quant must be {PER_HEAD!r}, a QuantConfig, a Policy or None, got {quant!r}")
         quant = per_head(fields)
-    model = cls(num_classes=num_classes, dtype=dtype, **fields)
+    model = cls(dtype=dtype, **fields)
     return model if quant is None else compress(model, quant)
+
+
+def remat(block: type[nn.Module], policy: str | None, static_argnums: tuple[int, ...]) -> type[nn.Module]:
+    """``block`` under nn.remat with the named policy (None: as it is); ``static_argnums`` count
+    ``self`` as 0, as nn.remat does."""
+    if policy is None:
+        return block
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; valid: {sorted(REMAT_POLICIES)}")
+    return nn.remat(block, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)

@@ -31,10 +31,7 @@ PRESETS = {
     # CIFAR-100: 32x32 images in 8x8 patches of 4 pixels, DeiT-Ti widths.
     "vit-c100": dict(image_size=32, patch_size=4, width=192, depth=12, num_heads=3, mlp_dim=768, drop_path=0.1),
 }
-REMAT_POLICIES = {
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-}
+REMAT_POLICIES = presets.REMAT_POLICIES
 
 
 class DropPath(nn.Module):
@@ -115,11 +112,7 @@ class ViT(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x[:, 0]).astype(jnp.float32)
 
     def _block_class(self):
-        if self.remat is None:
-            return Block
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {self.remat!r}; valid: {sorted(REMAT_POLICIES)}")
-        return nn.remat(Block, policy=REMAT_POLICIES[self.remat], static_argnums=(3,))
+        return presets.remat(Block, self.remat, static_argnums=(3,))  # (self, x, drop_rate, train)
 
     def _unrolled(self, x, rates, train):
         for i in range(self.depth):

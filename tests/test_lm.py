@@ -1,0 +1,131 @@
+"""The causal language models (GPT-2, Llama): exact under compress, RoPE, the causal mask, residuals."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+import pytest
+
+from mesa_jax import memory, models
+from mesa_jax.models import gpt, llama
+
+TINY = {  # the tiny presets' families at test sizes: head widths 16, one block (two for remat)
+    "gpt-tiny": dict(width=32, depth=1, num_heads=2, max_len=32),
+    "llama-tiny": dict(width=32, depth=1, num_heads=2, mlp_dim=48),
+}
+B, T = 2, 24  # T differs from every width, so a T x T residual shows
+
+
+def tokens(seed=0, b=B, t=T):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, 256)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """{name: (mesa model, baseline, variables)}: the same params for both."""
+    out = {}
+    for name, fields in TINY.items():
+        mesa, base = models.create(name, **fields), models.create(name, quant=None, **fields)
+        out[name] = mesa, base, jax.jit(mesa.init)(jax.random.key(0), tokens())
+    return out
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_the_compressed_forward_is_the_baseline_s_bit_for_bit_and_causal(name, pairs):
+    """Row 1 is row 0 with token 10 changed: logits before it are the same, bit for bit."""
+    mesa, base, variables = pairs[name]
+    x = tokens(1)
+    x = x.at[1].set(x[0].at[10].set((x[0, 10] + 1) % 256))
+    logits, state = jax.jit(lambda v, x: mesa.apply(v, x, train=True, mutable=["mesa"]))(variables, x)
+    np.testing.assert_array_equal(logits, jax.jit(base.apply)({"params": variables["params"]}, x))
+    assert logits.shape == (B, T, 256) and logits.dtype == jnp.float32
+    assert jax.tree.structure(state["mesa"]) == jax.tree.structure(variables["mesa"])
+    np.testing.assert_array_equal(logits[0, :10], logits[1, :10])
+    assert not np.array_equal(logits[0, 10:], logits[1, 10:])
+
+
+def test_rope_rotates_each_pair_by_its_position_angle():
+    """Pairs (x_i, x_{i + D/2}) as complex numbers, multiplied by exp(i t / 10000^(2i/D)): in float64."""
+    d, theta = 8, 10_000.0
+    x = np.asarray(jax.random.normal(jax.random.key(3), (2, 5, 3, d)), np.float64)
+    positions = np.array([0, 1, 2, 7, 100])
+    z = (x[..., : d // 2] + 1j * x[..., d // 2 :]) * np.exp(
+        1j * positions[None, :, None, None] * theta ** (-np.arange(0, d, 2) / d))
+    expected = np.concatenate([z.real, z.imag], axis=-1)
+    got = jax.jit(llama.apply_rope)(jnp.asarray(x, jnp.float32), jnp.asarray(positions), theta)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[:, 0], jnp.asarray(x, jnp.float32)[:, 0])  # position 0: the identity
+
+
+def test_rope_makes_scores_depend_only_on_relative_position():
+    q, k = jax.random.normal(jax.random.key(4), (2, 1, 1, 1, 16))
+    rope = jax.jit(llama.apply_rope)
+    score = lambda m, n: float(jnp.sum(rope(q, jnp.array([m])) * rope(k, jnp.array([n]))))
+    for m, n in ((3, 1), (10, 4), (50, 50)):
+        assert score(m, n) == pytest.approx(score(m + 17, n + 17), rel=1e-4, abs=1e-5)
+    assert score(5, 1) != pytest.approx(score(5, 2), rel=1e-3)
+    assert llama.apply_rope(q.astype(jnp.bfloat16), jnp.array([3])).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_compressed_lms_keep_q_k_v_packed_and_nothing_sequence_squared(name, pairs):
+    """What autodiff keeps under compress: the attention's (rotated) Q, K, V as uint8 codes per head,
+    and no [.., T, T] tensor anywhere."""
+    mesa, _, variables = pairs[name]
+
+    def loss(params, stats, x):
+        logits, _ = mesa.apply({"params": params, "mesa": stats}, x, train=True, mutable=["mesa"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], x[:, 1:]).mean()
+
+    kept = [r for r in memory.saved_residuals(loss, variables["params"], variables["mesa"], tokens())
+            if "argument" not in r.source]
+    assert not [r for r in kept if list(r.shape).count(T) >= 2]
+    heads = [r for r in kept if r.shape == (B, T, 2, 16)]
+    assert len(heads) == 3 and all(r.dtype == jnp.uint8 for r in heads)
+
+
+def test_the_lm_presets_are_in_the_registry():
+    assert all(models.is_language_model(n) for n in ("gpt2-s", "gpt2-m", "gpt-tiny", "llama-100m", "llama-tiny"))
+    assert not models.is_language_model("vit-c100")
+    assert isinstance(models.create("gpt2-s", quant=None), gpt.GPT)
+    assert isinstance(models.create("llama-tiny"), llama.Llama)
+    with pytest.raises(TypeError, match="num_classes"):
+        models.create("gpt-tiny", num_classes=10)
+
+
+@pytest.mark.slow  # traces the 124M-355M models (a few seconds)
+def test_the_lm_presets_have_their_sizes():
+    sizes = {"gpt2-s": 124.4e6, "gpt2-m": 354.8e6, "llama-100m": 100.4e6}
+    for name, expected in sizes.items():
+        model = models.create(name, quant=None)
+        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+        assert sum(np.prod(p.shape) for p in jax.tree.leaves(shapes)) == pytest.approx(expected, rel=1e-3), name
+
+
+def test_bad_inputs_are_named():
+    model = models.create("gpt-tiny", quant=None, **TINY["gpt-tiny"])
+    with pytest.raises(ValueError, match="exceeds max_len=32"):
+        model.init(jax.random.key(0), jnp.zeros((1, 40), jnp.int32))
+    with pytest.raises(ValueError, match="integer tokens"):
+        model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.float32))
+
+
+@pytest.mark.slow  # one compilation per model, each a few seconds
+@pytest.mark.parametrize("name, remat", [("gpt-tiny", "nothing_saveable"), ("llama-tiny", "dots_saveable"),
+                                         ("llama-tiny", None)])
+def test_gradients_under_remat_and_tied_heads_match_the_baseline(name, remat):
+    fields = {**TINY[name], "depth": 2, "remat": remat} | ({"tie_embeddings": True} if remat is None else {})
+    mesa, base = models.create(name, **fields), models.create(name, quant=None, **fields)
+    x = tokens(5)
+    variables = mesa.init(jax.random.key(0), x)
+
+    def grads(model, variables):
+        def loss(params):
+            logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["mesa"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], x[:, 1:]).mean()
+
+        return ravel_pytree(jax.jit(jax.grad(loss))(variables["params"]))[0]
+
+    g, exact = grads(mesa, variables), grads(base, {"params": variables["params"]})
+    assert float(jnp.vdot(g, exact) / (jnp.linalg.norm(g) * jnp.linalg.norm(exact))) > 0.99
