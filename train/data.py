@@ -152,7 +152,7 @@ def train_batches(split: Split, batch_size: int, seed: int, start: int, stop: in
         idx = train_indices(split, batch_size, seed, step)
         return step, *jax.device_put((split.images[idx], split.labels[idx]), sharding)
 
-    return _prefetch(map(make, range(start, stop)))
+    return prefetch(map(make, range(start, stop)))
 
 
 def eval_batches(split: Split, batch_size: int, sharding=None) -> Iterator:
@@ -165,7 +165,7 @@ def eval_batches(split: Split, batch_size: int, sharding=None) -> Iterator:
         yield jax.device_put((split.images[idx], split.labels[idx], mask), sharding)
 
 
-def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
+def prefetch(items: Iterator, depth: int = 2) -> Iterator:
     """Run ``items`` on a background thread, ``depth`` ahead; errors surface in the consumer."""
     buffer: queue.Queue = queue.Queue(maxsize=depth)
     done = object()

@@ -1,4 +1,4 @@
-"""Train state, train_step and eval_step, and data-parallel sharding.
+"""Train state, the steps (a classifier's, a causal language model's), and data-parallel sharding.
 
 The model's ``"mesa"`` statistics travel in the state beside the params, like
 ``batch_stats``; steps are pure functions of (state, batch), jitted by the caller.
@@ -28,10 +28,12 @@ class TrainState(train_state.TrainState):
     bad_step: jax.Array  # int32: the first step whose update was non-finite (not applied), -1 if none
 
 
-def create_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, image_shape) -> TrainState:
-    """Initialise params and statistics from ``seed`` for images of ``image_shape`` ([H, W, C])."""
+def create_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, input_shape,
+                 input_dtype=jnp.float32) -> TrainState:
+    """Initialise params and statistics from ``seed`` for inputs of ``input_shape`` (one example:
+    an image's [H, W, C], a sequence's [T] with ``input_dtype`` int32)."""
     init_key, dropout_key = jax.random.split(jax.random.key(seed))
-    variables = jax.jit(model.init)(init_key, jnp.zeros((1, *image_shape), jnp.float32))  # one compilation
+    variables = jax.jit(model.init)(init_key, jnp.zeros((1, *input_shape), input_dtype))  # one compilation
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
@@ -51,27 +53,54 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
     return optax.softmax_cross_entropy(logits, targets).mean()
 
 
-def train_step(state: TrainState, images, labels, label_smoothing: float = 0.1, augment=None):
-    """One optimizer step; returns the new state (params, statistics) and its metrics.
+def step_keys(state: TrainState) -> tuple[jax.Array, jax.Array]:
+    """The step's keys (augmentation, dropout): one split of the run's key folded with the step."""
+    return tuple(jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)))
 
-    ``augment(images, key) -> images`` runs on the device first. The step's keys
-    (augmentation, dropout) are one split of the run's key folded with the step.
+
+def optimizer_step(state: TrainState, inputs, loss_of, dropout: jax.Array):
+    """The model on ``inputs`` (statistics updated), ``loss_of(outputs) -> (loss, metrics)``, its
+    gradient applied unless non-finite (``guarded``); returns the new state and the metrics."""
+
+    def loss_fn(params):
+        outputs, updates = state.apply_fn(
+            _variables(state, params), inputs, train=True, mutable=[COLLECTION], rngs={"dropout": dropout}
+        )
+        loss, metrics = loss_of(outputs)
+        return loss, (metrics, updates)
+
+    (loss, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    new = state.apply_gradients(grads=grads, mesa=updates.get(COLLECTION, state.mesa))
+    return guarded(state, new, loss, grad_norm), {"loss": loss, **metrics, "grad_norm": grad_norm}
+
+
+def train_step(state: TrainState, images, labels, label_smoothing: float = 0.1, augment=None):
+    """One optimizer step of a classifier; returns the new state (params, statistics) and its metrics.
+
+    ``augment(images, key) -> images`` runs on the device first.
     """
-    augment_key, dropout = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step))
+    augment_key, dropout = step_keys(state)
     if augment is not None:
         images = augment(images, augment_key)
 
-    def loss_fn(params):
-        logits, updates = state.apply_fn(
-            _variables(state, params), images, train=True, mutable=[COLLECTION], rngs={"dropout": dropout}
-        )
-        return cross_entropy(logits, labels, label_smoothing), (logits, updates)
+    def loss_of(logits):
+        return cross_entropy(logits, labels, label_smoothing), {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
 
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.tree.norm(grads)
-    new = state.apply_gradients(grads=grads, mesa=updates.get(COLLECTION, state.mesa))
-    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels), "grad_norm": grad_norm}
-    return guarded(state, new, loss, grad_norm), metrics
+    return optimizer_step(state, images, loss_of, dropout)
+
+
+def lm_train_step(state: TrainState, windows):
+    """One optimizer step of a causal language model on ``windows`` [B, T + 1] of tokens: each
+    position predicts the next. Metrics: loss (nats per token) and bits per token (per byte, for bytes)."""
+    _, dropout = step_keys(state)
+    windows = windows.astype(jnp.int32)
+
+    def loss_of(logits):  # [B, T, V]
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
+        return loss, {"bits_per_byte": loss / jnp.log(2.0)}
+
+    return optimizer_step(state, windows[:, :-1], loss_of, dropout)
 
 
 def guarded(state: TrainState, new: TrainState, loss, grad_norm) -> TrainState:
@@ -97,6 +126,15 @@ def eval_step(state: TrainState, images, labels, mask):
         "correct": jnp.sum(jnp.where(mask, jnp.argmax(logits, -1) == labels, False)),
         "count": jnp.sum(mask),
     }
+
+
+def lm_eval_step(state: TrainState, windows, mask):
+    """Summed next-token loss (nats) and token count over the ``mask``ed (real) windows [B, T + 1]."""
+    windows = windows.astype(jnp.int32)
+    logits = state.apply_fn(_variables(state, state.params), windows[:, :-1], train=False)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])  # [B, T]
+    return {"loss_sum": jnp.sum(jnp.where(mask[:, None], losses, 0.0)),
+            "count": jnp.sum(mask) * losses.shape[1]}
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:

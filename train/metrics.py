@@ -2,10 +2,12 @@
 
 Rows: a header (``"event": "start"`` for a fresh run, ``"resume"`` when a run continues
 from a checkpoint: configuration, data set, devices, step memory), then per logged step
-``step``, ``loss``, ``accuracy``, ``grad_norm``, ``learning_rate`` (of that step) and
-``images_per_sec``, and evaluation rows (``eval_loss``, ``eval_accuracy``). Non-finite
-numbers are written as ``null``. A segment starts by dropping the rows a killed one
-logged past the checkpoint it resumes from (all of them for a fresh start).
+``step``, ``loss``, ``accuracy`` (images) or ``bits_per_byte`` (text), ``grad_norm``,
+``learning_rate`` (of that step) and ``images_per_sec`` or ``tokens_per_sec``, and
+evaluation rows (``eval_loss`` with ``eval_accuracy`` and ``eval_images``, or with
+``eval_bits_per_byte`` and ``eval_tokens``). Non-finite numbers are written as ``null``. A
+segment starts by dropping the rows a killed one logged past the checkpoint it resumes from
+(all of them for a fresh start).
 """
 
 from __future__ import annotations

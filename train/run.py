@@ -1,4 +1,7 @@
-"""train_and_evaluate: data, sharding, the step loop, evaluation, checkpoints, metrics.
+"""train_and_evaluate: sharding, the step loop, evaluation, checkpoints, metrics, for every program.
+
+What a program trains (data, model, loss, metrics) is its task (train.tasks: images for
+train.vit_cifar100, bytes of text for train.lm); everything else is here, shared.
 
 Rerunning with the same workdir resumes from the newest checkpoint that restores and
 verifies: params, optimizer state, mesa statistics, RNG and data position (the
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import functools
 import itertools
 import logging
 import os
@@ -26,14 +28,13 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from mesa_jax import Policy, QuantConfig, models
 from mesa_jax.memory import compiled_analysis
-from train import data, loop
+from train import data, loop, tasks
 from train.checkpoint import CheckpointError, Checkpointer
-from train.config import TrainConfig
+from train.config import RunConfig
 from train.metrics import MetricsLog
+from train.tasks import image_shape, quant_of  # noqa: F401  (the image program's, named here as before)
 from train.workdir import Workdir, WorkdirError, storage_error
 
 log = logging.getLogger(__name__)
@@ -47,64 +48,23 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C stopped the run; the message names the checkpoint a rerun resumes from."""
 
 
-def quant_of(config: TrainConfig):
-    """What mesa keeps, from --bits, --ranges and --attention-bits. Channel groups: the heads,
-    except for 8-bit row ranges, one per token row: as faithful (README, fidelity) for 4 bytes
-    of scale and shift per row instead of per head."""
-    if config.ranges == "row" and config.bits == 8:
-        base = QuantConfig(ranges="row")
-    else:
-        base = models.presets.per_head(models.preset(config.model), bits=config.bits, ranges=config.ranges)
-    if config.attention_bits in (None, config.bits):
-        return base
-    attention = dataclasses.replace(base, bits=config.attention_bits)
-    return Policy(base, by_kind={kind: attention for kind in ("attention", "softmax", "matmul")})
+def build_model(config: RunConfig, mesa: bool | None = None) -> nn.Module:
+    """The run's model: mesa (``quant_of(config)``) or, with ``mesa=False``, the baseline."""
+    return tasks.for_config(config).model(mesa)
 
 
-def build_model(config: TrainConfig, mesa: bool | None = None) -> nn.Module:
-    mesa = config.mesa if mesa is None else mesa
-    quant = quant_of(config) if mesa else None
-    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else None
-    return models.create(config.model, num_classes=data.NUM_CLASSES, quant=quant, dtype=dtype)
-
-
-def image_shape(model) -> tuple[int, int, int]:
-    """What the model sees: CIFAR images resized to its preset's size (224 for DeiT)."""
-    return model.image_size, model.image_size, data.IMAGE_SHAPE[-1]
-
-
-def make_train_step(model: nn.Module, label_smoothing: float):
-    """Augment on the device (crop, flip, resize for 224-pixel models), then one step."""
-    augment = lambda images, key: _resize(data.augment(images, key), model.image_size)
-    return functools.partial(loop.train_step, label_smoothing=label_smoothing, augment=augment)
-
-
-def make_eval_step(model: nn.Module):
-    def step(state, images, labels, mask):
-        return loop.eval_step(state, _resize(data.standardize(images), model.image_size), labels, mask)
-
-    return step
-
-
-def _resize(images, size: int):
-    if images.shape[1] == size:
-        return images
-    return jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "bilinear")
-
-
-def compile_train_step(model: nn.Module, config: TrainConfig, state, batches):
+def compile_train_step(task: tasks.Task, model: nn.Module, state, batches):
     """The jitted, state-donating train step, compiled for this run's shapes and shardings
     (``state`` may be abstract): what the loop runs, and whose memory the header reports."""
-    spec = (jax.ShapeDtypeStruct((config.batch_size, *data.IMAGE_SHAPE), jnp.uint8, sharding=batches),
-            jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batches))
-    return jax.jit(make_train_step(model, config.label_smoothing), donate_argnums=0).lower(state, *spec).compile()
+    spec = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batches) for s in task.batch_spec()]
+    return jax.jit(task.train_step(model), donate_argnums=0).lower(state, *spec).compile()
 
 
 class Progress:
     """A tqdm bar on a terminal; plain log lines otherwise."""
 
-    def __init__(self, start: int, total: int):
-        self.bar = None
+    def __init__(self, start: int, total: int, unit: str):
+        self.bar, self.unit = None, unit
         if sys.stderr.isatty() and jax.process_index() == 0:
             from tqdm import tqdm
 
@@ -114,10 +74,14 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
             if row:
-                self.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_sec']:.0f}")
+                self.bar.set_postfix({"loss": f"{row['loss']:.4f}", f"{self.unit}/s": f"{row[self.rate]:.0f}"})
         elif row:
-            log.info("step %d  loss %.4f  lr %.2e  %.0f img/s", step, row["loss"], row["learning_rate"],
-                     row["images_per_sec"])
+            log.info("step %d  loss %.4f  lr %.2e  %.0f %s/s", step, row["loss"], row["learning_rate"], row[self.rate],
+                     self.unit)
+
+    @property
+    def rate(self) -> str:
+        return f"{self.unit}_per_sec"
 
     def close(self) -> None:
         if self.bar is not None:
@@ -126,35 +90,31 @@ class Progress:
 
 def maybe_initialize_distributed() -> None:
     """Multi-host: jax.distributed.initialize() when a cluster environment says so."""
-    tasks = (int(os.environ.get(v, "1")) for v in ("OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"))
-    if "JAX_COORDINATOR_ADDRESS" in os.environ or any(n > 1 for n in tasks):
+    counts = (int(os.environ.get(v, "1")) for v in ("OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"))
+    if "JAX_COORDINATOR_ADDRESS" in os.environ or any(n > 1 for n in counts):
         jax.distributed.initialize()
 
 
-def evaluate(eval_fn, state, split: data.Split, batch_size: int, sharding, max_batches: int | None = None) -> dict:
-    """Loss and accuracy over the test split's first ``max_batches`` batches (None: all of
-    it), and how many images that was."""
-    totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
-    for images, labels, mask in itertools.islice(data.eval_batches(split, batch_size, sharding), max_batches):
-        for k, v in jax.device_get(eval_fn(state, images, labels, mask)).items():
-            totals[k] += v
-    return {"eval_loss": float(totals["loss_sum"] / totals["count"]),
-            "eval_accuracy": float(totals["correct"] / totals["count"]), "eval_images": int(totals["count"])}
+def evaluate(task: tasks.Task, eval_fn, state, sharding, max_batches: int | None = None) -> dict:
+    """The task's evaluation metrics over its test split's first ``max_batches`` batches (None: all of it)."""
+    totals = {}
+    for batch, mask in itertools.islice(task.eval_batches(sharding), max_batches):
+        for k, v in jax.device_get(eval_fn(state, *batch, mask)).items():
+            totals[k] = totals.get(k, 0) + v
+    return task.eval_metrics(totals)
 
 
-def _header(config, dataset, train_fn, tx, mesh, workdir) -> dict:
+def _header(config, task, train_fn, tx, mesh, workdir) -> dict:
     """A segment's header row: config, data actually used, devices, the step's compile-time
     peak memory (and the baseline's with --compare-memory: one more compilation)."""
     per_method = {"mesa" if config.mesa else "baseline": compiled_analysis(train_fn).peak}
     if config.compare_memory and config.mesa:
-        base = build_model(config, mesa=False)
-        state = jax.eval_shape(lambda: loop.create_state(base, tx, config.seed, image_shape(base)))
-        per_method["baseline"] = compiled_analysis(compile_train_step(base, config, state, None)).peak
+        base = task.model(mesa=False)
+        state = jax.eval_shape(lambda: loop.create_state(base, tx, config.seed, *task.model_input(base)))
+        per_method["baseline"] = compiled_analysis(compile_train_step(task, base, state, None)).peak
     return {
         "config": dataclasses.asdict(config),
-        "dataset": dataset.name,
-        "dataset_warning": None if dataset.name == "cifar100" else "CIFAR-100 unavailable: SYNTHETIC data",
-        "train_images": len(dataset.train.labels),
+        **task.header(),
         "devices": [str(d) for d in mesh.devices.flat],
         "jax_version": jax.__version__,
         "step_peak_bytes": per_method,
@@ -162,7 +122,7 @@ def _header(config, dataset, train_fn, tx, mesh, workdir) -> dict:
     }
 
 
-def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
+def train_and_evaluate(config: RunConfig, workdir: str) -> dict:
     """Train, evaluate and checkpoint in ``workdir`` (locked for the run); returns the final metrics.
 
     Ctrl-C raises ``Interrupted``; a full disk or a denied write (during a save too: orbax's
@@ -175,7 +135,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict:
         checkpoints = Checkpointer(wd.file("checkpoints"))
         try:
             wd.check(config)
-            return _train(config, wd, checkpoints)
+            return _train(config, tasks.for_config(config), wd, checkpoints)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted; {_resume_hint(checkpoints)}") from None
         except (data.DataUnavailable, NonFinite, WorkdirError, CheckpointError):
@@ -198,18 +158,18 @@ def _resume_hint(checkpoints: Checkpointer) -> str:
     return "rerun the same command (no checkpoint was saved yet: it starts from step 0)"
 
 
-def _train(config: TrainConfig, wd: Workdir, checkpoints: Checkpointer) -> dict:
+def _train(config: RunConfig, task: tasks.Task, wd: Workdir, checkpoints: Checkpointer) -> dict:
     mesh = loop.make_mesh()
     if config.batch_size % mesh.size:
         raise ValueError(f"--batch-size {config.batch_size} is not divisible by the {mesh.size} devices")
-    dataset = data.load(config.dataset, config.data_dir, config.seed)
-    wd.check_dataset(dataset.name)
-    per_epoch = data.steps_per_epoch(dataset.train, config.batch_size)
-    total = config.total_steps(per_epoch)
-    schedule = loop.learning_rate_schedule(config.lr, config.warmup_steps(per_epoch), total)
+    task.load()
+    wd.check_dataset(task.identity)
+    total, warmup = task.schedule()
+    schedule = loop.learning_rate_schedule(config.lr, warmup, total)
     tx = loop.make_optimizer(schedule, config.weight_decay)
-    model = build_model(config)
-    state = jax.device_put(loop.create_state(model, tx, config.seed, image_shape(model)), loop.replicated(mesh))
+    model = task.model()
+    state = jax.device_put(loop.create_state(model, tx, config.seed, *task.model_input(model)),
+                           loop.replicated(mesh))
 
     metrics = MetricsLog(wd.file("metrics.jsonl"))
     restored = checkpoints.restore(state)
@@ -222,13 +182,13 @@ def _train(config: TrainConfig, wd: Workdir, checkpoints: Checkpointer) -> dict:
         log.info("the run in %s already finished (step %d of %d)", wd.path, start, total)
         return metrics.latest()
     batches = loop.batch_sharding(mesh)
-    train_fn = compile_train_step(model, config, state, batches)
-    header = _header(config, dataset, train_fn, tx, mesh, wd.path)
-    wd.record(config, dataset.name)  # the run starts training: from its first checkpoint on, it binds reruns
+    train_fn = compile_train_step(task, model, state, batches)
+    header = _header(config, task, train_fn, tx, mesh, wd.path)
+    wd.record(config, task.identity)  # the run starts training: from its first checkpoint on, it binds reruns
     metrics.start_segment(header, resumed_from=start)
     _log_memory(header, start, total)
-    eval_fn = jax.jit(make_eval_step(model))
-    return _loop(config, dataset, state, train_fn, eval_fn, schedule, total, batches, checkpoints, metrics, wd)
+    eval_fn = jax.jit(task.eval_step(model))
+    return _loop(config, task, state, train_fn, eval_fn, schedule, total, batches, checkpoints, metrics, wd)
 
 
 def _say_if_replacing(metrics: MetricsLog) -> None:
@@ -247,14 +207,13 @@ def _log_memory(header: dict, start: int, total: int) -> None:
              + (f" ({peaks['baseline'] / peaks['mesa']:.1f}x less with mesa)" if len(peaks) == 2 else ""))
 
 
-def _loop(config, dataset, state, train_fn, eval_fn, schedule, total, batches, checkpoints, metrics, wd) -> dict:
+def _loop(config, task, state, train_fn, eval_fn, schedule, total, batches, checkpoints, metrics, wd) -> dict:
     """The steps, with the host reading the device only at log, evaluation and checkpoint steps."""
-    progress = Progress(int(state.step), total)
+    progress = Progress(int(state.step), total, task.unit)
     final, clock, steps_timed = {}, time.perf_counter(), 0
     try:
-        for step, images, labels in data.train_batches(dataset.train, config.batch_size, config.seed,
-                                                       int(state.step), total, batches):
-            state, step_metrics = train_fn(state, images, labels)
+        for step, batch in task.train_batches(int(state.step), total, batches):
+            state, step_metrics = train_fn(state, *batch)
             done, steps_timed = step + 1, steps_timed + 1
             save_now, last = done % config.checkpoint_every == 0, done == total
             log_now = done % config.log_every == 0
@@ -267,16 +226,14 @@ def _loop(config, dataset, state, train_fn, eval_fn, schedule, total, batches, c
                 if log_now or last:
                     row = {"step": done, **{k: float(v) for k, v in values.items()},
                            "learning_rate": float(schedule(done - 1)),
-                           "images_per_sec": steps_timed * config.batch_size / seconds}
+                           progress.rate: steps_timed * task.units_per_step() / seconds}
                     metrics.write(row)
                     final.update(row)
                 if eval_now:
-                    evaluation = {"step": done, **evaluate(eval_fn, state, dataset.test, config.batch_size, batches,
-                                                           config.eval_batches)}
+                    evaluation = {"step": done, **evaluate(task, eval_fn, state, batches, config.eval_batches)}
                     metrics.write(evaluation)
                     final.update(evaluation)
-                    log.info("step %d  eval loss %.4f  accuracy %.4f", done, evaluation["eval_loss"],
-                             evaluation["eval_accuracy"])
+                    log.info("step %d  %s", done, task.describe(evaluation))
                 if save_now or last:
                     checkpoints.save(state)
                     wd.saved(done)

@@ -35,7 +35,7 @@ import re
 
 import jax
 
-from train.config import RESUMABLE, TrainConfig, flag
+from train.config import RESUMABLE, RunConfig, flag
 
 
 class WorkdirError(RuntimeError):
@@ -85,7 +85,7 @@ class Workdir:
         finally:
             os.close(fd)  # releases the lock
 
-    def check(self, config: TrainConfig) -> None:
+    def check(self, config: RunConfig) -> None:
         """Refuse ``config`` where it differs from the run the workdir holds (RESUMABLE aside)."""
         recorded = self._binding()
         differing = config.differences(recorded) if recorded else []
@@ -123,7 +123,7 @@ class Workdir:
                                f"checkpoints back in {self.file('checkpoints')}{damaged}, or move the workdir aside "
                                f"to start afresh")
 
-    def record(self, config: TrainConfig, dataset: str) -> None:
+    def record(self, config: RunConfig, dataset: str) -> None:
         """Record the configuration and data set of the run now training (keeping its newest checkpoint)."""
         kept = {k: v for k, v in (self._recorded() or {}).items() if k == "checkpoint_step"}
         self._record({**dataclasses.asdict(config), "dataset_used": dataset, **kept})
