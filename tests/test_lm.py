@@ -129,3 +129,37 @@ def test_gradients_under_remat_and_tied_heads_match_the_baseline(name, remat):
 
     g, exact = grads(mesa, variables), grads(base, {"params": variables["params"]})
     assert float(jnp.vdot(g, exact) / (jnp.linalg.norm(g) * jnp.linalg.norm(exact))) > 0.99
+
+
+def test_the_lm_memory_table_sets_each_method_beside_its_row_s_baseline():
+    from benchmarks import lm_memory, step_memory
+
+    def m(peak):
+        parts = memory.CompiledMemory(temp=peak - 2**20, argument=2**20, output=0, alias=0)
+        report = memory.ProgramReport("h100", parts, {"kLoop": 1}, {}, 0, 0, None, None, 1.0)
+        return step_memory.StepMemory(peak // 2, {"h100": report})
+
+    kept = lm_memory.Residuals(2**21, 1536.0, 4096.0)
+    rows = [("gpt2-s", "bfloat16", 2048, 8, "baseline", m(6 * 2**20), kept),
+            ("gpt2-s", "bfloat16", 2048, 8, "mesa8", m(2 * 2**20), kept),
+            ("gpt2-s", "bfloat16", 2048, 8, "cudnn", m(3 * 2**20), None)]
+    lines = lm_memory.table(rows).splitlines()
+    assert "| H100 plan MiB | baseline / method |" in lines[0]
+    assert lines[3] == "| gpt2-s | bfloat16 | 2048 | 8 | mesa8 | 2 | 3.00x | 2 | 1,536 | 4,096 |"
+    assert lines[4].endswith("| cudnn | 3 | 2.00x | - | - | - |")
+    assert lm_memory.build("gpt2-s", "flash_like", seq=4096).max_len == 4096
+    assert lm_memory.build("gpt2-s", "remat", seq=512).max_len == 1024
+
+
+@pytest.mark.slow  # traces each method at two batches, two depths and two sequence lengths
+def test_residuals_per_token_and_block_are_flat_in_the_sequence_but_the_baseline_s(monkeypatch):
+    from benchmarks import lm_memory
+
+    monkeypatch.setitem(gpt.PRESETS, "gpt-tiny", dict(vocab_size=256, max_len=64, width=32, num_heads=2, depth=4))
+    per_token = {m: [lm_memory.residuals("gpt-tiny", m, jnp.bfloat16, 2, t).per_block_token for t in (16, 48)]
+                 for m in ("baseline", "flash_like", "remat", "mesa8")}
+    assert per_token["baseline"][1] > per_token["baseline"][0]
+    for method in ("flash_like", "remat", "mesa8"):
+        assert per_token[method][0] == per_token[method][1], method
+    assert per_token["remat"][0] == 32 * 2  # the block's bfloat16 input
+    assert per_token["mesa8"][0] < per_token["flash_like"][0] / 4

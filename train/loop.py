@@ -97,10 +97,15 @@ def lm_train_step(state: TrainState, windows):
     windows = windows.astype(jnp.int32)
 
     def loss_of(logits):  # [B, T, V]
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
+        loss = next_token_losses(logits, windows).mean()
         return loss, {"bits_per_byte": loss / jnp.log(2.0)}
 
     return optimizer_step(state, windows[:, :-1], loss_of, dropout)
+
+
+def next_token_losses(logits, windows):
+    """[B, T] cross-entropy (nats) of each next token windows[:, 1:] under logits [B, T, V]."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])
 
 
 def guarded(state: TrainState, new: TrainState, loss, grad_norm) -> TrainState:
@@ -132,7 +137,7 @@ def lm_eval_step(state: TrainState, windows, mask):
     """Summed next-token loss (nats) and token count over the ``mask``ed (real) windows [B, T + 1]."""
     windows = windows.astype(jnp.int32)
     logits = state.apply_fn(_variables(state, state.params), windows[:, :-1], train=False)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])  # [B, T]
+    losses = next_token_losses(logits, windows)  # [B, T]
     return {"loss_sum": jnp.sum(jnp.where(mask[:, None], losses, 0.0)),
             "count": jnp.sum(mask) * losses.shape[1]}
 
