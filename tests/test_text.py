@@ -169,3 +169,14 @@ def test_help_documents_the_lm_flags():
     for flag in ("--text", "--seq-len", "--warmup-steps", "--model", "--no-mesa", "--bits", "--ranges"):
         assert flag in help_text
     assert "standard library" in help_text and "(default: gpt-tiny)" in help_text
+
+
+def test_the_curves_compare_each_run_with_its_own_seed_s_baseline():
+    from benchmarks import lm_curves
+
+    run = lambda bpb: [{"step": 10, "bits_per_byte": bpb + 0.1}, {"step": 10, "eval_bits_per_byte": bpb}]
+    runs = {0: {"baseline": run(2.0), "mesa8": run(2.02)}, 1: {"baseline": run(3.0), "mesa8": run(3.0)}}
+    assert lm_curves.paired(runs)["mesa8"] == pytest.approx([0.01, 0.0])
+    assert lm_curves.mean_and_error([0.01, 0.0]) == pytest.approx((0.005, 0.005))
+    text = lm_curves.table(runs)
+    assert "| mesa8 | 0 | 2.1200 | 2.0200 | +1.000% |" in text and "| mesa8 | 2.5100 | +0.500% ± 0.500% |" in text
