@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from mesa_jax import QuantConfig, models, policy
-from mesa_jax.policy import KINDS, Policy
+from mesa_jax.policy import Policy
 from train import data, loop
 
 WARM_BATCHES = 3
@@ -138,17 +138,17 @@ def gradient_fidelity(name: str, quant, kind: str, batch: int, params=None, **ov
 
 def nnx_fidelity(kind: str, batch: int) -> Fidelity:
     """The NNX ViT of benchmarks.nnx_vit in vit-c100's shape, compressed in place by
-    mesa_jax.nnx.compress (int8, a group per head), against the same model uncompressed."""
+    mesa_jax.compress (int8, a group per head), against the same model uncompressed."""
     from flax import nnx
     from benchmarks import nnx_vit
-    from mesa_jax import nnx as mesa_nnx
+    import mesa_jax
 
     shape = models.preset("vit-c100")
     make = lambda: nnx_vit.VisionTransformer(100, img_size=shape["image_size"], patch_size=shape["patch_size"],
                                              num_layers=shape["depth"], num_heads=shape["num_heads"],
                                              mlp_dim=shape["mlp_dim"], hidden_size=shape["width"], dropout_rate=0.0,
                                              rngs=nnx.Rngs(0))
-    baseline, model = make(), mesa_nnx.compress(make(), QuantConfig(num_groups=shape["num_heads"]))
+    baseline, model = make(), mesa_jax.compress(make(), QuantConfig(num_groups=shape["num_heads"]))
     grad = nnx.jit(nnx.grad(lambda m, images, labels: loop.cross_entropy(m(images), labels)))
     sized = argparse.Namespace(image_size=shape["image_size"])
     for i in range(WARM_BATCHES):
@@ -277,8 +277,7 @@ def configs(num_heads: int):
     return {
         "int8, group per head (default)": default,
         "int8, attention with a saved log-sum-exp": QuantConfig(num_groups=num_heads, saved_lse=True),
-        "int8, attention op by op (probabilities kept)": Policy(default, kinds=tuple(k for k in KINDS
-                                                                                    if k != "attention")),
+        "int8, attention op by op (probabilities kept)": Policy(default, attention="per_op"),
         "int8, 1 group": QuantConfig(num_groups=1),
         "int8, nearest rounding": QuantConfig(num_groups=num_heads, stochastic=False),
         "int8, update then pack (Mesa's order)": QuantConfig(num_groups=num_heads, update_first=True),

@@ -15,9 +15,9 @@ cd "$(dirname "$0")/.."
 out=${1:-${OUT:-results/gpu}}
 mkdir -p "$out"
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
-  scale=0.01; batch=4; model=vit-c100; kernels=pallas_interpret; impls="xla pallas_interpret"; repeats=2
+  scale=0.01; batch=4; model=vit-c100; kernels=triton-interpret; backends="xla triton-interpret"; repeats=2
 else
-  scale=1; batch=128; model=deit-s; kernels=pallas; impls="xla pallas"; repeats=20
+  scale=1; batch=128; model=deit-s; kernels=triton; backends="xla triton"; repeats=20
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -32,7 +32,7 @@ else
   echo "pytest is not installed here: kernel tests skipped" > "$out/kernel_tests.txt"
 fi
 
-timeout 40 python -m benchmarks.kernels --impl $impls --scale $scale --repeats $repeats \
+timeout 40 python -m benchmarks.kernels --backend $backends --scale $scale --repeats $repeats \
   --json "$out/kernels.json" > "$out/kernels.md" 2>&1
 
 # One method per process (the peak is a process-wide high-water mark): the baseline, what a
@@ -47,8 +47,8 @@ for run in baseline:45 flash_like:45 remat_nothing:50 mesa8:70 mesa8_pallas:90 m
   flags=${XLA_FLAGS:-}; extra=()
   [ $name = baseline ] && flags="$flags --xla_dump_to=$dump --xla_dump_hlo_module_re=.*train_step.*"
   [ $name = mesa8 ] && extra=(--memory-profile "$out/mesa8_memory.prof")
-  impl=${MESA_JAX_IMPL:-}; [ $name = mesa8_pallas ] && impl=$kernels
-  MESA_JAX_IMPL=$impl XLA_FLAGS="$flags" timeout ${run##*:} python -m benchmarks.device_step --method $method \
+  backend=xla; [ $name = mesa8_pallas ] && backend=$kernels
+  XLA_FLAGS="$flags" timeout ${run##*:} python -m benchmarks.device_step --method $method --backend $backend \
     --model $model --batch $batch "${extra[@]}" > "$out/step_$name.txt" 2>&1
 done
 mkdir -p "$out/dump_baseline"

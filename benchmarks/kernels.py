@@ -1,7 +1,7 @@
 """Kernel throughput: Pallas vs the XLA reference, as achieved memory bandwidth.
 
     python -m benchmarks.kernels --peak-gbs 4800         # on a GPU (H200: 4.8 TB/s)
-    python -m benchmarks.kernels --scale 0.05 --impl pallas_interpret   # a CPU smoke run
+    python -m benchmarks.kernels --scale 0.05 --backend triton-interpret   # a CPU smoke run
 
 Shapes are DeiT-S's at batch 128 (times ``--scale`` on the batch): the tensors
 LayerNorm, GELU and softmax keep. For each kernel (the forward's pack, which also
@@ -20,7 +20,6 @@ import time
 import jax
 import jax.numpy as jnp
 
-import pallas_kernels
 from mesa_jax import QuantConfig, ops, quant
 
 SHAPES = {"block input [B, 197, 384]": ((128, 197, 384), "layer_norm"),
@@ -28,12 +27,12 @@ SHAPES = {"block input [B, 197, 384]": ((128, 197, 384), "layer_norm"),
           "attention [B, 6, 197, 197]": ((128, 6, 197, 197), "softmax")}
 
 
-def cases(shape, op_name, dtype, implementation: str):
+def cases(shape, op_name, dtype, backend: str):
     """{kernel: (function, its arguments, bytes read + written)} for the tensor an op keeps."""
     x = jax.random.normal(jax.random.key(0), shape, dtype)
     layout = "heads" if op_name == "softmax" else "channels"
     groups = shape[1] if layout == "heads" else 6
-    config = QuantConfig(num_groups=1 if layout == "heads" else groups, implementation=implementation)
+    config = QuantConfig(num_groups=1 if layout == "heads" else groups, backend=backend)
     moments = ops.row_moments(x) if op_name == "layer_norm" else None
     kept = ops.normalized_input(x)[0] if op_name == "layer_norm" else jax.nn.softmax(x) if op_name == "softmax" else x
     stats = quant.stats_of(kept, layout, groups)
@@ -85,14 +84,14 @@ def table(rows) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--impl", nargs="+", default=["xla", "pallas"], choices=pallas_kernels.IMPLEMENTATIONS)
+    parser.add_argument("--backend", nargs="+", default=["xla", "triton"], choices=["xla", "triton", "triton-interpret"])
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of batch 128 (default: 1)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--peak-gbs", type=float, default=4800.0, help="memory bandwidth to compare with")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
-    rows = run(args.impl, args.scale, jnp.dtype(args.dtype), args.repeats, args.peak_gbs)
+    rows = run(args.backend, args.scale, jnp.dtype(args.dtype), args.repeats, args.peak_gbs)
     device = jax.devices()[0]
     print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}), {args.dtype}")
     print(table(rows))

@@ -1,5 +1,5 @@
 """A ViT written the way flax's NNX documentation writes one (stock ``nnx`` modules only):
-what ``mesa_jax.nnx.compress`` must reach unedited, and the NNX rows of the memory
+what ``mesa_jax.compress`` must reach unedited, and the NNX rows of the memory
 benchmark. ViT-S/16 is ``VisionTransformer(num_layers=12, num_heads=6, mlp_dim=1536,
 hidden_size=384)``. ``activation`` is the one addition to the documentation's model: its
 ``nnx.gelu`` is the tanh approximation, DeiT's is exact.

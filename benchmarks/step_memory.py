@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 import optax
 
-from mesa_jax import QuantConfig, memory, policy
+from mesa_jax import Policy, QuantConfig, memory, policy
 from mesa_jax import models
 from train import loop
 
@@ -39,12 +39,13 @@ def recomputed_attention(query, key, value, bias=None, mask=None, broadcast_drop
     return jax.checkpoint(attend)(query, key, value, bias, mask)
 
 
-def build(model_name: str, method: str, dtype=None, **overrides) -> nn.Module:
+def build(model_name: str, method: str, dtype=None, backend="xla", **overrides) -> nn.Module:
     """The model a method trains: baseline, the baseline with jax.nn.dot_product_attention as
     its attention core, flash-like (the baseline with its attention core recomputed), nn.remat
     with a policy (these three: ViT/DeiT, which have the fields), mesa
     at 8/4/2 bits, mesa at 8 bits with row ranges (one per row), at 4 bits with row ranges
-    (per head-sized group), or the 4/8-bit mix with row ranges."""
+    (per head-sized group), or the 4/8-bit mix with row ranges. ``backend``: who packs
+    mesa's residuals (pallas_kernels.Backend or its name: "xla", "triton", "triton-interpret")."""
     remat = {"remat_nothing": "nothing_saveable", "remat_dots": "dots_saveable",
              "mesa8_remat": "nothing_saveable"}.get(method)
     if remat:
@@ -68,6 +69,9 @@ def build(model_name: str, method: str, dtype=None, **overrides) -> nn.Module:
         quant = policy.int4_with_int8_attention(per_head.num_groups)
     else:
         raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
+    with_backend = lambda config: dataclasses.replace(config, backend=backend)
+    if quant is not None:
+        quant = quant.map_configs(with_backend) if isinstance(quant, Policy) else with_backend(quant)
     return models.create(model_name, num_classes=1000, quant=quant, dtype=dtype, **overrides)
 
 
@@ -120,17 +124,17 @@ def residual_bytes(model: nn.Module, batch: int) -> int:
 def measure_nnx(method: str, batch: int, image_size: int = 224, approximate_gelu: bool = False,
                 targets=(None,)) -> StepMemory:
     """The same step for the NNX ViT-S/16 of benchmarks.nnx_vit (float32): ``baseline`` as
-    written, ``mesa8`` compressed in place by mesa_jax.nnx.compress (int8, per head); DeiT-S's
+    written, ``mesa8`` compressed in place by mesa_jax.compress (int8, per head); DeiT-S's
     exact GELU unless ``approximate_gelu`` (flax's documentation model)."""
     from flax import nnx
     from benchmarks import nnx_vit
-    from mesa_jax import nnx as mesa_nnx
+    import mesa_jax
 
     if method not in ("baseline", "mesa8"):
         raise ValueError(f"the NNX rows measure baseline and mesa8, not {method!r}")
     model = nnx_vit.vit_s16(img_size=image_size, approximate_gelu=approximate_gelu, rngs=nnx.Rngs(0))
     if method == "mesa8":
-        mesa_nnx.compress(model, QuantConfig(num_groups=6, bits=8))  # channel groups = heads, as deit-s
+        mesa_jax.compress(model, QuantConfig(num_groups=6, bits=8))  # channel groups = heads, as deit-s
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)

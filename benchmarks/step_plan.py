@@ -2,7 +2,7 @@
 
     python -m benchmarks.step_plan --target h100 --model deit-s --batch 128 --dtype bfloat16 \
         --methods baseline flash_like mesa8
-    MESA_JAX_IMPL=pallas python -m benchmarks.step_plan --target h200 --methods mesa8   # the Pallas kernels
+    python -m benchmarks.step_plan --target h200 --methods mesa8 --backend triton   # the Pallas kernels
     python -m benchmarks.step_plan --target h100 --methods mesa8 --dump /tmp/mesa8      # + XLA's dumps
     python -m benchmarks.step_plan --compare results/gpu     # gpu_check.sh's real peaks beside the plans
 
@@ -116,6 +116,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=list(memory_bench.DTYPES))
     parser.add_argument("--methods", nargs="+", default=["baseline", "mesa8"], choices=step_memory.METHODS)
+    parser.add_argument("--backend", default="xla", choices=["xla", "triton"], help="who packs mesa's residuals")
     parser.add_argument("--dump", metavar="DIR", help="keep XLA's dumps in DIR/METHOD")
     parser.add_argument("--json", metavar="FILE", help="also write one JSON object per method to FILE")
     parser.add_argument("--compare", metavar="DIR", help="only print gpu_check.sh's real peaks in DIR beside the plans")
@@ -128,7 +129,7 @@ def main(argv=None):
         parser.error(str(e))
     results = []
     for method in args.methods:
-        model = step_memory.build(args.model, method, memory_bench.DTYPES[args.dtype])
+        model = step_memory.build(args.model, method, memory_bench.DTYPES[args.dtype], args.backend)
         dump = os.path.join(args.dump, method) if args.dump else None
         report = step_memory.compile_step(model, args.batch, target, dump_to=dump)
         results.append((args.model, args.dtype, args.batch, method, step_memory.StepMemory(0, {target.name: report}), None))

@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mesa_jax import ops
-from pallas_kernels.hashing import combine
+from mesa_jax._src.residuals import keep, materialize, own, restore
 from mesa_jax.quant import QuantConfig
+from pallas_kernels.hashing import combine
 
 # The backward recomputes the probabilities a block of queries at a time: [B, H, block, S]
 # float32 alive at once, not [B, H, T, S]. A block takes every query while that stays under
@@ -54,6 +54,22 @@ class Forward:
 
     def __call__(self, q, k, v, bias, mask):
         return self.fn(q, k, v, bias, mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """``fn(q, k, v, bias, mask, **kwargs)`` as a static map: a framework's attention function
+    (flax.linen's or flax.nnx's dot_product_attention) with its settings, without dropout."""
+
+    fn: Any
+    kwargs: tuple = ()  # sorted (name, value) pairs
+
+    @classmethod
+    def of(cls, fn, **kwargs) -> "Baseline":
+        return cls(fn, tuple(sorted(kwargs.items())))
+
+    def __call__(self, q, k, v, bias, mask):
+        return self.fn(q, k, v, bias, mask, **dict(self.kwargs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +107,7 @@ def packed_attention(q, k, v, bias, mask, stats, seeds, config: QuantConfig | No
     ``stats``/``seeds``: triples for q, k, v. Returns ``(out, updated stats)``.
     """
     layout = q.ndim - 2  # [B, L, H, D]: one group per head
-    kept, updated = zip(*(ops.keep(t, s, seed, config, layout) for t, s, seed in zip((q, k, v), stats, seeds)))
+    kept, updated = zip(*(keep(t, s, seed, config, layout) for t, s, seed in zip((q, k, v), stats, seeds)))
     return _attention(q, k, v, bias, mask, tuple(kept), forward), tuple(updated)
 
 
@@ -102,20 +118,20 @@ def _attention(q, k, v, bias, mask, kept, forward: Forward):
 
 def _attention_fwd(q, k, v, bias, mask, kept, forward):
     lse = row_log_sum_exp(q, k, bias, mask, forward) if forward.saved_lse else None
-    out, kept = ops._materialize(forward(q, k, v, bias, mask), *kept)
+    out, kept = materialize(forward(q, k, v, bias, mask), *kept)
     return out, (kept, bias, mask, lse)
 
 
 def _attention_bwd(forward, residuals, g):
     kept, bias, mask, lse = residuals
-    q, g = ops.restore(kept[0], g)
-    k, g = ops.restore(kept[1], g)
-    v, g = ops.restore(kept[2], g)
+    q, g = restore(kept[0], g)
+    k, g = restore(kept[1], g)
+    v, g = restore(kept[2], g)
     dq, dk, dv, dbias = blocked_backward(q, k, v, bias, mask, g, forward, lse=lse)
     return dq, dk, dv, dbias, None, None
 
 
-_attention.defvjp(ops.own(_attention_fwd), _attention_bwd)
+_attention.defvjp(own(_attention_fwd), _attention_bwd)
 
 
 def logits(q, k, bias, mask, forward: Forward, first_query: int = 0):

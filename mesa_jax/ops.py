@@ -4,17 +4,13 @@ Every op takes, besides its operands, the running statistics of each kept
 activation, a uint32 ``seed`` for stochastic rounding, and a static ``config``:
 ``QuantConfig`` keeps int codes, ``None`` keeps the float activation and runs the
 *same* custom backward (the exact mode the numerical-gradient tests check).
-Every op returns ``(y, stats)``: its output and the statistics updated with the
-range of what it kept, measured in the same read that packs it (see
+Every op returns ``(y, stats)``: its output and a tuple of the statistics updated with
+the range of each tensor it kept, measured in the same read that packs it (see
 quant.pack_and_update); exact mode returns the statistics unchanged.
 
 An op packs what it keeps *before* its custom_vjp (``keep``, in the primal
-computation), and hands the residual to it. So residuals are data that flow
-between ops: inside ``sharing()`` an activation several ops keep is packed once,
-and an op's output that the next op keeps (LayerNorm -> Dense, GELU -> Dense,
-softmax -> matmul) is kept as a function of the first op's residual, at no cost
-(``share``, ``Derived``), also inside a scanned body, whose custom_vjp forwards
-JAX traces one by one.
+computation), and hands the residual to it: residuals are data that flow between ops,
+and inside ``sharing()`` each activation is kept once (mesa_jax._src.residuals).
 
 Each op reads top to bottom: the op (keeps, then calls its core), its
 ``*_reference`` (the plain jnp computation, differentiated by JAX: what
@@ -24,205 +20,28 @@ the output), ``_bwd`` (the formula on the restored activation), ``defvjp``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import threading
 from typing import Any, Sequence
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 from jax import lax
-from jax.ad_checkpoint import checkpoint_name
 
 from mesa_jax import quant
-from mesa_jax.quant import Layout, Packed, QuantConfig, Stats
+from mesa_jax._src.residuals import (after, fused_kernel as _fused_kernel, kernel_args as _kernel_args, keep,
+                                     materialize as _materialize, own, restore, share, sharing)
+from mesa_jax.attention import attention
+from mesa_jax.quant import Layout, Packed, QuantConfig, Stats, init_stats
 from pallas_kernels import arithmetic, fused
 
-RESIDUAL_NAME = "mesa_residual"  # checkpoint_name of every kept activation
-
-
-class _Running(threading.local):
-    depth = 0
-
-
-_running = _Running()
-
-
-def own(fwd):
-    """Mark a custom_vjp forward as mesa's own computation: compress intercepts nothing inside
-    it. JAX may trace a forward long after the call that made it (a differentiated nn.scan
-    body), while compress's scope is still open; the baseline code an op runs (jax.nn.gelu,
-    flax's attention) must stay the baseline's then."""
-
-    @functools.wraps(fwd)
-    def wrapped(*args, **kwargs):
-        _running.depth += 1
-        try:
-            return fwd(*args, **kwargs)
-        finally:
-            _running.depth -= 1
-
-    return wrapped
-
-
-def running() -> bool:
-    """Whether this thread is inside an op's forward."""
-    return _running.depth > 0
-
-
-def keep(x, stats: Stats | None, seed, config: QuantConfig | None, layout: Layout = "channels", normalized_by=None):
-    """(what the backward pass keeps of x, the statistics updated with it): packed codes,
-    or x itself in exact mode. ``normalized_by``: keep quant.normalize_rows(x, normalized_by).
-    Called in the primal computation: the residual is data, not differentiated.
-
-    Inside ``sharing()``: an op's output another op shared (``share``) is kept as that
-    op's residual, and the statistics are returned unchanged (``stats`` may be None); an
-    array another op already packed (the same object, layout and config) is not packed
-    again, and its measured range is folded into this op's statistics.
-    """
-    if config is None:
-        return (x if normalized_by is None else lax.stop_gradient(quant.normalize_rows(x, normalized_by))), stats
-    residual = shared(x) if normalized_by is None else None
-    if residual is not None:
-        return residual, stats
-    key = (id(x), layout, config) if normalized_by is None and _shared.packed is not None else None
-    if key is not None and _current(_shared.packed.get(key)):
-        _, _, packed, lo, hi = _shared.packed[key]
-    else:
-        packed, lo, hi = quant.pack_and_measure(*lax.stop_gradient((x, stats)), config, seed, layout,
-                                                lax.stop_gradient(normalized_by))
-        packed = checkpoint_name(packed, RESIDUAL_NAME)
-        if key is not None:
-            _shared.packed[key] = (x, _trace(), packed, lo, hi)  # x held: its id stays its own
-    return packed, quant.fold_range(stats, lo, hi, config)
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["source", "args"], meta_fields=["fn"])
-@dataclasses.dataclass(frozen=True)
-class Derived:
-    """An activation kept as ``fn(restored source, *args)``: the residual of the op that
-    produced it, e.g. LayerNorm's output as x_hat * scale + bias of LayerNorm's packed x_hat,
-    GELU's output as gelu of GELU's packed input. It costs no bytes of its own."""
-
-    source: Packed
-    args: tuple
-    fn: Any
-
-
-class _Shared(threading.local):
-    packed: dict | None = None  # (id(x), layout, config) -> (x, trace, Packed, lo, hi)
-    outputs: dict | None = None  # id(y) -> (y, trace, residual): ops' outputs kept by their residuals
-
-
-def _trace():
-    return jax.extend.core.get_opaque_trace_state()
-
-
-def _current(entry) -> bool:
-    """Whether a table entry was made in the trace now running: an array passed unchanged into
-    several traces (a vmapped layer's broadcast input) is another value in each."""
-    return entry is not None and entry[1] == _trace()
-
-
-_shared = _Shared()
-
-
-@contextlib.contextmanager
-def sharing():
-    """Keep each activation once, for the ops run (traced) inside: a tensor several ops keep
-    (an attention layer's q/k/v input) is packed once, an op's output the next op keeps is
-    kept by the first op's residual (``share``)."""
-    outer = _shared.packed, _shared.outputs
-    if _shared.packed is None:
-        _shared.packed, _shared.outputs = {}, {}
-    try:
-        yield
-    finally:
-        _shared.packed, _shared.outputs = outer
-
-
-def share(y, kept, fn=None, *args):
-    """Within ``sharing()``: an op that keeps ``y`` (this op's output) keeps ``kept`` (this op's
-    residual), or ``Derived(kept, args, fn)``, instead of packing y. Packed residuals only:
-    exact mode keeps what JAX keeps."""
-    if _shared.outputs is not None and isinstance(kept, Packed):
-        residual = kept if fn is None else Derived(kept, args, fn)  # args: parameters, not copied
-        _shared.outputs[id(y)] = (y, _trace(), residual)  # y held: its id stays its own
-
-
-def shared(x):
-    """The residual another op shares for ``x`` (see ``share``), or None."""
-    entry = None if _shared.outputs is None else _shared.outputs.get(id(x))
-    return entry[2] if _current(entry) else None
-
-
-def restore(res, g):
-    """The activation a residual stands for, unpacked only once the cotangent exists.
-
-    Without a dependency on ``g`` XLA is free to unpack (and transpose, for a
-    matmul) early in the forward pass, keeping float copies alive: exactly the
-    memory mesa exists to save. The optimization barrier expresses the
-    dependency on GPU; XLA:CPU drops barriers, so the words also get a data
-    dependency on the cotangent that changes no value (``_after``).
-    """
-    if isinstance(res, Derived):
-        x, g = restore(res.source, g)
-        return res.fn(x, *(after(a, g) for a in res.args)), g
-    if not isinstance(res, Packed):
-        return res, g
-    res, g = lax.optimization_barrier((res, g))
-    return quant.unpack(_after(res, g)), g
-
-
-def _after(p: Packed, g) -> Packed:
-    """``p`` with words that depend on the cotangent ``g`` and equal ``p.words`` bit for bit."""
-    return dataclasses.replace(p, words=after(p.words, g))
-
-
-def after(a, g):
-    """``a`` bit for bit, as a value that depends on the cotangent ``g``: what a backward
-    reads of the forward (a residual, a parameter it broadcasts) is then computed there, not
-    kept from the forward (XLA:CPU merges a parameter's [B, N, C] broadcast in the forward
-    with the backward's, keeping it alive in between).
-
-    ``min(w, w | b) == w`` for unsigned integers, whatever ``b`` (here the summed bits of
-    g's first channel, 0 if g is empty), and XLA's simplifier does not know it. The first
-    channel of every row, not g's first element: a batch-sharded g cannot be sliced to one
-    element under explicit sharding.
-    """
-    if a is None:
-        return None
-    first = g[..., :1] if g.ndim else g
-    bits = lax.bitcast_convert_type(first, jnp.dtype(f"uint{8 * first.dtype.itemsize}")).astype(jnp.uint32)
-    bits = jnp.sum(bits, dtype=jnp.uint32)  # a scalar; sharded g: a sum all-reduce (no OR one on CPU)
-    uint = jnp.dtype(f"uint{8 * a.dtype.itemsize}")
-    w = a if a.dtype == uint else lax.bitcast_convert_type(a, uint)
-    w = jnp.minimum(w, w | bits.astype(uint))
-    return w if a.dtype == uint else lax.bitcast_convert_type(w, a.dtype)
-
-
-def _fused_kernel(res) -> bool:
-    """Whether the backward of a residual runs a fused Pallas kernel (unpack + formula)."""
-    return isinstance(res, Packed) and res.implementation != "xla"
-
-
-def _kernel_args(res: Packed) -> dict:
-    return dict(bits=res.bits, row_ranges=res.rows, interpret=res.implementation == "pallas_interpret")
-
-
-def _materialize(y, *kept):
-    """Tie packed residuals to the forward output, so the codes are written in the forward.
-
-    Returns the residuals themselves, not the barrier's copies: a residual several ops
-    keep stays one value (one stacked output of a scanned body, not one per op).
-    """
-    if not any(isinstance(k, (Packed, Derived)) for k in kept):
-        return y, kept
-    y, _ = lax.optimization_barrier((y, kept))
-    return y, kept
-
+__all__ = [
+    "linear", "dense", "conv", "gelu", "layer_norm", "softmax", "bilinear", "matmul", "attention",  # the ops
+    "dense_reference", "conv_reference", "gelu_reference", "layer_norm_reference", "softmax_reference",
+    "matmul_reference", "DotGeneral", "ConvGeneral", "Einsum", "Reshaped", "GeluOf", "AffineOf",
+    "normalized_input", "row_moments", "attention_layout", "kept_output", "sharing", "keep",
+    "Stats", "Packed", "QuantConfig", "init_stats",
+]
 
 def _f32(x):
     """x in at least float32: bf16 math in float32, float64 stays float64."""
@@ -245,7 +64,7 @@ def linear(x, params, stats, seed, config, fn):
     ``fn`` is static: a hashable map such as ``DotGeneral`` or ``ConvGeneral``.
     """
     kept, stats = keep(x, stats, seed, config)
-    return _linear(x, params, kept, fn), stats
+    return _linear(x, params, kept, fn), (stats,)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -377,7 +196,7 @@ def gelu(x, stats, seed, config, approximate: bool = False):
     kept, stats = keep(x, stats, seed, config)
     y = _gelu(x, kept, approximate)
     share(y, kept, GeluOf(approximate))
-    return y, stats
+    return y, (stats,)
 
 
 def gelu_reference(x, approximate: bool = False):
@@ -433,7 +252,7 @@ def layer_norm(x, scale, bias, stats, seed, config, epsilon: float = 1e-6, fast_
     kept, stats = keep(x, stats, seed, config, normalized_by=(mean, rstd))  # a kernel normalizes as it packs
     y = _layer_norm(x, scale, bias, kept, lax.stop_gradient(rstd), epsilon, fast_variance, dtype)
     share(y, kept, AffineOf(y.dtype), scale, bias)
-    return y, stats
+    return y, (stats,)
 
 
 def layer_norm_reference(x, scale, bias, epsilon=1e-6, fast_variance: bool = True, dtype=None):
@@ -535,7 +354,7 @@ def softmax(x, stats, seed, config):
     kept, stats = keep(y, stats, seed, config, attention_layout(y.ndim))
     y = _softmax(x, y, kept)
     share(y, kept)
-    return y, stats
+    return y, (stats,)
 
 
 def softmax_reference(x):
@@ -616,13 +435,3 @@ def matmul(a, b, stats_a, stats_b, seed_a, seed_b, config):
 
 def matmul_reference(a, b):
     return jnp.matmul(a, b)
-
-
-def __getattr__(name):
-    """``ops.attention`` is mesa_jax.attention.attention: it lives in its own module, which
-    builds on these ops (imported on first use, not circularly)."""
-    if name == "attention":
-        from mesa_jax.attention import attention
-
-        return attention
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

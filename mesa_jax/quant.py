@@ -18,7 +18,7 @@ LayerNorm's normalization, "a group with no finite entry has range 0", the word
 layout) are the small functions of pallas_kernels.arithmetic, and the noise ``u``
 is pallas_kernels.hashing's counter-based hash of (seed, flat element index):
 the reference here and the kernels call the same functions. Which of the two
-runs is ``QuantConfig.implementation``.
+runs is ``QuantConfig.backend``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ import pallas_kernels
 from pallas_kernels import arithmetic
 from pallas_kernels import pack as kernels
 from pallas_kernels.hashing import combine, uniform
+
+__all__ = [  # the reference's public names: the config, the records, the statistics, pack/unpack
+    "QuantConfig", "Stats", "Packed", "Layout", "init_stats", "stats_of", "update", "fold_range", "num_groups_for",
+    "layer_seed", "pack", "unpack", "pack_and_update", "pack_and_measure", "fake_quantize", "WORD", "GROWTH",
+]
 
 Layout = Union[Literal["channels", "heads"], int]  # see pallas_kernels.arithmetic.group_axis
 
@@ -59,9 +64,9 @@ class QuantConfig:
     # (two reads of the tensor). False packs with the estimate from before the tensor and
     # measures its range in the same read (see pack_and_update).
     update_first: bool = False
-    # "xla" (this module's jnp), "pallas" (Triton kernels) or "pallas_interpret"; None:
-    # the process default (pallas_kernels.default: MESA_JAX_IMPL, else "xla").
-    implementation: str | None = None
+    # who packs (pallas_kernels.Backend, or its name: "xla", "triton", "triton-interpret"):
+    # this module's jnp, or the Triton kernels (compiled, or in the Pallas interpreter)
+    backend: pallas_kernels.Backend = pallas_kernels.XLA
     # Attention (mesa_jax.attention): also keep each query row's log-sum-exp of the exact
     # logits (float32: 4 bytes per head and token) and normalize the restored logits with
     # it. False: normalize them by their own log-sum-exp (restored rows sum to one).
@@ -92,8 +97,7 @@ class QuantConfig:
         for flag in ("stochastic", "update_first", "saved_lse"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"QuantConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
-        if self.implementation is not None:
-            pallas_kernels.check(self.implementation)
+        object.__setattr__(self, "backend", pallas_kernels.backend(self.backend))
         if self.ranges not in RANGES:
             raise ValueError(f"QuantConfig.ranges must be one of {list(RANGES)}, got {self.ranges!r}")
 
@@ -122,7 +126,7 @@ class Packed:
     dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
     bits: int = dataclasses.field(metadata=dict(static=True))
     layout: Layout = dataclasses.field(metadata=dict(static=True))
-    implementation: str = dataclasses.field(metadata=dict(static=True))  # resolved: unpack runs the same
+    backend: pallas_kernels.Backend = dataclasses.field(metadata=dict(static=True))  # unpack runs the same
     rows: bool = dataclasses.field(default=False, metadata=dict(static=True))  # QuantConfig(ranges="row")
 
     @property
@@ -343,7 +347,7 @@ def normalize_rows(x: jax.Array, moments=None) -> jax.Array:
 def pack(x: jax.Array, stats: Stats, config: QuantConfig, seed, layout: Layout = "channels",
          normalized_by=None) -> Packed:
     """Quantize x (or normalize_rows(x, normalized_by)) with the given statistics and pack
-    the codes into bytes, with the reference or the kernels (config.implementation):
+    the codes into bytes, with the reference or the kernels (config.backend):
     both give identical words."""
     return _pack_measure(x, stats, config, seed, layout, normalized_by)[0]
 
@@ -405,10 +409,10 @@ def _pack_measure(x, stats: Stats, config: QuantConfig, seed, layout: Layout, no
     """(x packed with ``stats``, x's per-group min, max): one read of x under the kernels."""
     groups = stats.lo.shape[0]
     # the kernels need a non-empty grid; an empty tensor has nothing to pack anyway
-    implementation = "xla" if x.size == 0 else pallas_kernels.resolve(config.implementation)
+    backend = pallas_kernels.XLA if x.size == 0 else config.backend
     if by_rows(x.shape, layout, groups, config):
-        return _pack_rows(x, config, seed, layout, normalized_by, groups, implementation)
-    if implementation == "xla":
+        return _pack_rows(x, config, seed, layout, normalized_by, groups, backend)
+    if not backend.kernels:
         xn = normalize_rows(x, normalized_by)
         codes, scale, shift = quantize(xn, stats, config, seed, layout)
         words = pack_codes(codes, config.bits)
@@ -417,11 +421,11 @@ def _pack_measure(x, stats: Stats, config: QuantConfig, seed, layout: Layout, no
         shift, scale, inv_scale = _affine(x, stats, config, layout)
         words, row_lo, row_hi = kernels.pack(x, shift, inv_scale, seed, layout=layout, bits=config.bits,
                                              stochastic=config.stochastic, normalized_by=normalized_by,
-                                             interpret=implementation == "pallas_interpret")
+                                             interpret=backend.interpret)
         view = grouped_shape(row_lo.shape, layout, groups)  # [..., 1] per head-row, [..., G] per row
         lo, hi = _group_range(regroup(row_lo, view), regroup(row_hi, view))
     dtype = x.dtype if normalized_by is None else jnp.promote_types(x.dtype, jnp.float32)
-    return Packed(words, scale, shift, x.shape, jnp.dtype(dtype), config.bits, layout, implementation), lo, hi
+    return Packed(words, scale, shift, x.shape, jnp.dtype(dtype), config.bits, layout, backend), lo, hi
 
 
 ROW_MIN = 16  # row ranges need at least this many elements per range (an RGB pixel's 3 would triple its bytes)
@@ -441,9 +445,9 @@ def row_view(shape: tuple[int, ...], layout: Layout, groups: int) -> tuple[int, 
     return (*shape[:-1], split, shape[-1] // split)
 
 
-def _pack_rows(x, config: QuantConfig, seed, layout: Layout, normalized_by, groups: int, implementation: str):
+def _pack_rows(x, config: QuantConfig, seed, layout: Layout, normalized_by, groups: int, backend):
     """(x packed with each row's own range, x's per-group min, max for the running statistics)."""
-    if implementation == "xla":
+    if not backend.kernels:
         xn = normalize_rows(x, normalized_by)
         xr = regroup(xn, row_view(x.shape, layout, groups)).astype(jnp.float32)
         finite = jnp.isfinite(jax.lax.stop_gradient(xr))
@@ -455,14 +459,14 @@ def _pack_rows(x, config: QuantConfig, seed, layout: Layout, normalized_by, grou
     else:  # the range of a row, then its codes, from one read of the row
         words, raw_lo, raw_hi, shift, scale = kernels.pack_with_row_ranges(
             x, seed, layout=layout, groups=groups, bits=config.bits, stochastic=config.stochastic,
-            normalized_by=normalized_by, interpret=implementation == "pallas_interpret")
+            normalized_by=normalized_by, interpret=backend.interpret)
     axis = arithmetic.group_axis(x.shape, layout)
     by_group = (-1 if axis is None or axis == x.ndim - 1 else axis)  # the axis of raw_lo holding the groups
     view = grouped_shape(raw_lo.shape, by_group, groups)
     lo, hi = _group_range(regroup(raw_lo, view), regroup(raw_hi, view))
     dtype = x.dtype if normalized_by is None else jnp.promote_types(x.dtype, jnp.float32)
     packed = Packed(words, scale.astype(ROW_SCALE_DTYPE), shift.astype(ROW_SCALE_DTYPE), x.shape, jnp.dtype(dtype),
-                    config.bits, layout, implementation, rows=True)
+                    config.bits, layout, backend, rows=True)
     return packed, lo, hi
 
 
@@ -470,10 +474,10 @@ ROW_SCALE_DTYPE = jnp.bfloat16  # 4 bytes of scale and shift per row and group (
 
 
 def unpack(p: Packed) -> jax.Array:
-    """The dequantized tensor, in the original shape and dtype, by the implementation that packed it."""
-    if p.implementation != "xla":
+    """The dequantized tensor, in the original shape and dtype, by the backend that packed it."""
+    if p.backend.kernels:
         return kernels.unpack(p.words, p.shift, p.scale, shape=p.shape, dtype=p.dtype, layout=p.layout,
-                              bits=p.bits, interpret=p.implementation == "pallas_interpret", row_ranges=p.rows)
+                              bits=p.bits, interpret=p.backend.interpret, row_ranges=p.rows)
     codes = unpack_codes(p.words, p.bits, p.shape[-1])
     compute = jnp.promote_types(p.dtype, jnp.float32)  # float64 stays exact: code * scale has < 53 bits
     if p.rows:  # [..., Gr] pairs: each row's per channel group

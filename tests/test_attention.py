@@ -12,7 +12,6 @@ from jax.test_util import check_grads
 
 import mesa_jax.nn as mnn
 from mesa_jax import QuantConfig, attention, compress, memory, ops, quant
-from mesa_jax.nn import FlaxAttention
 
 B, T, H, D = 2, 37, 3, 8  # ragged: 37 queries
 SEEDS = tuple(jnp.uint32(s) for s in (3, 4, 5))
@@ -23,7 +22,8 @@ def qkv(key, dtype=jnp.float32, t=T):
 
 
 def flax_forward(**kwargs):
-    return attention.Forward(FlaxAttention(**kwargs), scale=1.0 / np.sqrt(D))
+    """flax.linen's dot_product_attention without dropout, as compress runs it."""
+    return attention.Forward(attention.Baseline.of(nn.dot_product_attention, **kwargs), scale=1.0 / np.sqrt(D))
 
 
 def jax_forward(is_causal=False, saved_lse=False):

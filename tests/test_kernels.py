@@ -1,4 +1,4 @@
-"""Pallas pack/unpack kernels in interpret mode against the jnp reference, and the implementation choice."""
+"""Pallas pack/unpack kernels in interpret mode against the jnp reference, and the backend choice."""
 
 import dataclasses
 import os
@@ -16,8 +16,8 @@ from pallas_kernels import arithmetic, pack as kernels
 from conftest import CHANNEL_SHAPES, HEAD_SHAPES
 
 SEED = jnp.uint32(21)
-# The CPU runs the kernels in the interpreter; benchmarks/gpu_check.sh sets "pallas" on a GPU.
-KERNELS = os.environ.get("MESA_JAX_TEST_KERNELS", "pallas_interpret")
+# The CPU runs the kernels in the interpreter; benchmarks/gpu_check.sh sets "triton" on a GPU.
+KERNELS = pallas_kernels.backend(os.environ.get("MESA_JAX_TEST_KERNELS", "triton-interpret"))
 # Ragged and DeiT-like rows: 197 tokens, odd widths.
 KERNEL_SHAPES = [(s, "channels") for s in CHANNEL_SHAPES + [(2, 5, 37), (1, 3, 197)]] + [
     (s, "heads") for s in HEAD_SHAPES + [(1, 2, 197, 197)]
@@ -33,40 +33,29 @@ def stats_for(x, layout, config):
 
 def both(config):
     """(config on the jnp reference, config on the kernels under test)."""
-    return dataclasses.replace(config, implementation="xla"), dataclasses.replace(config, implementation=KERNELS)
+    return dataclasses.replace(config, backend=pallas_kernels.XLA), dataclasses.replace(config, backend=KERNELS)
 
 
-@pytest.fixture
-def fresh_default():
-    """The process default is read once: forget it around a test that changes the environment."""
-    pallas_kernels.default.cache_clear()
-    yield
-    pallas_kernels.default.cache_clear()
+def test_the_default_is_xla_and_backends_are_named_objects(monkeypatch):
+    monkeypatch.setenv("MESA_JAX_IMPL", "pallas")  # no environment variable decides it
+    assert QuantConfig().backend == pallas_kernels.XLA and not QuantConfig().backend.kernels
+    assert QuantConfig(backend="triton-interpret").backend == pallas_kernels.TRITON_INTERPRET
+    assert QuantConfig(backend="triton").backend == pallas_kernels.Backend("triton", interpret=False)
+    with pytest.raises(ValueError, match="unknown mesa_jax backend 'cuda'"):
+        QuantConfig(backend="cuda")
+    with pytest.raises(ValueError, match="goes with the 'triton' backend"):
+        pallas_kernels.Backend("xla", interpret=True)
 
 
-def test_default_is_xla_unless_the_environment_says_otherwise_read_once(fresh_default, monkeypatch):
-    monkeypatch.delenv(pallas_kernels.ENV, raising=False)
-    assert pallas_kernels.resolve(None) == "xla"
-    monkeypatch.setenv(pallas_kernels.ENV, "pallas_interpret")
-    assert pallas_kernels.resolve(None) != "pallas_interpret"  # read once per process: nothing changes
-    pallas_kernels.default.cache_clear()
-    assert pallas_kernels.resolve(None) == "pallas_interpret"
-    assert pallas_kernels.resolve("xla") == "xla"  # an explicit choice beats the environment
-    monkeypatch.setenv(pallas_kernels.ENV, "cuda")
-    pallas_kernels.default.cache_clear()
-    with pytest.raises(ValueError, match="unknown mesa_jax implementation 'cuda'"):
-        pallas_kernels.resolve(None)
-
-
-def test_the_residual_records_the_implementation_that_packed_it(key):
+def test_the_residual_records_the_backend_that_packed_it(key):
     """Unpacking (and the fused backward) follow the residual, never a setting read later."""
     x = jax.random.normal(key, (2, 5, 8))
     for config in both(QuantConfig()):
         packed = quant.pack(x, stats_for(x, "channels", config), config, SEED)
-        assert packed.implementation == config.implementation
+        assert packed.backend == config.backend
     empty = jnp.zeros((0, 5, 8))
     packed = quant.pack(empty, quant.init_stats(1), both(QuantConfig())[1], SEED)
-    assert packed.implementation == "xla" and quant.unpack(packed).shape == empty.shape  # no kernel grid of 0
+    assert packed.backend == pallas_kernels.XLA and quant.unpack(packed).shape == empty.shape  # no kernel grid of 0
 
 
 def with_non_finite(x):
@@ -110,7 +99,7 @@ def test_kernel_normalizes_rows_as_it_packs(shape, dtype, key):
 
 
 def test_kernel_statistics_of_groups_without_finite_entries():
-    config = QuantConfig(num_groups=2, stochastic=False, implementation=KERNELS)
+    config = QuantConfig(num_groups=2, stochastic=False, backend=KERNELS)
     x = jnp.array([[jnp.nan, jnp.inf, 1.0, 3.0], [-jnp.inf, jnp.nan, 2.0, -1.0]])
     _, after = quant.pack_and_update(x, quant.init_stats(2), config, SEED)
     np.testing.assert_array_equal(after.lo, [0.0, -1.0])
@@ -124,7 +113,7 @@ def test_kernel_unpack_matches_the_reference(shape, layout, dtype, key):
     x = (jax.random.normal(key, shape) * 3).astype(dtype)
     packed = quant.pack(x, stats_for(x, layout, reference), reference, SEED, layout)
     want = quant.unpack(packed)
-    got = quant.unpack(dataclasses.replace(packed, implementation=KERNELS))
+    got = quant.unpack(dataclasses.replace(packed, backend=KERNELS))
     assert got.dtype == want.dtype == dtype and got.shape == shape
     # shift + code * scale: identical up to XLA contracting it into a fused multiply-add
     tolerance = 2 * float(jnp.finfo(dtype).eps) * float(jnp.max(jnp.abs(want.astype(jnp.float32))))
@@ -132,7 +121,7 @@ def test_kernel_unpack_matches_the_reference(shape, layout, dtype, key):
 
 
 def test_kernels_clamp_out_of_range_values():
-    config = QuantConfig(stochastic=False, implementation=KERNELS)
+    config = QuantConfig(stochastic=False, backend=KERNELS)
     stats = quant.Stats(jnp.array([0.0]), jnp.array([1.0]), jnp.array(3))
     x = jnp.array([[-5.0, 0.5, 7.0, jnp.nan, jnp.inf]])
     xh = quant.unpack(quant.pack(x, stats, config, SEED))
@@ -168,7 +157,7 @@ def test_row_range_kernel_codes_scales_and_statistics_are_the_reference_s(shape,
     stats = stats_for(jnp.nan_to_num(x), layout, reference)
     want, want_stats = quant.pack_and_update(x, stats, reference, SEED, layout, normalized_by=moments)
     got, got_stats = quant.pack_and_update(x, stats, kernel, SEED, layout, normalized_by=moments)
-    assert got.rows and got.scale.dtype == quant.ROW_SCALE_DTYPE and got.implementation == KERNELS
+    assert got.rows and got.scale.dtype == quant.ROW_SCALE_DTYPE and got.backend == KERNELS
     pairs = [(got.words, want.words), (got.scale, want.scale), (got.shift, want.shift), *zip(got_stats, want_stats)]
     for a, b in pairs:
         np.testing.assert_array_equal(a, b)

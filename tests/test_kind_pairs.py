@@ -187,6 +187,6 @@ def test_every_pair_of_kinds_compresses_in_linen():
 def test_every_pair_of_kinds_compresses_in_nnx():
     inputs, weights = pair_inputs()
     exact, want = nnx_grads(NnxBits(nnx.Rngs(1)), inputs, weights)
-    got_grads, got = nnx_grads(mnnx.compress(NnxBits(nnx.Rngs(1)), BITS), inputs, weights)
+    got_grads, got = nnx_grads(mesa_jax.compress(NnxBits(nnx.Rngs(1)), BITS), inputs, weights)
     assert_same_outputs(got, want)
     assert first_order_in_the_step(exact, got_grads) == {}

@@ -179,7 +179,7 @@ def test_attention_statistics_are_per_head_and_no_probabilities_are_kept(key):
     assert shapes["q"].lo == shapes["k"].lo == shapes["v"].lo == (4,)
     assert shapes["query"]["inputs"].lo == shapes["out"]["inputs"].lo == (2,)  # channel groups: num_groups
     assert "probs" not in shapes and "softmax_0" not in shapes  # the flash-style op: Q, K, V only
-    per_op = mnn.SelfAttention(num_heads=4, quant=Policy(kinds=("dense", "matmul", "softmax")))
+    per_op = mnn.SelfAttention(num_heads=4, quant=Policy(kinds=("dense", "matmul", "softmax"), attention="per_op"))
     shapes = jax.tree.map(jnp.shape, per_op.init(key, jnp.ones((2, 5, 16)))["mesa"])
     assert shapes["softmax_0"].lo == (4,)  # the op-by-op path, for comparison
     assert "probs" not in shapes  # the probabilities' matmul keeps the softmax's residual

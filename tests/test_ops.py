@@ -4,11 +4,13 @@ import functools
 import inspect
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
+from absl.testing import parameterized
 from jax.test_util import check_grads
 
 from mesa_jax import memory, ops, quant
@@ -103,12 +105,26 @@ def test_gelu_curvature_bound():
             assert float(jnp.max(jnp.abs(second))) <= GELU_CURVATURE * (1 + 1e-12)
 
 
-@pytest.mark.parametrize("case", CASES, ids=repr)
-def test_forward_is_identical_to_the_reference(case, key):
-    inputs = case.inputs(key)
-    expected = case.reference(*inputs)
-    for config in (None, CONFIG):
-        np.testing.assert_allclose(op_fn(case, config)(*inputs), expected, rtol=1e-6, atol=1e-6)
+class OpsWithAndWithoutJit(chex.TestCase):
+    """Each op's forward is the reference's, traced op by op and under jax.jit, in exact and
+    quantized mode; its gradients have its inputs' shapes and dtypes."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*[(case.name, case) for case in CASES])
+    def test_forward_is_the_reference_s(self, case):
+        inputs = case.inputs(jax.random.key(0))
+        for config in (None, CONFIG):
+            chex.assert_trees_all_close(self.variant(op_fn(case, config))(*inputs), case.reference(*inputs),
+                                        rtol=1e-6, atol=1e-6)
+
+    @chex.variants(with_jit=True)
+    @parameterized.named_parameters(*[(case.name, case) for case in CASES])
+    def test_gradients_match_the_inputs(self, case):
+        inputs = case.inputs(jax.random.key(0))
+        loss = lambda *a: jnp.sum(op_fn(case, CONFIG)(*a))
+        grads = self.variant(jax.grad(loss, argnums=tuple(range(len(inputs)))))(*inputs)
+        chex.assert_trees_all_equal_shapes_and_dtypes(grads, inputs)
+        chex.assert_tree_all_finite(grads)
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
@@ -170,12 +186,12 @@ def test_quantized_gradient_error_is_bounded_by_the_step(case, bits, key):
 def test_bfloat16_in_bfloat16_grads_out(case, key):
     inputs = case.inputs(key, jnp.bfloat16)
     grads = vjp_of(op_fn(case, CONFIG), inputs, jnp.ones(jax.eval_shape(case.reference, *inputs).shape, inputs[0].dtype))
-    assert [g.dtype for g in grads] == [x.dtype for x in inputs]
-    assert all(jnp.all(jnp.isfinite(g)) for g in grads)
+    chex.assert_trees_all_equal_dtypes(grads, inputs)
+    chex.assert_tree_all_finite(grads)
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
-@pytest.mark.parametrize("value", [0.0, 2.5])
+@pytest.mark.parametrize("value", [0.0, pytest.param(2.5, marks=pytest.mark.slow)])  # a second constant: -m slow
 def test_constant_inputs_give_finite_gradients(case, value, key):
     inputs = (jnp.full(case.shapes[0], value),) + case.inputs(key)[1:]
     g = jnp.ones(jax.eval_shape(case.reference, *inputs).shape)

@@ -34,7 +34,7 @@ def step_of(stats, config, layout, shape):
     [(dict(bits=3), "bits"), (dict(bits=16), "bits"), (dict(num_groups=0), "num_groups"),
      (dict(ema_decay=1.0), "ema_decay"), (dict(ema_decay=-0.1), "ema_decay"),
      (dict(update_first=1), "update_first"), (dict(bits=8.0), "bits"), (dict(bits=True), "bits"),
-     (dict(num_groups=2.0), "num_groups"), (dict(implementation="triton"), "implementation 'triton'")],
+     (dict(num_groups=2.0), "num_groups"), (dict(backend="cuda"), "backend 'cuda'")],
 )
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -8,7 +8,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 
-from mesa_jax.compress import compress
+from mesa_jax._src.compress import compress
 from mesa_jax.policy import Quant
 from mesa_jax.quant import QuantConfig
 

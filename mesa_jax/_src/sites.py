@@ -1,0 +1,488 @@
+"""The sites: one handler per kind, written once for flax.linen and flax.nnx.
+
+A kind (``policy.KINDS``) says what a call keeps for the backward pass, how each kept tensor
+is grouped and what its statistics are named: a ``Work`` (the tensors, the mesa op, the
+exact computation). ``run`` executes a Work against a module's ``Store`` (stores.py).
+The flax layers reach their kind through the tables at the end (``LINEN``, ``NNX``): a
+handler runs flax's own call with mesa's op injected at flax's injection point
+(``dot_general``, ``conv_general_dilated``, ``einsum_op``, ``attention_fn``), or computes
+flax's arithmetic with mesa's op where there is none (LayerNorm, Linen's Einsum); functions
+called inside modules reach theirs through ``FUNCTIONS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from mesa_jax import attention as attention_op, ops, quant
+from mesa_jax._src import residuals, scope as scopes
+from mesa_jax._src.scope import Scope
+from mesa_jax._src.stores import Store, join, linen_scan
+from mesa_jax.policy import as_policy
+from mesa_jax.quant import Layout, QuantConfig
+
+
+class Kept(NamedTuple):
+    """A tensor a site keeps: its statistics' name, the tensor, its grouping."""
+
+    name: str
+    x: Any
+    layout: Layout
+
+
+class Work(NamedTuple):
+    """One call of a kind: what it keeps, ``op(stats, seeds, config) -> (y, stats)`` (the
+    mesa op, a statistics tuple in, one out), and ``exact()`` (the baseline's computation)."""
+
+    kept: tuple[Kept, ...]
+    op: Callable
+    exact: Callable
+
+
+def fitted(config: QuantConfig, shape, layout: Layout, strict: bool) -> QuantConfig:
+    """compress applies one config to a whole model: where its group count does not divide a
+    tensor's channels (RGB into a patch embedding) that tensor uses one group. A mesa layer,
+    configured on its own (``strict``), raises instead."""
+    if strict or layout != "channels" or not shape or shape[-1] % config.num_groups == 0:
+        return config
+    return dataclasses.replace(config, num_groups=1)
+
+
+def run(scope: Scope, store: Store, config: QuantConfig, work: Work):
+    """``work``'s op with the store's statistics, storing the updated ones; its exact computation
+    where the store has none. A tensor another op's residual stands for needs none."""
+    configs = [fitted(config, k.x.shape, k.layout, scope.strict) for k in work.kept]
+    stats = []
+    for k, c in zip(work.kept, configs):
+        if residuals.shared(k.x) is not None:
+            stats.append(None)
+            continue
+        found = store.stats(k.name, k.x.shape, quant.num_groups_for(k.x.shape, k.layout, c))
+        if found is None:
+            return work.exact()
+        stats.append(found)
+    seeds = tuple(None if s is None else store.seed(k.name, s.count) for k, s in zip(work.kept, stats))
+    with scopes.suspended():
+        y, updated = work.op(tuple(stats), seeds, configs[0])
+    for k, old, new in zip(work.kept, stats, updated):
+        if old is not None:
+            store.update(k.name, new)
+    return y
+
+
+# --------------------------------------------------------------------- kinds
+
+
+def linear(x, params, fn, name: str = "inputs") -> Work:
+    """dense, conv: ``fn(x, params)`` affine in x, keeping x in channel groups."""
+    return Work((Kept(name, x, "channels"),), lambda s, seeds, c: ops.linear(x, params, s[0], seeds[0], c, fn),
+                lambda: fn(x, params))
+
+
+def layer_norm(x, scale, bias, epsilon, fast_variance, dtype, name: str = "normalized") -> Work:
+    """LayerNorm over the last axis with flax's arithmetic, keeping the normalized input."""
+    settings = dict(epsilon=epsilon, fast_variance=fast_variance, dtype=dtype)
+    x_hat = ops.normalized_input(x, epsilon, fast_variance)[0]
+    return Work((Kept(name, x_hat, "channels"),),
+                lambda s, seeds, c: ops.layer_norm(x, scale, bias, s[0], seeds[0], c, **settings),
+                lambda: ops.layer_norm_reference(x, scale, bias, **settings))
+
+
+def gelu(x, approximate: bool, name: str = "inputs", exact=None) -> Work:
+    return Work((Kept(name, x, "channels"),), lambda s, seeds, c: ops.gelu(x, s[0], seeds[0], c, approximate),
+                exact or (lambda: ops.gelu_reference(x, approximate)))
+
+
+def softmax(x, name: str = "outputs", exact=None) -> Work:
+    """Softmax over the last axis, keeping its output (per head if 4-D)."""
+    kept = Kept(name, ops.kept_output(x), ops.attention_layout(x.ndim))
+    return Work((kept,), lambda s, seeds, c: ops.softmax(x, s[0], seeds[0], c),
+                exact or (lambda: ops.softmax_reference(x)))
+
+
+def matmul(a, b, fn, layouts, names=("a", "b")) -> Work:
+    """``fn(a, b)`` bilinear in two activations (a matmul, attention's einsums), keeping both."""
+    kept = (Kept(names[0], a, layouts[0]), Kept(names[1], b, layouts[1]))
+    return Work(kept, lambda s, seeds, c: ops.bilinear(a, b, *s, *seeds, c, fn, layouts), lambda: fn(a, b))
+
+
+def attention(forward, q, k, v, bias, mask, is_causal=False, scale=None, names=("q", "k", "v")) -> Work:
+    """``forward(q, k, v, bias, mask)`` (the framework's attention, no dropout) as the fused op:
+    q, k, v ([B, L, H, D]) kept per head, nothing N x N."""
+
+    def op(stats, seeds, config):
+        spec = attention_op.Forward(forward, scale, is_causal, config.saved_lse)
+        return attention_op.packed_attention(q, k, v, bias, mask, stats, seeds, config, spec)
+
+    kept = tuple(Kept(n, t, t.ndim - 2) for n, t in zip(names, (q, k, v)))
+    return Work(kept, op, lambda: forward(q, k, v, bias, mask))
+
+
+# ------------------------------------------------ flax's injection points
+
+
+def _injection(original, as_map):
+    """A site standing in for ``original`` (a function flax lets a layer replace), keeping its
+    input: ``as_map(*args, **kwargs) -> (x, params, fn)`` with ``fn(x, params)`` affine in x."""
+
+    def site(scope, store, config, *args, out_sharding=None, **kwargs):
+        if out_sharding is not None:
+            return original(*args, out_sharding=out_sharding, **kwargs)
+        return run(scope, store, config, linear(*as_map(*args, **kwargs)))
+
+    return site
+
+
+def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    fn = ops.DotGeneral(_tuples(dimension_numbers), precision, preferred_element_type)
+    (contract, _), (batch, _) = fn.dimension_numbers
+    if batch or len(contract) < 2 or sorted(a % lhs.ndim for a in contract) != list(
+            range(lhs.ndim - len(contract), lhs.ndim)):
+        return lhs, rhs, fn
+    x = lhs.reshape(*lhs.shape[: -len(contract)], math.prod(lhs.shape[-len(contract):]))
+    return x, rhs, ops.Reshaped(fn, lhs.shape)  # [..., H, D] kept as [..., H * D] channel groups
+
+
+def _conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, *rest, **kwargs):
+    fn = ops.ConvGeneral(*map(_tuples, (window_strides, padding, lhs_dilation, rhs_dilation)), *rest, **kwargs)
+    return lhs, rhs, fn
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+dot_general = _injection(lax.dot_general, _dot_general)  # Linen's Dense, DenseGeneral; NNX's Linear(General)
+conv_general_dilated = _injection(lax.conv_general_dilated, _conv)  # Linen's and NNX's Conv
+einsum = _injection(jnp.einsum, lambda spec, x, kernel, precision=None, preferred_element_type=None: (
+    x, kernel, ops.Einsum(spec, precision, preferred_element_type)))  # NNX's Einsum (its einsum_op)
+
+
+def _mesa(fn):
+    fn._mesa = True
+    return fn
+
+
+def _is_mesa(fn) -> bool:
+    """A function mesa injected, or a mesa layer (which applies its own quant)."""
+    return getattr(fn, "_mesa", False) or getattr(fn, "_mesa_layer", False)
+
+
+def injected(kind: str, field: str, default, site):
+    """A handler running the layer's own call with ``field`` (an injection point whose default
+    is None in Linen, ``default`` in NNX) set to ``site`` with the module's store. Not where the
+    user set the field (or its ``*_cls`` twin) to something of their own."""
+
+    def handler(scope: Scope, store: Store, module, next_fun, args, kwargs):
+        current = getattr(module, field)
+        if _is_mesa(current):
+            return next_fun(*args, **kwargs)
+        own = (None, default) if store.framework == "flax.nnx" else (None,)
+        if current not in own or getattr(module, f"{field}_cls", None) is not None:
+            return scope.unsupported(store, module, f"a custom {field}", lambda: next_fun(*args, **kwargs))
+        config = scope.config(kind, store.path)
+        if config is None:
+            return next_fun(*args, **kwargs)
+        with scopes.fields_set(module, **{field: _mesa(functools.partial(site, scope, store, config))}):
+            return next_fun(*args, **kwargs)
+
+    return handler
+
+
+# ------------------------------------------- layers without an injection point
+
+
+def _overrides_call(module) -> bool:
+    """Whether the module's class changes its flax namesake's __call__ (then only flax's own
+    code is safe); mesa's own subclasses (its layers, compress's) do not."""
+    for cls in type(module).__mro__:
+        if cls in LINEN or cls in NNX:
+            return False
+        if "__call__" in vars(cls) and not is_mesa_class(cls):
+            return True
+    return False
+
+
+def is_mesa_class(cls) -> bool:
+    """A class mesa made: a mesa layer, or the subclass compress made of a model's class."""
+    return bool(vars(cls).get("_mesa_layer")) or "_mesa_base" in vars(cls) or "_mesa_uncompressed" in vars(cls)
+
+
+def _last_axis(axes, ndim: int) -> bool:
+    return tuple(a % ndim for a in (axes if isinstance(axes, (tuple, list)) else (axes,))) == (ndim - 1,)
+
+
+_DEFAULT_PROMOTE = (None, nn.dtypes.promote_dtype, nnx.nn.dtypes.promote_dtype)
+
+
+def layer_norm_handler(scope: Scope, store: Store, module, next_fun, args, kwargs):
+    """LayerNorm over the last axis (Linen's, NNX's): flax's parameters and arithmetic, keeping
+    the normalized input packed and the per-row rstd."""
+    x, call = args[0], lambda: next_fun(*args, **kwargs)
+    for what, supported in (("an overridden __call__", not _overrides_call(module)),
+                            (f"reduction_axes={module.reduction_axes}", _last_axis(module.reduction_axes, x.ndim)),
+                            (f"feature_axes={module.feature_axes}", _last_axis(module.feature_axes, x.ndim)),
+                            (f"axis_name={module.axis_name!r}", module.axis_name is None),
+                            ("axis_index_groups", module.axis_index_groups is None),
+                            ("force_float32_reductions=False", getattr(module, "force_float32_reductions", True)),
+                            ("a custom promote_dtype", getattr(module, "promote_dtype", None) in _DEFAULT_PROMOTE),
+                            ("mask", kwargs.get("mask") is None)):
+        if not supported:
+            return scope.unsupported(store, module, what, call)
+    config = scope.config("layer_norm", store.path)
+    if config is None:
+        return call()
+    features = (x.shape[-1],)
+    init = lambda name: getattr(module, f"{name}_init", None)  # Linen's (NNX made its parameters already)
+    scale = store.param("scale", init("scale"), features, module.param_dtype) if module.use_scale else None
+    bias = store.param("bias", init("bias"), features, module.param_dtype) if module.use_bias else None
+    return run(scope, store, config, layer_norm(x, scale, bias, module.epsilon, module.use_fast_variance,
+                                                module.dtype))
+
+
+def linen_einsum_handler(scope: Scope, store: Store, module, next_fun, args, kwargs):
+    """Linen's Einsum (no injection point): flax's parameters, bias shape and promotion, mesa's einsum."""
+    if _overrides_call(module):
+        return scope.unsupported(store, module, "an overridden __call__", lambda: next_fun(*args, **kwargs))
+    config = scope.config("dense", store.path)
+    if config is None:
+        return next_fun(*args, **kwargs)
+    inputs, *rest = args
+    spec = nn.merge_param("einsum_str", module.einsum_str, rest[0] if rest else kwargs.get("einsum_str"))
+    spec = spec.replace(" ", "")
+    if "->" not in spec or spec.count(",") != 1:
+        return next_fun(*args, **kwargs)  # flax raises its own error
+    kernel = module.param("kernel", module.kernel_init, module.shape, module.param_dtype)
+    bias = None
+    if module.use_bias:
+        bias_shape, broadcast_shape = module._get_bias_shape(spec, inputs, kernel)
+        bias = module.param("bias", module.bias_init, bias_shape, module.param_dtype)
+    inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
+    y = run(scope, store, config, linear(inputs, kernel, ops.Einsum(spec, module.precision,
+                                                                     module.preferred_element_type)))
+    return y if bias is None else y + bias.reshape(broadcast_shape)
+
+
+# ------------------------------------------------------------------ attention
+
+
+def attention_fn(scope: Scope, store: Store, default):
+    """``default`` (flax.linen's or flax.nnx's dot_product_attention) as mesa runs it, or None
+    (exact). Policy.attention "fused": the fused op with ``default`` as its forward (not with
+    attention dropout, sown weights or custom einsums: then op by op where it can); "per_op":
+    flax.linen's function with mesa's einsums (query, key, probabilities, value, per head)
+    and its softmax intercepted."""
+    fused = scope.config("attention", store.path) if scope.policy.attention == "fused" else None
+    per_op = None
+    if default is nn.dot_product_attention and (fused is not None or scope.policy.attention == "per_op"):
+        per_op = scope.config("matmul", store.path)
+    if fused is None and per_op is None:
+        return None
+
+    def attend(query, key, value, bias=None, mask=None, **kwargs):
+        custom = [kwargs.get(k) is not None for k in ("qk_attn_weights_einsum", "attn_weights_value_einsum",
+                                                      "einsum_dot_general", "module")]
+        dropout = kwargs.get("dropout_rate", 0.0) > 0 and not kwargs.get("deterministic", False)
+        if fused is not None and not any(custom) and not dropout and query.ndim == 4 and key.shape[-2] == query.shape[-2]:
+            settings = {k: kwargs[k] for k in ("dtype", "precision", "force_fp32_for_softmax", "is_causal") if k in kwargs}
+            mask = None if mask is None else mask.astype(jnp.bool_)
+            forward = attention_op.Baseline.of(default, **settings)
+            return run(scope, store, fused, attention(forward, query, key, value, bias, mask,
+                                                      settings.get("is_causal", False)))
+        if per_op is None or any(custom[:3]):
+            return default(query, key, value, bias, mask, **kwargs)
+        # [..., L, H, D] operands grouped per head (axis -2); probabilities [..., H, Q, K] (axis -3)
+        qk = _attention_einsum(scope, store, per_op, ("q", "k"), (-2, -2), kwargs.get("precision"))
+        av = _attention_einsum(scope, store, per_op, ("probs", "v"), (-3, -2), kwargs.get("precision"))
+        return default(query, key, value, bias, mask, **{**kwargs, "qk_attn_weights_einsum": qk,
+                                                         "attn_weights_value_einsum": av})
+
+    attend.__signature__ = inspect.signature(default)  # Linen's MHDPA passes what it declares
+    return _mesa(attend)
+
+
+def _attention_einsum(scope, store, config, names, axes, precision):
+    def einsum(spec, a, b):
+        layouts = (axes[0] % a.ndim, axes[1] % b.ndim)
+        return run(scope, store, config, matmul(a, b, ops.Einsum(spec, precision), layouts, names))
+
+    return einsum
+
+
+def attention_handler(default):
+    """Linen's MultiHeadDotProductAttention, NNX's MultiHeadAttention: the projections
+    compressed as dense layers, the core (flax's ``default``) by ``attention_fn``."""
+
+    def handler(scope: Scope, store: Store, module, next_fun, args, kwargs):
+        if _is_mesa(module.attention_fn):
+            return next_fun(*args, **kwargs)
+        if module.attention_fn is not default:
+            return scope.unsupported(store, module, "a custom attention_fn", lambda: next_fun(*args, **kwargs))
+        fn = attention_fn(scope, store, default)
+        if fn is None:
+            return next_fun(*args, **kwargs)
+        with scopes.fields_set(module, attention_fn=fn):
+            return next_fun(*args, **kwargs)
+
+    return handler
+
+
+class AttentionFunction(nn.Module):
+    """flax.linen.dot_product_attention as a module (its namesake has none): what
+    mnn.DotProductAttention compresses. The signature is the function's: MHDPA passes an
+    ``attention_fn`` only the arguments its signature names."""
+
+    @nn.compact
+    def __call__(self, query, key, value, bias=None, mask=None, broadcast_dropout: bool = True, dropout_rng=None,
+                 dropout_rate: float = 0.0, deterministic: bool = False, dtype=None, precision=None, module=None,
+                 force_fp32_for_softmax: bool = False, einsum_dot_general=None, qk_attn_weights_einsum=None,
+                 attn_weights_value_einsum=None):
+        return nn.dot_product_attention(query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
+                                        deterministic, dtype, precision, module, force_fp32_for_softmax,
+                                        einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum)
+
+
+def _attention_function(scope: Scope, store: Store, module, next_fun, args, kwargs):
+    fn = attention_fn(scope, store, nn.dot_product_attention)
+    return next_fun(*args, **kwargs) if fn is None else fn(*args, **kwargs)
+
+
+# ---------------------------------------------- functions called in a module
+
+
+def function_site(scope: Scope, function: str, kind: str, work: Callable, exact: Callable):
+    """A registered function called inside a module: its statistics live in that module, named
+    after the call (``gelu_0``; ``dot_product_attention_0_q`` where it keeps several tensors):
+    ``work(name)`` is the Work with that name."""
+    frame = scopes.innermost_frame()
+    name = frame.next_name(function)
+    config = scope.config(kind, join(frame.store.path, name))
+    return exact() if config is None else run(scope, frame.store, config, work(name))
+
+
+def _gelu(scope, original, x, approximate: bool = True):
+    exact = lambda: original(x, approximate=approximate)
+    return function_site(scope, "gelu", "gelu", lambda name: gelu(x, approximate, name, exact), exact)
+
+
+def _softmax(scope, original, x, axis=-1, where=None, **kwargs):
+    exact = lambda: original(x, axis=axis, where=where, **kwargs)
+    if where is not None or kwargs or axis not in (-1, x.ndim - 1):
+        return exact()
+    return function_site(scope, "softmax", "softmax", lambda name: softmax(x, name, exact), exact)
+
+
+def _jax_attention(scope, original, query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
+                   implementation=None, **kwargs):
+    """jax.nn.dot_product_attention called inside a module: the fused op with it as the forward
+    (4-D inputs; sequence lengths, local windows and returned residuals run exactly)."""
+    exact = lambda: original(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+                             implementation=implementation, **kwargs)
+    if any(v is not None and v is not False for v in kwargs.values()) or jnp.ndim(query) != 4:
+        return exact()
+    forward = attention_op.JaxAttention(scale, is_causal, implementation)
+    work = lambda name: attention(forward, query, key, value, bias, mask, is_causal, scale,
+                                  tuple(f"{name}_{t}" for t in "qkv"))
+    return function_site(scope, "dot_product_attention", "attention", work, exact)
+
+
+# ------------------------------------------------------------------ the tables
+
+_DENSE = injected("dense", "dot_general", lax.dot_general, dot_general)
+_CONV = injected("conv", "conv_general_dilated", lax.conv_general_dilated, conv_general_dilated)
+
+# flax.linen class -> handler(scope, store, module, next_fun, args, kwargs)
+LINEN = {
+    nn.Dense: _DENSE,
+    nn.DenseGeneral: _DENSE,
+    nn.Einsum: linen_einsum_handler,
+    nn.Conv: _CONV,
+    nn.LayerNorm: layer_norm_handler,
+    nn.MultiHeadDotProductAttention: attention_handler(nn.dot_product_attention),
+    AttentionFunction: _attention_function,
+}
+
+
+class Planned(NamedTuple):
+    """Statistics an NNX layer gets when it is made: ``size`` channels (or heads: ``layout``
+    "heads"; None: unknown before a call), stacked ``lead`` times (layers made by nnx.vmap)."""
+
+    name: str
+    size: int | None
+    layout: str
+    lead: tuple
+
+
+def _lead(param, ndim: int) -> tuple:
+    return tuple(param.shape[: param.ndim - ndim]) if param is not None else ()
+
+
+def _linear_general_stats(m):
+    trailing = tuple(sorted(m.axis)) == tuple(range(-len(m.axis), 0))
+    channels = math.prod(m.in_features) if trailing and not m.batch_axis else None
+    ndim = len(m.batch_axis) + len(m.in_features) + len(m.out_features)
+    return [Planned("inputs", channels, "channels", _lead(m.kernel, ndim))]
+
+
+def _einsum_stats(m):
+    spec = (m.einsum_str or "").replace(" ", "")
+    if "->" not in spec or spec.count(",") != 1:
+        return []
+    lhs, rhs = spec.split("->")[0].split(",")
+    channels = m.kernel_shape[rhs.index(lhs[-1])] if lhs and lhs[-1] in rhs else None
+    return [Planned("inputs", channels, "channels", _lead(m.kernel, len(m.kernel_shape)))]
+
+
+def _attention_stats(m):
+    lead = _lead(m.query.kernel, 3)
+    return [] if m.num_kv_heads != m.num_heads else [Planned(n, m.num_heads, "heads", lead) for n in "qkv"]
+
+
+class NnxKind(NamedTuple):
+    kind: str  # the Policy kind
+    handler: Callable  # handler(scope, store, module, next_fun, args, kwargs)
+    planned: Callable  # module -> [Planned]: the statistics made with the layer
+
+
+# flax.nnx class -> its kind, handler and statistics
+NNX = {
+    nnx.Linear: NnxKind("dense", _DENSE, lambda m: [Planned("inputs", m.in_features, "channels", _lead(m.kernel, 2))]),
+    nnx.LinearGeneral: NnxKind("dense", _DENSE, _linear_general_stats),
+    nnx.Einsum: NnxKind("dense", injected("dense", "einsum_op", jnp.einsum, einsum), _einsum_stats),
+    nnx.Conv: NnxKind("conv", _CONV, lambda m: [Planned("inputs", m.in_features, "channels",
+                                                        _lead(m.kernel, len(m.kernel_size) + 2))]),
+    nnx.LayerNorm: NnxKind("layer_norm", layer_norm_handler, lambda m: [Planned(
+        "normalized", m.num_features, "channels", _lead(m.scale if m.scale is not None else m.bias, 1))]),
+    nnx.MultiHeadAttention: NnxKind("attention", attention_handler(nnx.dot_product_attention), _attention_stats),
+}
+
+# functions reached wherever a module calls them -> handler(scope, original, *args, **kwargs)
+FUNCTIONS = scopes.dispatchers({
+    jax.nn.gelu: _gelu,
+    jax.nn.softmax: _softmax,
+    jax.nn.dot_product_attention: _jax_attention,
+    nn.scan: lambda scope, original, *args, **kwargs: linen_scan(original, *args, **kwargs),
+})
+
+
+def open_scope(quant, *, strict: bool = False, owner=None, check: bool = False):
+    """A scope compressing with ``quant`` (a QuantConfig, a Policy or None) whatever flax layer
+    or registered function the code inside reaches (see scope.opened)."""
+    return scopes.opened(Scope(as_policy(quant), LINEN, FUNCTIONS, strict, owner), check)
+
+
+def run_layer(quant, store: Store, kind: str, work: Work):
+    """A mesa layer of one function (GELU, Softmax, MatMul): ``work`` with the layer's own quant."""
+    scope = Scope(as_policy(quant), LINEN, FUNCTIONS, strict=True)
+    config = scope.config(kind, store.path)
+    return work.exact() if config is None else run(scope, store, config, work)
