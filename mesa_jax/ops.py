@@ -120,7 +120,8 @@ class ConvGeneral:
 
 @dataclasses.dataclass(frozen=True)
 class Einsum:
-    """``jnp.einsum(spec, a, b, ...)`` as a static map (flax's Einsum; attention's products)."""
+    """``jnp.einsum(spec, a, b, ...)`` as a static map: flax's Einsum (an input and a kernel),
+    attention's products (two activations)."""
 
     spec: str
     precision: Any = None

@@ -268,7 +268,11 @@ def test_later_steps_pack_with_the_running_range_or_mesa_s_updated_one(update_fi
     np.testing.assert_allclose(after["mesa"]["inputs"].span, quant.update(running, b, config).span, rtol=1e-6)
 
 
-@pytest.mark.parametrize("_, name, kwargs, shape", TWINS, ids=TWIN_IDS)
+# one layer of each handler in the default run, every layer under -m slow
+EMPTY_CASES = [t if t[0] in BF16_FAST + ("einsum",) else pytest.param(*t, marks=pytest.mark.slow) for t in TWINS]
+
+
+@pytest.mark.parametrize("_, name, kwargs, shape", EMPTY_CASES, ids=TWIN_IDS)
 def test_an_empty_batch_gives_flax_s_empty_result_in_evaluation_and_training(_, name, kwargs, shape, key):
     flax_layer, mesa_layer = twin(name, kwargs)
     variables = mesa_layer.init(jax.random.key(1), jax.random.normal(key, shape))

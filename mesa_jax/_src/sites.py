@@ -178,25 +178,34 @@ def _is_mesa(fn) -> bool:
     return getattr(fn, "_mesa", False) or getattr(fn, "_mesa_layer", False)
 
 
-def injected(kind: str, field: str, default, site):
-    """A handler running the layer's own call with ``field`` (an injection point whose default
-    is None in Linen, ``default`` in NNX) set to ``site`` with the module's store. Not where the
+def injected(field: str, defaults: tuple, make):
+    """A handler running the layer's own call with ``field``, an injection point (flax's value:
+    one of ``defaults``), set to ``make(scope, store)`` (None: run it as it is). Not where the
     user set the field (or its ``*_cls`` twin) to something of their own."""
 
     def handler(scope: Scope, store: Store, module, next_fun, args, kwargs):
-        current = getattr(module, field)
+        current, call = getattr(module, field), lambda: next_fun(*args, **kwargs)
         if _is_mesa(current):
-            return next_fun(*args, **kwargs)
-        own = (None, default) if store.framework == "flax.nnx" else (None,)
-        if current not in own or getattr(module, f"{field}_cls", None) is not None:
-            return scope.unsupported(store, module, f"a custom {field}", lambda: next_fun(*args, **kwargs))
-        config = scope.config(kind, store.path)
-        if config is None:
-            return next_fun(*args, **kwargs)
-        with scopes.fields_set(module, **{field: _mesa(functools.partial(site, scope, store, config))}):
-            return next_fun(*args, **kwargs)
+            return call()
+        if current not in defaults or getattr(module, f"{field}_cls", None) is not None:
+            return scope.unsupported(store, module, f"a custom {field}", call)
+        fn = make(scope, store)
+        if fn is None:
+            return call()
+        with scopes.fields_set(module, **{field: _mesa(fn)}):
+            return call()
 
     return handler
+
+
+def _with_config(kind: str, site):
+    """``site`` with the scope, the store and the config of the ``kind`` site (None: exact)."""
+
+    def make(scope: Scope, store: Store):
+        config = scope.config(kind, store.path)
+        return None if config is None else functools.partial(site, scope, store, config)
+
+    return make
 
 
 # ------------------------------------------- layers without an injection point
@@ -308,7 +317,7 @@ def attention_fn(scope: Scope, store: Store, default):
                                                          "attn_weights_value_einsum": av})
 
     attend.__signature__ = inspect.signature(default)  # Linen's MHDPA passes what it declares
-    return _mesa(attend)
+    return attend
 
 
 def _attention_einsum(scope, store, config, names, axes, precision):
@@ -317,24 +326,6 @@ def _attention_einsum(scope, store, config, names, axes, precision):
         return run(scope, store, config, matmul(a, b, ops.Einsum(spec, precision), layouts, names))
 
     return einsum
-
-
-def attention_handler(default):
-    """Linen's MultiHeadDotProductAttention, NNX's MultiHeadAttention: the projections
-    compressed as dense layers, the core (flax's ``default``) by ``attention_fn``."""
-
-    def handler(scope: Scope, store: Store, module, next_fun, args, kwargs):
-        if _is_mesa(module.attention_fn):
-            return next_fun(*args, **kwargs)
-        if module.attention_fn is not default:
-            return scope.unsupported(store, module, "a custom attention_fn", lambda: next_fun(*args, **kwargs))
-        fn = attention_fn(scope, store, default)
-        if fn is None:
-            return next_fun(*args, **kwargs)
-        with scopes.fields_set(module, attention_fn=fn):
-            return next_fun(*args, **kwargs)
-
-    return handler
 
 
 class AttentionFunction(nn.Module):
@@ -355,6 +346,12 @@ class AttentionFunction(nn.Module):
 def _attention_function(scope: Scope, store: Store, module, next_fun, args, kwargs):
     fn = attention_fn(scope, store, nn.dot_product_attention)
     return next_fun(*args, **kwargs) if fn is None else fn(*args, **kwargs)
+
+
+def _attention(default):
+    """Linen's MultiHeadDotProductAttention, NNX's MultiHeadAttention: the projections
+    compressed as dense layers, the core (flax's ``default``) by ``attention_fn``."""
+    return injected("attention_fn", (default,), lambda scope, store: attention_fn(scope, store, default))
 
 
 # ---------------------------------------------- functions called in a module
@@ -398,8 +395,11 @@ def _jax_attention(scope, original, query, key, value, bias=None, mask=None, *, 
 
 # ------------------------------------------------------------------ the tables
 
-_DENSE = injected("dense", "dot_general", lax.dot_general, dot_general)
-_CONV = injected("conv", "conv_general_dilated", lax.conv_general_dilated, conv_general_dilated)
+# Linen's injection points default to None, NNX's to the lax function
+_DENSE = injected("dot_general", (None,), _with_config("dense", dot_general))
+_CONV = injected("conv_general_dilated", (None,), _with_config("conv", conv_general_dilated))
+_NNX_DENSE = injected("dot_general", (None, lax.dot_general), _with_config("dense", dot_general))
+_NNX_CONV = injected("conv_general_dilated", (lax.conv_general_dilated,), _with_config("conv", conv_general_dilated))
 
 # flax.linen class -> handler(scope, store, module, next_fun, args, kwargs)
 LINEN = {
@@ -408,7 +408,7 @@ LINEN = {
     nn.Einsum: linen_einsum_handler,
     nn.Conv: _CONV,
     nn.LayerNorm: layer_norm_handler,
-    nn.MultiHeadDotProductAttention: attention_handler(nn.dot_product_attention),
+    nn.MultiHeadDotProductAttention: _attention(nn.dot_product_attention),
     AttentionFunction: _attention_function,
 }
 
@@ -456,14 +456,14 @@ class NnxKind(NamedTuple):
 
 # flax.nnx class -> its kind, handler and statistics
 NNX = {
-    nnx.Linear: NnxKind("dense", _DENSE, lambda m: [Planned("inputs", m.in_features, "channels", _lead(m.kernel, 2))]),
-    nnx.LinearGeneral: NnxKind("dense", _DENSE, _linear_general_stats),
-    nnx.Einsum: NnxKind("dense", injected("dense", "einsum_op", jnp.einsum, einsum), _einsum_stats),
-    nnx.Conv: NnxKind("conv", _CONV, lambda m: [Planned("inputs", m.in_features, "channels",
+    nnx.Linear: NnxKind("dense", _NNX_DENSE, lambda m: [Planned("inputs", m.in_features, "channels", _lead(m.kernel, 2))]),
+    nnx.LinearGeneral: NnxKind("dense", _NNX_DENSE, _linear_general_stats),
+    nnx.Einsum: NnxKind("dense", injected("einsum_op", (jnp.einsum,), _with_config("dense", einsum)), _einsum_stats),
+    nnx.Conv: NnxKind("conv", _NNX_CONV, lambda m: [Planned("inputs", m.in_features, "channels",
                                                         _lead(m.kernel, len(m.kernel_size) + 2))]),
     nnx.LayerNorm: NnxKind("layer_norm", layer_norm_handler, lambda m: [Planned(
         "normalized", m.num_features, "channels", _lead(m.scale if m.scale is not None else m.bias, 1))]),
-    nnx.MultiHeadAttention: NnxKind("attention", attention_handler(nnx.dot_product_attention), _attention_stats),
+    nnx.MultiHeadAttention: NnxKind("attention", _attention(nnx.dot_product_attention), _attention_stats),
 }
 
 # functions reached wherever a module calls them -> handler(scope, original, *args, **kwargs)
