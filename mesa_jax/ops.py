@@ -36,9 +36,11 @@ from mesa_jax.quant import Layout, Packed, QuantConfig, Stats, init_stats
 from pallas_kernels import arithmetic, fused
 
 __all__ = [
-    "linear", "dense", "conv", "gelu", "layer_norm", "softmax", "bilinear", "matmul", "attention",  # the ops
-    "dense_reference", "conv_reference", "gelu_reference", "layer_norm_reference", "softmax_reference",
-    "matmul_reference", "DotGeneral", "ConvGeneral", "Einsum", "Reshaped", "GeluOf", "AffineOf",
+    "linear", "dense", "conv", "gelu", "silu", "layer_norm", "rms_norm", "softmax", "bilinear", "matmul", "gated",
+    "attention",  # the ops
+    "dense_reference", "conv_reference", "gelu_reference", "silu_reference", "layer_norm_reference",
+    "rms_norm_reference", "softmax_reference", "matmul_reference", "gated_reference", "DotGeneral", "ConvGeneral",
+    "Einsum", "Reshaped", "GeluOf", "AffineOf", "GatedOf",
     "normalized_input", "row_moments", "attention_layout", "kept_output", "sharing", "keep",
     "Stats", "Packed", "QuantConfig", "init_stats",
 ]
@@ -236,6 +238,45 @@ def _gelu_bwd(approximate, res, g):
 _gelu.defvjp(own(_gelu_fwd), _gelu_bwd)
 
 
+# ----------------------------------------------------------------------- silu
+
+
+def silu(x, stats, seed, config):
+    """SiLU (swish), x * sigmoid(x). Keeps its input; shares its output as silu of that
+    residual (an elementwise recomputation in the next op's backward)."""
+    kept, stats = keep(x, stats, seed, config)
+    y = _silu(x, kept)
+    share(y, kept, silu_reference)
+    return y, (stats,)
+
+
+def silu_reference(x):
+    return jax.nn.silu(x)
+
+
+@jax.custom_vjp
+def _silu(x, kept):
+    return silu_reference(x)
+
+
+def _silu_fwd(x, kept):
+    return _materialize(silu_reference(x), kept)
+
+
+def _silu_bwd(res, g):
+    (res,) = res
+    x, g = restore(res, g)
+    return _elementwise_vjp(silu_reference, x, g), None
+
+
+def _elementwise_vjp(fn, x, g):
+    """The VJP of an elementwise ``fn`` at x in >= float32, in x's dtype."""
+    return jax.vjp(fn, _f32(x))[1](_f32(g))[0].astype(x.dtype)
+
+
+_silu.defvjp(own(_silu_fwd), _silu_bwd)
+
+
 # ----------------------------------------------------------------- layer_norm
 
 
@@ -249,29 +290,61 @@ def layer_norm(x, scale, bias, stats, seed, config, epsilon: float = 1e-6, fast_
     ``stats`` describe the normalized input (see ``normalized_input``). Shares its
     output as x_hat * scale + bias of that residual (the next Dense keeps nothing).
     """
-    mean, rstd = row_moments(x, epsilon, fast_variance)
-    kept, stats = keep(x, stats, seed, config, normalized_by=(mean, rstd))  # a kernel normalizes as it packs
-    y = _layer_norm(x, scale, bias, kept, lax.stop_gradient(rstd), epsilon, fast_variance, dtype)
-    share(y, kept, AffineOf(y.dtype), scale, bias)
-    return y, (stats,)
+    return _norm(x, scale, bias, stats, seed, config, _Norm(epsilon, fast_variance, dtype, True))
+
+
+def rms_norm(x, scale, stats, seed, config, epsilon: float = 1e-6, dtype=None):
+    """RMSNorm over the last axis (flax's: LayerNorm without the mean, no bias); scale may be
+    None. Keeps x * rstd packed and the per-row rstd, and shares its output, as layer_norm."""
+    return _norm(x, scale, None, stats, seed, config, _Norm(epsilon, True, dtype, False))
 
 
 def layer_norm_reference(x, scale, bias, epsilon=1e-6, fast_variance: bool = True, dtype=None):
     """flax.linen.LayerNorm's arithmetic, step for step, so the forward is bit-identical."""
-    mean, var = _moments(x, fast_variance)
-    mul = lax.rsqrt(var + epsilon)
-    if scale is not None:
-        mul = mul * _channels_last(scale, x.ndim)
-    y = (_f32(x) - mean) * mul
-    if bias is not None:
-        y = y + _channels_last(bias, x.ndim)
-    return y.astype(dtype or jnp.result_type(*(a for a in (x, scale, bias) if a is not None)))
+    return _Norm(epsilon, fast_variance, dtype, True).reference(x, scale, bias)
 
 
-def _moments(x, fast_variance: bool = True):
+def rms_norm_reference(x, scale, epsilon=1e-6, dtype=None):
+    """flax.linen.RMSNorm's arithmetic (its mean is zero), step for step."""
+    return _Norm(epsilon, True, dtype, False).reference(x, scale, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Norm:
+    """The static settings of a normalization over the last axis; ``centered``: LayerNorm
+    (subtract the mean), else RMSNorm (flax's ``use_mean=False``: the mean is zero)."""
+
+    epsilon: float
+    fast_variance: bool
+    dtype: Any
+    centered: bool
+
+    def reference(self, x, scale, bias):
+        mean, var = _moments(x, self.fast_variance, self.centered)
+        mul = lax.rsqrt(var + self.epsilon)
+        if scale is not None:
+            mul = mul * _channels_last(scale, x.ndim)
+        y = (_f32(x) - mean) * mul
+        if bias is not None:
+            y = y + _channels_last(bias, x.ndim)
+        return y.astype(self.dtype or jnp.result_type(*(a for a in (x, scale, bias) if a is not None)))
+
+
+def _norm(x, scale, bias, stats, seed, config, norm: _Norm):
+    mean, rstd = row_moments(x, norm.epsilon, norm.fast_variance, norm.centered)
+    kept, stats = keep(x, stats, seed, config, normalized_by=(mean, rstd))  # a kernel normalizes as it packs
+    y = _layer_norm(x, scale, bias, kept, lax.stop_gradient(rstd), norm)
+    share(y, kept, AffineOf(y.dtype), scale, bias)
+    return y, (stats,)
+
+
+def _moments(x, fast_variance: bool = True, centered: bool = True):
     """Mean and (clipped) variance over the last axis, in >= float32, as flax computes them:
-    ``E[x^2] - E[x]^2`` (fast) or ``E[(x - E[x])^2]``."""
+    ``E[x^2] - E[x]^2`` (fast) or ``E[(x - E[x])^2]``; not ``centered``: 0 and ``E[x^2]``."""
     xf = _f32(x)
+    if not centered:
+        var = jnp.mean(lax.square(xf), axis=-1, keepdims=True)
+        return jnp.zeros_like(var), var
     mean = jnp.mean(xf, axis=-1, keepdims=True)
     if not fast_variance:
         return mean, jnp.mean(lax.square(xf - mean), axis=-1, keepdims=True)
@@ -279,15 +352,16 @@ def _moments(x, fast_variance: bool = True):
     return mean, jnp.maximum(0.0, mean2 - lax.square(mean))
 
 
-def row_moments(x, epsilon=1e-6, fast_variance: bool = True):
-    """Mean and rstd ([..., 1]) over the last axis, in >= float32."""
-    mean, var = _moments(x, fast_variance)
+def row_moments(x, epsilon=1e-6, fast_variance: bool = True, centered: bool = True):
+    """Mean (zero if not ``centered``) and rstd ([..., 1]) over the last axis, in >= float32."""
+    mean, var = _moments(x, fast_variance, centered)
     return mean, lax.rsqrt(var + epsilon)
 
 
-def normalized_input(x, epsilon=1e-6, fast_variance: bool = True):
-    """LayerNorm's normalized input (x - mean) * rstd over the last axis, and rstd ([..., 1]), in >= float32."""
-    mean, rstd = row_moments(x, epsilon, fast_variance)
+def normalized_input(x, epsilon=1e-6, fast_variance: bool = True, centered: bool = True):
+    """What LayerNorm (RMSNorm: not ``centered``) keeps: (x - mean) * rstd over the last axis,
+    and rstd ([..., 1]), in >= float32."""
+    mean, rstd = row_moments(x, epsilon, fast_variance, centered)
     return quant.normalize_rows(x, (mean, rstd)), rstd
 
 
@@ -306,21 +380,21 @@ class AffineOf:
         return y.astype(self.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _layer_norm(x, scale, bias, kept, rstd, epsilon, fast_variance, dtype):
-    return layer_norm_reference(x, scale, bias, epsilon, fast_variance, dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _layer_norm(x, scale, bias, kept, rstd, norm):
+    return norm.reference(x, scale, bias)
 
 
-def _layer_norm_fwd(x, scale, bias, kept, rstd, epsilon, fast_variance, dtype):
-    y, (kept,) = _materialize(layer_norm_reference(x, scale, bias, epsilon, fast_variance, dtype), kept)
+def _layer_norm_fwd(x, scale, bias, kept, rstd, norm):
+    y, (kept,) = _materialize(norm.reference(x, scale, bias), kept)
     x_dtype = jnp.zeros((0,), x.dtype)  # zero bytes: the dtype dx must come back in
     return y, (kept, rstd, scale, bias, x_dtype)
 
 
-def _layer_norm_bwd(epsilon, fast_variance, dtype, residuals, g):
+def _layer_norm_bwd(norm, residuals, g):
     res, rstd, scale, bias, x_dtype = residuals
     scale = after(scale, g)
-    if _fused_kernel(res):
+    if _fused_kernel(res) and norm.centered:
         gamma = jnp.ones(g.shape[-1], jnp.float32) if scale is None else scale
         dx, dscale, dbias = fused.layer_norm_backward(res.words, res.shift, res.scale, rstd, g, gamma,
                                                       **_kernel_args(res))
@@ -332,8 +406,8 @@ def _layer_norm_bwd(epsilon, fast_variance, dtype, residuals, g):
     dscale = None if scale is None else jnp.sum(gf * xn, axis=batch).astype(scale.dtype)
     dbias = None if bias is None else jnp.sum(gf, axis=batch).astype(bias.dtype)
     gn = gf if scale is None else gf * _channels_last(scale, gf.ndim)
-    dx = arithmetic.layer_norm_input_grad(xn, gn, rstd, jnp.mean(gn, -1, keepdims=True),
-                                          jnp.mean(gn * xn, -1, keepdims=True))
+    mean_gn = jnp.mean(gn, -1, keepdims=True) if norm.centered else 0.0  # RMSNorm: no mean to differentiate
+    dx = arithmetic.layer_norm_input_grad(xn, gn, rstd, mean_gn, jnp.mean(gn * xn, -1, keepdims=True))
     return dx.astype(x_dtype.dtype), dscale, dbias, None, None
 
 
@@ -436,3 +510,58 @@ def matmul(a, b, stats_a, stats_b, seed_a, seed_b, config):
 
 def matmul_reference(a, b):
     return jnp.matmul(a, b)
+
+
+# ---------------------------------------------------------------------- gated
+
+
+def gated(g, u, stats_g, stats_u, seed_g, seed_u, config, act=jax.nn.silu):
+    """The gated product ``act(g) * u`` of a GLU MLP (SwiGLU: ``act=jax.nn.silu``; ``act``
+    elementwise and hashable). Keeps g and u packed (what autodiff of the product keeps is
+    act(g) and u in float); shares its output as act(g) * u of both residuals, so the down
+    projection keeps nothing. Returns ``(y, (stats_g, stats_u))``."""
+    kept_g, stats_g = keep(g, stats_g, seed_g, config)
+    kept_u, stats_u = keep(u, stats_u, seed_u, config)
+    y = _gated(g, u, kept_g, kept_u, act)
+    leaves, tree = jax.tree.flatten(kept_u)
+    share(y, kept_g, GatedOf(act, tree), *leaves)
+    return y, (stats_g, stats_u)
+
+
+def gated_reference(g, u, act=jax.nn.silu):
+    return act(g) * u
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedOf:
+    """The gated product from its restored gate and the leaves of the up residual (a shared
+    output derives from one residual; the second one travels as its arrays): restored only
+    after the gate, which itself waits for the cotangent."""
+
+    act: Any
+    tree: Any  # the up residual's treedef
+
+    def __call__(self, g, *leaves):
+        u, g = restore(jax.tree.unflatten(self.tree, leaves), g)
+        return gated_reference(g, u, self.act)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _gated(g, u, kept_g, kept_u, act):
+    return gated_reference(g, u, act)
+
+
+def _gated_fwd(g, u, kept_g, kept_u, act):
+    return _materialize(gated_reference(g, u, act), kept_g, kept_u)
+
+
+def _gated_bwd(act, kept, dy):
+    res_g, res_u = kept
+    g, dy = restore(res_g, dy)
+    u, dy = restore(res_u, dy)
+    a, act_vjp = jax.vjp(act, _f32(g))
+    dyf = _f32(dy)
+    return act_vjp(dyf * _f32(u))[0].astype(g.dtype), (dyf * a).astype(u.dtype), None, None
+
+
+_gated.defvjp(own(_gated_fwd), _gated_bwd)

@@ -3,7 +3,8 @@
 Each case's ``call(config, *inputs)`` runs the mesa op with the batch statistics of
 each packed tensor; ``reference(*inputs)`` is plain jnp (autodiff by JAX);
 ``packed`` names what the op keeps, with its layout: an argument index, "out"
-(softmax keeps its output) or "normalized" (layer_norm keeps (x - mean) * rstd).
+(softmax keeps its output), "normalized" (layer_norm keeps (x - mean) * rstd) or
+"rms_normalized" (rms_norm keeps x * rstd).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def _ln_reference(x, scale, bias, eps=1e-6):
     return (x - mean) / jnp.sqrt(var + eps) * scale.reshape(1, 1, -1) + bias.reshape(1, 1, -1)
 
 
+def _rms_reference(x, scale, eps=1e-6):
+    return x / jnp.sqrt((x**2).mean(-1, keepdims=True) + eps) * scale.reshape(1, 1, -1)
+
+
 def _conv_reference(x, k, b):
     y = jax.lax.conv_general_dilated(x, k, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + b.reshape(1, 1, 1, -1)
@@ -81,6 +86,24 @@ CASES = [
         lambda c, x, s, b: ops.layer_norm(x, s, b, stats_of(ops.normalized_input(x)[0]), SEED, c)[0],
         _ln_reference,
         (("normalized", "channels"),),
+    ),
+    OpCase(
+        "rms_norm", ((2, 5, 8), (8,)),
+        lambda c, x, s: ops.rms_norm(x, s, stats_of(ops.normalized_input(x, centered=False)[0]), SEED, c)[0],
+        _rms_reference,
+        (("rms_normalized", "channels"),),
+    ),
+    OpCase(
+        "silu", ((2, 5, 8),),
+        lambda c, x: ops.silu(x, stats_of(x), SEED, c)[0],
+        lambda x: x / (1 + jnp.exp(-x)),
+        ((0, "channels"),),
+    ),
+    OpCase(
+        "gated_silu", ((2, 5, 8), (2, 5, 8)),
+        lambda c, g, u: ops.gated(g, u, stats_of(g), stats_of(u), SEED, SEED_B, c)[0],
+        lambda g, u: g / (1 + jnp.exp(-g)) * u,
+        ((0, "channels"), (1, "channels")),
     ),
     OpCase(
         "softmax_heads", ((2, 3, 5, 5),),

@@ -38,7 +38,8 @@ def cotangent(case, inputs):
 
 def packed_values(case, inputs):
     """The tensors the op packs, computed exactly."""
-    what = {"out": lambda: case.reference(*inputs), "normalized": lambda: ops.normalized_input(inputs[0])[0]}
+    what = {"out": lambda: case.reference(*inputs), "normalized": lambda: ops.normalized_input(inputs[0])[0],
+            "rms_normalized": lambda: ops.normalized_input(inputs[0], centered=False)[0]}
     return [what[i]() if isinstance(i, str) else inputs[i] for i, _ in case.packed]
 
 
@@ -65,6 +66,11 @@ def reference_grads(case, inputs, g):
             return dx, jnp.sum(g * xn, axis=(0, 1)), jnp.sum(g, axis=(0, 1))
 
         return ln_grads
+    if kind == "rms_normalized":  # rms norm, from xn = x * rstd and the exact rstd
+        _, rstd = ops.normalized_input(inputs[0], centered=False)
+        scale = inputs[1].reshape(1, 1, -1)
+        return lambda xn: (rstd * (g * scale - xn * (g * scale * xn).mean(-1, keepdims=True)),
+                           jnp.sum(g * xn, axis=(0, 1)))
 
     def grads(*packed):
         args = list(inputs)
@@ -79,13 +85,21 @@ def segment_bound(case, fn, xs, x_hats, g):
     """A rigorous per-element bound of |fn(x_hat) - fn(x)|.
 
     Every gradient formula here is a polynomial of degree <= 2 in the kept tensors,
-    except GELU's: along the segment x + t (x_hat - x) its Jacobian is then affine in
-    t, so ``|J(t)| @ |x_hat - x|`` is convex in t and its maximum over [0, 1] is at an
-    end. GELU's is ``g * gelu'(x)``, elementwise: ``|g| * max|gelu''| * |x_hat - x|``.
+    except GELU's, SiLU's and the gated product's: along the segment x + t (x_hat - x) its
+    Jacobian is then affine in t, so ``|J(t)| @ |x_hat - x|`` is convex in t and its maximum
+    over [0, 1] is at an end. GELU's is ``g * gelu'(x)``, elementwise: ``|g| * max|gelu''| *
+    |x_hat - x|`` (SiLU's the same). The gated product's, ``(g u silu'(a), g silu(a))`` of
+    (a, u): ``|g| (|du| |silu'(a_hat)| + |u| max|silu''| |da|)`` and ``|g| max|silu'| |da|``.
     """
     deltas = [xh - x for x, xh in zip(xs, x_hats)]
-    if case.name.startswith("gelu"):
-        return jnp.abs(g).reshape(-1) * GELU_CURVATURE * jnp.abs(deltas[0]).reshape(-1)
+    if case.name.startswith(("gelu", "silu")):
+        curvature = GELU_CURVATURE if case.name.startswith("gelu") else SILU_CURVATURE
+        return jnp.abs(g).reshape(-1) * curvature * jnp.abs(deltas[0]).reshape(-1)
+    if case.name.startswith("gated"):
+        (_, u), (a_hat, _), (da, du) = xs, x_hats, deltas
+        slope = jax.vmap(jax.grad(jax.nn.silu))(a_hat.reshape(-1)).reshape(a_hat.shape)
+        dg = jnp.abs(g) * (jnp.abs(du) * jnp.abs(slope) + jnp.abs(u) * SILU_CURVATURE * jnp.abs(da))
+        return jnp.concatenate([dg.reshape(-1), (jnp.abs(g) * SILU_SLOPE * jnp.abs(da)).reshape(-1)])
     flat = lambda *v: ravel_pytree(fn(*v))[0]
     ends = []
     for point in (xs, x_hats):
@@ -95,14 +109,18 @@ def segment_bound(case, fn, xs, x_hats, g):
 
 
 GELU_CURVATURE = math.sqrt(2 / math.pi)  # max |gelu''|, at 0, for the erf and the tanh form (checked below)
+SILU_CURVATURE = 0.5  # max |silu''|, at 0
+SILU_SLOPE = 1.0999  # max |silu'|, near x = 2.4
 
 
-def test_gelu_curvature_bound():
+def test_gelu_and_silu_curvature_bounds():
     with jax.enable_x64(True):
         x = jnp.linspace(-12.0, 12.0, 240_001, dtype=jnp.float64)
         for approximate in (False, True):
             second = jax.vmap(jax.grad(jax.grad(lambda t: jax.nn.gelu(t, approximate=approximate))))(x)
             assert float(jnp.max(jnp.abs(second))) <= GELU_CURVATURE * (1 + 1e-12)
+        assert float(jnp.max(jnp.abs(jax.vmap(jax.grad(jax.grad(jax.nn.silu)))(x)))) <= SILU_CURVATURE * (1 + 1e-12)
+        assert float(jnp.max(jnp.abs(jax.vmap(jax.grad(jax.nn.silu))(x)))) <= SILU_SLOPE
 
 
 class OpsWithAndWithoutJit(chex.TestCase):
@@ -203,7 +221,8 @@ def test_residuals_hold_no_float_copy_of_an_activation(case, key):
     """Float residuals as large as a packed activation may only be parameters (kept anyway)."""
     inputs = case.inputs(key)
     names = list(inspect.signature(case.call).parameters)[1:]
-    packed = {i for i, _ in case.packed if not isinstance(i, str)} | ({0} if case.packed[0][0] == "normalized" else set())
+    normalized = str(case.packed[0][0]).endswith("normalized")
+    packed = {i for i, _ in case.packed if not isinstance(i, str)} | ({0} if normalized else set())
     parameters = {names[i] for i in range(len(inputs)) if i not in packed}
     smallest = min(v.size for v in packed_values(case, inputs))
     for r in memory.saved_residuals(op_fn(case, CONFIG), *inputs):
