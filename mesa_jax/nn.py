@@ -15,8 +15,10 @@ exactly what flax computes; with it mutable and empty the statistics are created
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import flax.linen as nn
+import jax
 
 from mesa_jax import ops
 from mesa_jax._src import sites
@@ -24,8 +26,11 @@ from mesa_jax._src.stores import COLLECTION, LinenStore
 from mesa_jax.policy import Quant
 from mesa_jax.quant import QuantConfig
 
-__all__ = ["COLLECTION", "Dense", "DenseGeneral", "Einsum", "Conv", "LayerNorm", "MultiHeadDotProductAttention",
-           "SelfAttention", "DotProductAttention", "GELU", "Softmax", "MatMul"]
+__all__ = ["COLLECTION", "Dense", "DenseGeneral", "Einsum", "Conv", "Embed", "LayerNorm", "RMSNorm",
+           "MultiHeadDotProductAttention", "SelfAttention", "DotProductAttention", "GELU", "SiLU", "Gated", "Softmax",
+           "MatMul", "gated"]
+
+gated = sites.GATED  # act(g) * u; inside a compressed model (or a mesa layer) g and u are kept packed
 
 
 class _Layer(nn.Module):
@@ -55,8 +60,21 @@ class Conv(_Layer, nn.Conv):
     """flax.linen.Conv keeping an int8 copy of its input."""
 
 
+class Embed(_Layer, nn.Embed):
+    """flax.linen.Embed whose ``attend`` (a tied head) keeps an int8 copy of its query; the
+    lookup keeps nothing."""
+
+    def attend(self, query):
+        with sites.open_scope(self.quant, strict=True, owner=self):
+            return super().attend(query)
+
+
 class LayerNorm(_Layer, nn.LayerNorm):
     """flax.linen.LayerNorm (last axis) keeping an int8 copy of its normalized input and the per-row rstd."""
+
+
+class RMSNorm(_Layer, nn.RMSNorm):
+    """flax.linen.RMSNorm (last axis) keeping an int8 copy of x * rstd and the per-row rstd."""
 
 
 class MultiHeadDotProductAttention(_Layer, nn.MultiHeadDotProductAttention):
@@ -92,6 +110,30 @@ class GELU(nn.Module):
     @nn.compact
     def __call__(self, x):
         return sites.run_layer(self.quant, LinenStore(self), "gelu", sites.gelu(x, self.approximate))
+
+
+class SiLU(nn.Module):
+    """jax.nn.silu (flax.linen.silu, swish) as a layer, keeping an int8 copy of its input."""
+
+    quant: Quant = QuantConfig()
+
+    @nn.compact
+    def __call__(self, x):
+        return sites.run_layer(self.quant, LinenStore(self), "silu", sites.silu(x))
+
+
+class Gated(nn.Module):
+    """``act(g) * u``, a GLU's gated product (SwiGLU: silu), as a layer keeping int8 copies of
+    g and u; a Dense taking its output keeps nothing of its own (see ``gated``)."""
+
+    act: Callable = jax.nn.silu  # elementwise
+    quant: Quant = QuantConfig()
+
+    @nn.compact
+    def __call__(self, g, u):
+        if g.shape != u.shape:
+            raise ValueError(f"Gated needs g and u of one shape, got {g.shape} and {u.shape}")
+        return sites.run_layer(self.quant, LinenStore(self), "gated", sites.gated(g, u, self.act))
 
 
 class Softmax(nn.Module):

@@ -11,16 +11,21 @@ Unmodified NNX models: ``mesa_jax.compress(model)`` (in place).
 
 from __future__ import annotations
 
+from typing import Callable
+
+import jax
 from flax import nnx
 
 from mesa_jax._src import sites
-from mesa_jax._src.compress import in_place, nnx_call, nnx_namesake, set_view
+from mesa_jax._src.compress import in_place, nnx_call, nnx_method, nnx_namesake, set_view
 from mesa_jax._src.stores import MesaStat, NnxStore
 from mesa_jax.policy import Quant
 from mesa_jax.quant import QuantConfig
 
-__all__ = ["MesaStat", "Linear", "LinearGeneral", "Einsum", "Conv", "LayerNorm", "MultiHeadAttention", "GELU",
-           "Softmax"]
+__all__ = ["MesaStat", "Linear", "LinearGeneral", "Einsum", "Conv", "Embed", "LayerNorm", "RMSNorm",
+           "MultiHeadAttention", "GELU", "SiLU", "Gated", "Softmax", "gated"]
+
+gated = sites.GATED  # act(g) * u; inside a compressed model (or a mesa layer) g and u are kept packed
 
 
 class _Layer:
@@ -56,8 +61,19 @@ class Conv(_Layer, nnx.Conv):
     """flax.nnx.Conv keeping an int8 copy of its input."""
 
 
+class Embed(_Layer, nnx.Embed):
+    """flax.nnx.Embed whose ``attend`` (a tied head) keeps an int8 copy of its query; the lookup
+    keeps nothing."""
+
+    attend = nnx_method("attend")
+
+
 class LayerNorm(_Layer, nnx.LayerNorm):
     """flax.nnx.LayerNorm (last axis) keeping an int8 copy of its normalized input."""
+
+
+class RMSNorm(_Layer, nnx.RMSNorm):
+    """flax.nnx.RMSNorm (last axis) keeping an int8 copy of x * rstd."""
 
 
 class MultiHeadAttention(_Layer, nnx.MultiHeadAttention):
@@ -90,6 +106,27 @@ class GELU(_Function):
 
     def __call__(self, x):
         return sites.run_layer(self.quant, NnxStore(self), "gelu", sites.gelu(x, self.approximate))
+
+
+class SiLU(_Function):
+    """jax.nn.silu (nnx.silu, swish) as a layer keeping an int8 copy of its input."""
+
+    def __call__(self, x):
+        return sites.run_layer(self.quant, NnxStore(self), "silu", sites.silu(x))
+
+
+class Gated(_Function):
+    """``act(g) * u``, a GLU's gated product (SwiGLU: silu), as a layer keeping int8 copies of g
+    and u; a Linear taking its output keeps nothing of its own (see ``gated``)."""
+
+    def __init__(self, act: Callable = jax.nn.silu, *, quant: Quant = QuantConfig()):
+        super().__init__(quant)
+        self.act = act
+
+    def __call__(self, g, u):
+        if g.shape != u.shape:
+            raise ValueError(f"Gated needs g and u of one shape, got {g.shape} and {u.shape}")
+        return sites.run_layer(self.quant, NnxStore(self), "gated", sites.gated(g, u, self.act))
 
 
 class Softmax(_Function):

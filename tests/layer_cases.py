@@ -14,6 +14,8 @@ TWINS = [
     ("layer_norm", "LayerNorm", dict(), (2, 5, 8)),
     ("layer_norm_noscale", "LayerNorm", dict(use_scale=False, epsilon=1e-5), (2, 5, 8)),
     ("layer_norm_slow_variance", "LayerNorm", dict(use_fast_variance=False), (2, 5, 8)),
+    ("rms_norm", "RMSNorm", dict(), (2, 5, 8)),
+    ("rms_norm_eps", "RMSNorm", dict(epsilon=1e-5), (2, 5, 8)),
     ("attention", "MultiHeadDotProductAttention", dict(num_heads=2), (2, 5, 8)),
     ("self_attention_fp32_softmax", "SelfAttention", dict(num_heads=4, force_fp32_for_softmax=True), (2, 5, 8)),
 ]

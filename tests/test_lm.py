@@ -83,6 +83,14 @@ def test_compressed_lms_keep_q_k_v_packed_and_nothing_sequence_squared(name, pai
     assert not [r for r in kept if list(r.shape).count(T) >= 2]
     heads = [r for r in kept if r.shape == (B, T, 2, 16)]
     assert len(heads) == 3 and all(r.dtype == jnp.uint8 for r in heads)
+    # nothing of a block's width in float but the loss's probabilities: the norms, the MLP (GELU;
+    # SwiGLU through mesa_jax.nn.gated) and the head (GPT's tied to the embedding) keep codes once
+    width, mlp = TINY[name]["width"], TINY[name].get("mlp_dim", 4 * TINY[name]["width"])
+    floats = [r for r in kept if jnp.issubdtype(r.dtype, jnp.floating) and np.prod(r.shape) >= B * T * width]
+    assert [r.shape for r in floats] == [(B, T - 1, 256)], floats
+    codes = sorted(r.shape[-1] for r in kept if r.dtype == jnp.uint8 and r.shape[:2] == (B, T) and len(r.shape) == 3)
+    expected = [width] * 4 + [mlp] * (2 if name.startswith("llama") else 1)  # 2 norms, o_proj, final norm
+    assert codes == sorted(expected), codes
 
 
 def test_the_lm_presets_are_in_the_registry():

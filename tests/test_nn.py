@@ -32,7 +32,7 @@ def grads(module, variables, x, mutable=()):
 
 
 # bfloat16 for one layer of each kind in the default run, every layer under -m slow
-BF16_FAST = ("dense", "conv_patch", "layer_norm", "attention")
+BF16_FAST = ("dense", "conv_patch", "layer_norm", "rms_norm", "attention")
 FORWARD_CASES = [pytest.param(*twin_case, dtype, id=f"{dtype.__name__}-{twin_case[0]}",
                               marks=[pytest.mark.slow] if dtype == jnp.bfloat16 and twin_case[0] not in BF16_FAST else [])
                  for dtype in (jnp.float32, jnp.bfloat16) for twin_case in TWINS]

@@ -35,11 +35,15 @@ NNX_TWINS = [
     ("conv_same", "Conv", (4, 4), dict(kernel_size=(3, 3), feature_group_count=2), (2, 6, 6, 4)),
     ("layer_norm", "LayerNorm", (8,), dict(), (2, 5, 8)),
     ("layer_norm_slow_variance", "LayerNorm", (8,), dict(use_fast_variance=False, epsilon=1e-5), (2, 5, 8)),
+    ("rms_norm", "RMSNorm", (8,), dict(), (2, 5, 8)),
+    ("rms_norm_bfloat16", "RMSNorm", (8,), dict(dtype=jnp.bfloat16), (2, 5, 8)),  # flax promotes the scale first
+    ("layer_norm_bfloat16", "LayerNorm", (8,), dict(dtype=jnp.bfloat16), (2, 5, 8)),
     ("attention", "MultiHeadAttention", (2, 8), dict(decode=False), (2, 5, 8)),
 ]
 IDS = [t[0] for t in NNX_TWINS]
 # the gradient check on one layer of each class in the default run, the variants under -m slow
-GRADIENT_TWINS = [t if t[0] in ("linear", "linear_general_merge", "einsum", "conv_patch", "layer_norm", "attention")
+GRADIENT_TWINS = [t if t[0] in ("linear", "linear_general_merge", "einsum", "conv_patch", "layer_norm", "rms_norm",
+                                "attention")
                   else pytest.param(*t, marks=pytest.mark.slow) for t in NNX_TWINS]
 
 

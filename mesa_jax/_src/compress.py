@@ -117,14 +117,17 @@ def in_place(root: nnx.Module, quant: Quant, strict: bool) -> None:
 
 
 def nnx_namesake(cls: type) -> type | None:
-    """The NNX class of NNX's table (sites.NNX) whose __call__ ``cls`` runs, or None where a
-    subclass changes it (it then runs as written, its functions and submodules compressed)."""
-    for c in cls.__mro__:
-        if c in sites.NNX:
-            return c
-        if "__call__" in vars(c) and not sites.is_mesa_class(c):
-            return None
-    return None
+    """The NNX class of NNX's table (sites.NNX) whose kind's method (``__call__``, an embedding's
+    ``attend``) ``cls`` runs, or None where a subclass changes it (it then runs as written, its
+    functions and submodules compressed)."""
+    namesake = next((c for c in cls.__mro__ if c in sites.NNX), None)
+    if namesake is None:
+        return None
+    method = sites.NNX[namesake].method
+    mro = cls.__mro__
+    if any(method in vars(c) and not sites.is_mesa_class(c) for c in mro[:mro.index(namesake)]):
+        return None
+    return namesake
 
 
 def _attach(module, kind: sites.NnxKind, policy, strict: bool) -> None:
@@ -136,23 +139,32 @@ def _attach(module, kind: sites.NnxKind, policy, strict: bool) -> None:
             NnxStore(module).create(planned.name, groups, planned.lead)
 
 
-def nnx_call(self, *args, **kwargs):
-    """A module of a compressed NNX model, or a mesa NNX layer: opens the mesa scope when called
-    first (the model's first call checks the policy), is the frame of the functions it calls,
-    and runs its kind's handler if it is a layer of one."""
-    with contextlib.ExitStack() as stack:
-        scope = scopes.current()
-        if scope is None or getattr(self, "_mesa_layer", False):
-            quant = self.mesa_quant
-            scope = stack.enter_context(sites.open_scope(quant, strict=getattr(self, "_mesa_layer", False),
-                                                         owner=self, check=getattr(self, "mesa_root", False)))
-        store = NnxStore(self)
-        stack.enter_context(scopes.frame(store, self, list(vars(self))))
-        namesake = nnx_namesake(type(self))
-        call = functools.partial((namesake or self._mesa_base).__call__, self)
-        if namesake is None or getattr(self, "mesa_config", None) is None:
-            return call(*args, **kwargs)
-        return sites.NNX[namesake].handler(scope, store, self, call, args, kwargs)
+def nnx_method(name: str):
+    """``name`` (``__call__``, ``attend``) of a module of a compressed NNX model, or of a mesa NNX
+    layer: opens the mesa scope when called first (the model's first call checks the policy), is
+    the frame of the functions it calls, and runs its kind's handler if it is the method of one."""
+
+    def method(self, *args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            scope = scopes.current()
+            if scope is None or getattr(self, "_mesa_layer", False):
+                quant = self.mesa_quant
+                scope = stack.enter_context(sites.open_scope(quant, strict=getattr(self, "_mesa_layer", False),
+                                                             owner=self, check=getattr(self, "mesa_root", False)))
+            store = NnxStore(self)
+            stack.enter_context(scopes.frame(store, self, list(vars(self))))
+            namesake = nnx_namesake(type(self))
+            call = functools.partial(getattr(getattr(self, "_mesa_base", None) or namesake, name), self)
+            kind = None if namesake is None else sites.NNX[namesake]
+            if kind is None or kind.method != name or getattr(self, "mesa_config", None) is None:
+                return call(*args, **kwargs)
+            return kind.handler(scope, store, self, call, args, kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+nnx_call = nnx_method("__call__")
 
 
 def set_view(base: type):
@@ -179,11 +191,14 @@ _swapped: dict[type, type] = {}  # a cache of the subclasses made, one per class
 
 
 def swap_class(module) -> None:
-    """Make ``module`` an instance of a subclass of its class whose ``__call__`` runs inside
-    mesa: the same object (``isinstance`` holds)."""
+    """Make ``module`` an instance of a subclass of its class whose ``__call__`` (and its kind's
+    method, an embedding's ``attend``) runs inside mesa: the same object (``isinstance`` holds)."""
     base = type(module)
     if base not in _swapped:
         namespace = {"__call__": nnx_call, "set_view": set_view(base), "_mesa_base": base,
                      "__module__": base.__module__, "__qualname__": base.__qualname__}
+        namesake = nnx_namesake(base)
+        if namesake is not None and sites.NNX[namesake].method != "__call__":
+            namespace[sites.NNX[namesake].method] = nnx_method(sites.NNX[namesake].method)
         _swapped[base] = type(base.__name__, (base,), namespace)
     object.__setattr__(module, "__class__", _swapped[base])

@@ -5,12 +5,14 @@ every handler. While it is open, in this thread:
 
 - every flax.linen module method call passes through ``_intercept`` (flax's
   ``nn.intercept_methods``, a thread-local stack): a handler from the scope's table for the
-  module's class runs the call with mesa's ops; NNX modules, whose classes compress swapped,
+  module's class and method (``__call__``; ``attend`` of an embedding) runs the call with
+  mesa's ops; NNX modules, whose classes compress swapped,
   enter ``frame`` themselves;
-- registered functions (``jax.nn.gelu``, ``jax.nn.softmax``, ``jax.nn.dot_product_attention``,
-  ``nn.scan``) are reached through dispatchers that stand in for them in every imported module
-  that holds them (so ``nn.gelu``, ``jax.nn.gelu`` and ``from jax.nn import gelu`` alike) and in
-  the attributes of the module being called; in other threads, outside a scope, and inside
+- registered functions (``jax.nn.gelu``, ``jax.nn.silu``, ``jax.nn.softmax``,
+  ``jax.nn.dot_product_attention``, ``nn.scan``) are reached through dispatchers that stand in
+  for them in every imported module that holds them (so ``nn.gelu``, ``jax.nn.gelu`` and ``from
+  jax.nn import gelu`` alike) and in the attributes of the module being called (mesa's own
+  ``gated`` is its dispatcher); in other threads, outside a scope, and inside
   mesa's own computations (``suspended``, residuals.own) a dispatcher calls the original;
 - each activation is kept once (residuals.sharing).
 """
@@ -40,7 +42,7 @@ class Scope:
     compress raises (a mesa layer asked for it) or runs exactly (compress reached it)."""
 
     policy: Policy
-    modules: dict  # flax.linen class -> handler(scope, store, module, next_fun, args, kwargs)
+    modules: dict  # (flax.linen class, method name) -> handler(scope, store, module, next_fun, args, kwargs)
     functions: dict  # original function -> dispatcher (see ``dispatchers``)
     strict: bool = False
     owner: Any = None  # the mesa layer that opened it
@@ -144,16 +146,17 @@ def _intercept(next_fun, args, kwargs, context):
     names = [f.name for f in dataclasses.fields(module) if f.name not in ("parent", "name")]
     store = LinenStore(module)
     with frame(store, module, names):
-        handler = _handler(scope, module) if context.method_name == "__call__" else None
+        handler = _handler(scope, module, context.method_name)
         if handler is None:
             return next_fun(*args, **kwargs)
         return handler(scope, store, module, next_fun, args, kwargs)
 
 
-def _handler(scope: Scope, module):
+def _handler(scope: Scope, module, method: str):
+    """The handler of the first class in the module's MRO whose ``method`` the table names."""
     if getattr(module, "_mesa_layer", False) and scope.owner is not module:
         return None  # a mesa layer applies its own quant, in its own scope
-    return next((scope.modules[cls] for cls in type(module).__mro__ if cls in scope.modules), None)
+    return next((scope.modules[cls, method] for cls in type(module).__mro__ if (cls, method) in scope.modules), None)
 
 
 # ------------------------------------------------------------- functions

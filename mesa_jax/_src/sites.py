@@ -98,9 +98,29 @@ def layer_norm(x, scale, bias, epsilon, fast_variance, dtype, name: str = "norma
                 lambda: ops.layer_norm_reference(x, scale, bias, **settings))
 
 
+def rms_norm(x, scale, epsilon, dtype, name: str = "normalized") -> Work:
+    """RMSNorm over the last axis with flax's arithmetic, keeping x * rstd."""
+    x_hat = ops.normalized_input(x, epsilon, centered=False)[0]
+    return Work((Kept(name, x_hat, "channels"),),
+                lambda s, seeds, c: ops.rms_norm(x, scale, s[0], seeds[0], c, epsilon, dtype),
+                lambda: ops.rms_norm_reference(x, scale, epsilon, dtype))
+
+
 def gelu(x, approximate: bool, name: str = "inputs", exact=None) -> Work:
     return Work((Kept(name, x, "channels"),), lambda s, seeds, c: ops.gelu(x, s[0], seeds[0], c, approximate),
                 exact or (lambda: ops.gelu_reference(x, approximate)))
+
+
+def silu(x, name: str = "inputs", exact=None) -> Work:
+    return Work((Kept(name, x, "channels"),), lambda s, seeds, c: ops.silu(x, s[0], seeds[0], c),
+                exact or (lambda: ops.silu_reference(x)))
+
+
+def gated(g, u, act, names=("gate", "up")) -> Work:
+    """``act(g) * u`` (a GLU's gated product), keeping g and u."""
+    act = _undispatched(act)
+    kept = (Kept(names[0], g, "channels"), Kept(names[1], u, "channels"))
+    return Work(kept, lambda s, seeds, c: ops.gated(g, u, *s, *seeds, c, act), lambda: ops.gated_reference(g, u, act))
 
 
 def softmax(x, name: str = "outputs", exact=None) -> Work:
@@ -211,20 +231,24 @@ def _with_config(kind: str, site):
 # ------------------------------------------- layers without an injection point
 
 
-def _overrides_call(module) -> bool:
-    """Whether the module's class changes its flax namesake's __call__ (then only flax's own
+def _overrides(module, method: str = "__call__") -> bool:
+    """Whether the module's class changes its flax namesake's ``method`` (then only flax's own
     code is safe); mesa's own subclasses (its layers, compress's) do not."""
     for cls in type(module).__mro__:
-        if cls in LINEN or cls in NNX:
+        if (cls, method) in LINEN or cls in NNX:
             return False
-        if "__call__" in vars(cls) and not is_mesa_class(cls):
+        if method in vars(cls) and not is_mesa_class(cls):
             return True
     return False
 
 
 def is_mesa_class(cls) -> bool:
-    """A class mesa made: a mesa layer, or the subclass compress made of a model's class."""
-    return bool(vars(cls).get("_mesa_layer")) or "_mesa_base" in vars(cls) or "_mesa_uncompressed" in vars(cls)
+    """A class mesa made: a layer of mesa_jax.nn or mesa_jax.nnx (their methods open its scope),
+    or the subclass compress made of a model's class."""
+    return cls.__module__ in _LAYER_MODULES or "_mesa_base" in vars(cls) or "_mesa_uncompressed" in vars(cls)
+
+
+_LAYER_MODULES = ("mesa_jax.nn", "mesa_jax.nnx")
 
 
 def _last_axis(axes, ndim: int) -> bool:
@@ -234,34 +258,71 @@ def _last_axis(axes, ndim: int) -> bool:
 _DEFAULT_PROMOTE = (None, nn.dtypes.promote_dtype, nnx.nn.dtypes.promote_dtype)
 
 
-def layer_norm_handler(scope: Scope, store: Store, module, next_fun, args, kwargs):
-    """LayerNorm over the last axis (Linen's, NNX's): flax's parameters and arithmetic, keeping
-    the normalized input packed and the per-row rstd."""
-    x, call = args[0], lambda: next_fun(*args, **kwargs)
-    for what, supported in (("an overridden __call__", not _overrides_call(module)),
-                            (f"reduction_axes={module.reduction_axes}", _last_axis(module.reduction_axes, x.ndim)),
-                            (f"feature_axes={module.feature_axes}", _last_axis(module.feature_axes, x.ndim)),
-                            (f"axis_name={module.axis_name!r}", module.axis_name is None),
-                            ("axis_index_groups", module.axis_index_groups is None),
-                            ("force_float32_reductions=False", getattr(module, "force_float32_reductions", True)),
-                            ("a custom promote_dtype", getattr(module, "promote_dtype", None) in _DEFAULT_PROMOTE),
-                            ("mask", kwargs.get("mask") is None)):
+def _norm_handler(kind: str, work: Callable):
+    """LayerNorm, RMSNorm over the last axis (Linen's, NNX's): flax's parameters, promotion and
+    arithmetic, keeping the normalized input packed and the per-row rstd;
+    ``work(module, x, scale, bias)`` is the kind's Work."""
+
+    def handler(scope: Scope, store: Store, module, next_fun, args, kwargs):
+        x, call = args[0], lambda: next_fun(*args, **kwargs)
+        for what, supported in (("an overridden __call__", not _overrides(module)),
+                                (f"reduction_axes={module.reduction_axes}", _last_axis(module.reduction_axes, x.ndim)),
+                                (f"feature_axes={module.feature_axes}", _last_axis(module.feature_axes, x.ndim)),
+                                (f"axis_name={module.axis_name!r}", module.axis_name is None),
+                                ("axis_index_groups", module.axis_index_groups is None),
+                                ("force_float32_reductions=False", getattr(module, "force_float32_reductions", True)),
+                                ("a custom promote_dtype", getattr(module, "promote_dtype", None) in _DEFAULT_PROMOTE),
+                                ("mask", kwargs.get("mask") is None)):
+            if not supported:
+                return scope.unsupported(store, module, what, call)
+        config = scope.config(kind, store.path)
+        if config is None:
+            return call()
+        features = (x.shape[-1],)
+        init = lambda name: getattr(module, f"{name}_init", None)  # Linen's (NNX made its parameters already)
+        scale = store.param("scale", init("scale"), features, module.param_dtype) if module.use_scale else None
+        use_bias = getattr(module, "use_bias", False)  # RMSNorm has none
+        bias = store.param("bias", init("bias"), features, module.param_dtype) if use_bias else None
+        if getattr(module, "promote_dtype", None) is not None:  # NNX's: flax promotes before normalizing
+            x, scale, bias = module.promote_dtype((x, scale, bias), dtype=module.dtype)
+        return run(scope, store, config, work(module, x, scale, bias))
+
+    return handler
+
+
+layer_norm_handler = _norm_handler("layer_norm", lambda m, x, scale, bias: layer_norm(
+    x, scale, bias, m.epsilon, m.use_fast_variance, m.dtype))
+rms_norm_handler = _norm_handler("rms_norm", lambda m, x, scale, bias: rms_norm(x, scale, m.epsilon, m.dtype))
+
+
+def _attend(x, embedding):
+    """flax's Embed.attend after its promotion: a linear map of x (the tied head)."""
+    return jnp.dot(x, embedding.T)
+
+
+def attend_handler(scope: Scope, store: Store, module, next_fun, args, kwargs):
+    """Embed.attend (Linen's, NNX's), a tied head: flax's promotion and product, keeping the query."""
+    call = lambda: next_fun(*args, **kwargs)
+    for what, supported in (("an overridden attend", not _overrides(module, "attend")),
+                            ("a custom promote_dtype", module.promote_dtype in _DEFAULT_PROMOTE),
+                            ("out_sharding", kwargs.get("out_sharding") is None)):
         if not supported:
             return scope.unsupported(store, module, what, call)
-    config = scope.config("layer_norm", store.path)
+    config = scope.config("dense", store.path)
     if config is None:
         return call()
-    features = (x.shape[-1],)
-    init = lambda name: getattr(module, f"{name}_init", None)  # Linen's (NNX made its parameters already)
-    scale = store.param("scale", init("scale"), features, module.param_dtype) if module.use_scale else None
-    bias = store.param("bias", init("bias"), features, module.param_dtype) if module.use_bias else None
-    return run(scope, store, config, layer_norm(x, scale, bias, module.epsilon, module.use_fast_variance,
-                                                module.dtype))
+    (query,) = args or (kwargs["query"],)
+    embedding = module.embedding
+    if isinstance(embedding, nnx.Variable):  # NNX's promote_dtype takes a tuple, Linen's the arrays
+        query, embedding = module.promote_dtype((query, embedding[...]), dtype=module.dtype)
+    else:
+        query, embedding = module.promote_dtype(query, embedding, dtype=module.dtype)
+    return run(scope, store, config, linear(query, embedding, _attend, name="query"))
 
 
 def linen_einsum_handler(scope: Scope, store: Store, module, next_fun, args, kwargs):
     """Linen's Einsum (no injection point): flax's parameters, bias shape and promotion, mesa's einsum."""
-    if _overrides_call(module):
+    if _overrides(module):
         return scope.unsupported(store, module, "an overridden __call__", lambda: next_fun(*args, **kwargs))
     config = scope.config("dense", store.path)
     if config is None:
@@ -372,6 +433,35 @@ def _gelu(scope, original, x, approximate: bool = True):
     return function_site(scope, "gelu", "gelu", lambda name: gelu(x, approximate, name, exact), exact)
 
 
+def _silu(scope, original, x):
+    exact = lambda: original(x)
+    return function_site(scope, "silu", "silu", lambda name: silu(x, name, exact), exact)
+
+
+def gated_product(g, u, act=jax.nn.silu):
+    """``act(g) * u``, the gated product of a GLU MLP (SwiGLU: silu; ``act`` elementwise).
+    Called inside a compressed module it keeps g and u packed, once, and the projection that
+    takes the product keeps nothing; elsewhere it is exactly ``act(g) * u``. A hand-written
+    ``silu(g) * u`` is a product compress cannot see: it keeps silu(g) and u in float."""
+    return ops.gated_reference(g, u, act)
+
+
+def _gated(scope, original, g, u, act=jax.nn.silu):
+    exact = lambda: original(g, u, act)
+    if jnp.shape(g) != jnp.shape(u) or not jnp.ndim(g):
+        return exact()
+    work = lambda name: gated(g, u, act, (f"{name}_gate", f"{name}_up"))
+    return function_site(scope, "gated", "gated", work, exact)
+
+
+def _undispatched(fn):
+    """``fn`` with a dispatcher (a registered function's stand-in while a scope is open,
+    ``nn.silu`` then) replaced by its original: an op's backward may run inside a scope."""
+    if isinstance(fn, functools.partial):
+        return functools.partial(_undispatched(fn.func), *fn.args, **fn.keywords)
+    return getattr(fn, "__mesa_original__", fn)
+
+
 def _softmax(scope, original, x, axis=-1, where=None, **kwargs):
     exact = lambda: original(x, axis=axis, where=where, **kwargs)
     if where is not None or kwargs or axis not in (-1, x.ndim - 1):
@@ -401,15 +491,17 @@ _CONV = injected("conv_general_dilated", (None,), _with_config("conv", conv_gene
 _NNX_DENSE = injected("dot_general", (None, lax.dot_general), _with_config("dense", dot_general))
 _NNX_CONV = injected("conv_general_dilated", (lax.conv_general_dilated,), _with_config("conv", conv_general_dilated))
 
-# flax.linen class -> handler(scope, store, module, next_fun, args, kwargs)
+# (flax.linen class, method) -> handler(scope, store, module, next_fun, args, kwargs)
 LINEN = {
-    nn.Dense: _DENSE,
-    nn.DenseGeneral: _DENSE,
-    nn.Einsum: linen_einsum_handler,
-    nn.Conv: _CONV,
-    nn.LayerNorm: layer_norm_handler,
-    nn.MultiHeadDotProductAttention: _attention(nn.dot_product_attention),
-    AttentionFunction: _attention_function,
+    (nn.Dense, "__call__"): _DENSE,
+    (nn.DenseGeneral, "__call__"): _DENSE,
+    (nn.Einsum, "__call__"): linen_einsum_handler,
+    (nn.Conv, "__call__"): _CONV,
+    (nn.LayerNorm, "__call__"): layer_norm_handler,
+    (nn.RMSNorm, "__call__"): rms_norm_handler,
+    (nn.Embed, "attend"): attend_handler,  # the lookup keeps nothing
+    (nn.MultiHeadDotProductAttention, "__call__"): _attention(nn.dot_product_attention),
+    (AttentionFunction, "__call__"): _attention_function,
 }
 
 
@@ -452,6 +544,7 @@ class NnxKind(NamedTuple):
     kind: str  # the Policy kind
     handler: Callable  # handler(scope, store, module, next_fun, args, kwargs)
     planned: Callable  # module -> [Planned]: the statistics made with the layer
+    method: str = "__call__"  # the method the handler runs
 
 
 # flax.nnx class -> its kind, handler and statistics
@@ -463,16 +556,25 @@ NNX = {
                                                         _lead(m.kernel, len(m.kernel_size) + 2))]),
     nnx.LayerNorm: NnxKind("layer_norm", layer_norm_handler, lambda m: [Planned(
         "normalized", m.num_features, "channels", _lead(m.scale if m.scale is not None else m.bias, 1))]),
+    nnx.RMSNorm: NnxKind("rms_norm", rms_norm_handler, lambda m: [Planned(
+        "normalized", m.num_features, "channels", _lead(m.scale, 1))]),
+    # the tied head; statistics at the first attend (an embedding used only for lookups has none)
+    nnx.Embed: NnxKind("dense", attend_handler, lambda m: [], "attend"),
     nnx.MultiHeadAttention: NnxKind("attention", _attention(nnx.dot_product_attention), _attention_stats),
 }
 
 # functions reached wherever a module calls them -> handler(scope, original, *args, **kwargs)
 FUNCTIONS = scopes.dispatchers({
     jax.nn.gelu: _gelu,
+    jax.nn.silu: _silu,  # jax.nn.swish, nn.silu, nnx.silu: the same function
+    gated_product: _gated,
     jax.nn.softmax: _softmax,
     jax.nn.dot_product_attention: _jax_attention,
     nn.scan: lambda scope, original, *args, **kwargs: linen_scan(original, *args, **kwargs),
 })
+
+
+GATED = FUNCTIONS[gated_product]  # mesa_jax.nn.gated, mesa_jax.nnx.gated: gated_product, compressed in a scope
 
 
 def open_scope(quant, *, strict: bool = False, owner=None, check: bool = False):

@@ -8,6 +8,7 @@ and asks for the seed of its stochastic rounding; the two stores answer from Lin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from typing import Protocol
@@ -70,12 +71,13 @@ class LinenStore:
     def stats(self, name, shape, groups):
         module, where = self.module, join(self.path, name)
         state = getattr(module, "_state", None)
-        if not (state is not None and (state.in_compact_method or state.in_setup)):
-            return None  # variables need @compact or setup
+        if state is None:
+            return None  # an unbound module
         if module.has_variable(COLLECTION, name):
             value = module.get_variable(COLLECTION, name)
         elif module.is_mutable_collection(COLLECTION):
-            value = module.variable(COLLECTION, name, quant.init_stats, groups).value
+            with _definable(state):
+                value = module.variable(COLLECTION, name, quant.init_stats, groups).value
         elif module.is_initializing():
             raise ValueError(
                 f"cannot create the {COLLECTION!r} statistics of {where}: the {COLLECTION!r} collection is not "
@@ -99,6 +101,18 @@ class LinenStore:
 
     def param(self, name, init, shape, dtype):
         return self.module.param(name, init, shape, dtype)
+
+
+@contextlib.contextmanager
+def _definable(state):
+    """flax creates variables in setup or a compact method only; statistics are mesa's, not the
+    module's definitions, and a method that is neither (Embed.attend, a tied head) has some."""
+    outside = not (state.in_compact_method or state.in_setup)
+    state.in_compact_method = state.in_compact_method or outside
+    try:
+        yield
+    finally:
+        state.in_compact_method = state.in_compact_method and not outside
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,9 +5,10 @@
 
 Written as Llama is: token embedding, pre-norm blocks with RMSNorm (``nn.RMSNorm``), attention
 with rotary position embeddings applied to q and k (half-split pairs, as Llama's Hugging Face
-and Gemma's code rotate them), a SwiGLU MLP written ``nn.silu(gate) * up``, no biases, a final
-RMSNorm and an untied head (``tie_embeddings=True``: the embedding's ``attend``, as Llama 3.2's
-small models). Attention is ``jax.nn.dot_product_attention(q, k, v, is_causal=True)`` on the
+and Gemma's code rotate them), a SwiGLU MLP whose product is ``mesa_jax.nn.gated(gate, up)``
+(exactly ``nn.silu(gate) * up`` outside compress; written by hand, it would keep silu(gate) and
+up in float, a product compress cannot see), no biases, a final RMSNorm and an untied head
+(``tie_embeddings=True``: the embedding's ``attend``, as Llama 3.2's small models). Attention is ``jax.nn.dot_product_attention(q, k, v, is_causal=True)`` on the
 rotated q and k, so ``compress`` keeps those packed per head once, and nothing T x T.
 """
 
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from mesa_jax.models import presets
+from mesa_jax.nn import gated
 
 PRESETS = {
     # name: vocabulary, width, depth, heads (head dim 64 and 32), SwiGLU hidden width (about 8/3 width)
@@ -66,7 +68,7 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x))."""
+    """down(silu(gate(x)) * up(x)); compressed, it keeps gate(x) and up(x) packed and down keeps nothing."""
 
     mlp_dim: int
     dtype: Any = None
@@ -75,7 +77,7 @@ class SwiGLU(nn.Module):
     def __call__(self, x):
         dense = lambda features, name: nn.Dense(features, use_bias=False, dtype=self.dtype, kernel_init=INIT,
                                                 name=name)
-        y = nn.silu(dense(self.mlp_dim, "gate_proj")(x)) * dense(self.mlp_dim, "up_proj")(x)
+        y = gated(dense(self.mlp_dim, "gate_proj")(x), dense(self.mlp_dim, "up_proj")(x))  # silu(gate) * up
         return dense(x.shape[-1], "down_proj")(y)
 
 
