@@ -18,6 +18,7 @@ from jax.flatten_util import ravel_pytree
 
 import mesa_jax
 from mesa_jax import Policy, QuantConfig
+from mesa_jax import nn as mnn
 from mesa_jax import nnx as mnnx
 
 C = 8  # channels: two heads of 4
@@ -30,6 +31,21 @@ def dot_product_attention(x):
     return jax.nn.dot_product_attention(heads, heads, heads).reshape(x.shape)
 
 
+def gated(x, function=mnn.gated):
+    """A GLU's gated product of x and x reversed along its channels (two activations)."""
+    return function(x, x[..., ::-1])
+
+
+class NnxAttend(nnx.Module):
+    """A tied head: an embedding's ``attend`` (C entries, so that it maps [.., C] to [.., C])."""
+
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(C, C, rngs=rngs)
+
+    def __call__(self, x):
+        return self.embed.attend(x)
+
+
 LINEN = {  # kind -> a maker of the layer or function, as a flax user writes it
     "dense": lambda: nn.Dense(C),
     "einsum": lambda: nn.Einsum((C, C), "blc,cd->bld"),
@@ -39,6 +55,10 @@ LINEN = {  # kind -> a maker of the layer or function, as a flax user writes it
     "softmax": lambda: jax.nn.softmax,
     "attention": lambda: nn.MultiHeadDotProductAttention(num_heads=2),
     "dot_product_attention": lambda: dot_product_attention,
+    "rms_norm": lambda: nn.RMSNorm(),
+    "silu": lambda: nn.silu,
+    "gated": lambda: gated,
+    "attend": lambda: nn.Embed(C, C).attend,
 }
 NNX = {
     "dense": lambda rngs: nnx.Linear(C, C, rngs=rngs),
@@ -49,8 +69,16 @@ NNX = {
     "softmax": lambda rngs: jax.nn.softmax,
     "attention": lambda rngs: nnx.MultiHeadAttention(2, C, decode=False, rngs=rngs),
     "dot_product_attention": lambda rngs: dot_product_attention,
+    "rms_norm": lambda rngs: nnx.RMSNorm(C, rngs=rngs),
+    "silu": lambda rngs: nnx.silu,
+    "gated": lambda rngs: lambda x: gated(x, mnnx.gated),
+    "attend": NnxAttend,
 }
-PAIRS = [f"{a}__{b}" for a, b in itertools.product(LINEN, LINEN)]
+FIRST = ("dense", "einsum", "conv", "layer_norm", "gelu", "softmax", "attention", "dot_product_attention")
+LM = [("rms_norm", "dense"), ("rms_norm", "attend"), ("rms_norm", "dot_product_attention"), ("rms_norm", "gated"),
+      ("dense", "silu"), ("silu", "dense"), ("dense", "gated"), ("gated", "dense"), ("gated", "attend"),
+      ("layer_norm", "attend")]  # the LM kinds where they meet the others (every pair would triple the cost)
+PAIRS = [f"{a}__{b}" for a, b in [*itertools.product(FIRST, FIRST), *LM]]
 
 
 class LinenPairs(nn.Module):
