@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
@@ -212,6 +213,7 @@ def test_every_pair_of_kinds_compresses_in_linen():
     assert first_order_in_the_step(exact, got_grads) == {}
 
 
+@pytest.mark.slow  # the same table as Linen's through NNX's handlers: 30-90 s of compilation
 def test_every_pair_of_kinds_compresses_in_nnx():
     inputs, weights = pair_inputs()
     exact, want = nnx_grads(NnxBits(nnx.Rngs(1)), inputs, weights)

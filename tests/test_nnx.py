@@ -414,6 +414,7 @@ SHARDED = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a 4-device subprocess
 def test_sharded_state_trains_as_on_one_device():
     """Tensor-parallel Params (flax's nnx.with_partitioning, auto axes) and a batch split over
     an explicit mesh (jax.make_mesh's default) train as on one device: the rounding noise is
