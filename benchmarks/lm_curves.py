@@ -123,7 +123,7 @@ def main(argv=None):
         args.methods.insert(0, "baseline")
     settings = dict(model=args.model, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                     eval_every=args.eval_every, eval_batches=args.eval_batches, log_every=10,
-                    checkpoint_every=args.steps, text=tuple(args.text))
+                    checkpoint_every=args.eval_every, text=tuple(args.text))  # a killed run loses little
     runs = {seed: {m: train(m, seed, args.workdir, **settings) for m in args.methods} for seed in args.seeds}
     header = runs[args.seeds[0]]["baseline"][0]
     print(f"{args.model}, {args.steps} steps of {args.batch_size} x {args.seq_len} bytes, seeds {args.seeds}, on "
