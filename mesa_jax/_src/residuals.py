@@ -169,7 +169,7 @@ def after(a, g):
     parameter's [B, N, C] broadcast in the forward with the backward's, keeping it alive in
     between). Other platforms keep the barriers, and get ``a`` itself: on XLA:GPU the
     dependency costs a pass over every residual (DeiT-S batch 128 bfloat16 on the H100
-    plan: 0.7 GB moved and about 200 kernels).
+    plan: 3.6 GB moved and 319 fusions).
 
     ``min(w, w | b) == w`` for unsigned integers, whatever ``b`` (here the summed bits of
     g's first channel, 0 if g is empty), and XLA's simplifier does not know it. The first
