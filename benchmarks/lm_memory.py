@@ -186,9 +186,11 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
-def searches(names, dtypes, methods, targets, budget_gib, search_batch: int, search_seq: int):
+def searches(names, dtypes, methods, targets, budget_gib, search_batch: int, search_seq: int,
+             kinds=("sequence", "batch")):
     """(name, dtype, method, target, budget bytes, what was searched, the answer): the longest
-    sequence (multiple of 256) at ``search_batch``, the largest batch (multiple of 8) at ``search_seq``."""
+    sequence (multiple of 256) at ``search_batch``, the largest batch (multiple of 8) at
+    ``search_seq`` (``kinds``: which of the two)."""
     for target in targets:
         compiled_for = memory_bench.searched(target)
         limit = memory_bench.budget(target, budget_gib)
@@ -205,12 +207,14 @@ def searches(names, dtypes, methods, targets, budget_gib, search_batch: int, sea
                         jax.clear_caches()
                         return report.peak
 
-                    longest = memory.max_batch_size(lambda s: peak(search_batch, s), limit, start=4096, multiple=256,
-                                                    limit=1 << 17)
-                    yield name, dtype, method, target.name, limit, f"sequence at batch {search_batch}", longest
-                    largest = memory.max_batch_size(lambda b: peak(b, search_seq), limit, start=32, multiple=8,
-                                                    limit=8192)
-                    yield name, dtype, method, target.name, limit, f"batch at sequence {search_seq}", largest
+                    if "sequence" in kinds:
+                        longest = memory.max_batch_size(lambda s: peak(search_batch, s), limit, start=4096,
+                                                        multiple=256, limit=1 << 17)
+                        yield name, dtype, method, target.name, limit, f"sequence at batch {search_batch}", longest
+                    if "batch" in kinds:
+                        largest = memory.max_batch_size(lambda b: peak(b, search_seq), limit, start=32, multiple=8,
+                                                        limit=8192)
+                        yield name, dtype, method, target.name, limit, f"batch at sequence {search_seq}", largest
 
 
 def search_table(results):
@@ -235,6 +239,8 @@ def main(argv=None):
     parser.add_argument("--search-batch", type=int, default=8, help="the longest-sequence search's batch")
     parser.add_argument("--search-seq", type=int, default=2048, help="the largest-batch search's sequence")
     parser.add_argument("--search-methods", nargs="+", default=["baseline", "flash_like", "mesa8"], choices=METHODS)
+    parser.add_argument("--searches", nargs="+", default=["sequence", "batch"], choices=["sequence", "batch"],
+                        help="the longest sequence at --search-batch, the largest batch at --search-seq, or both")
     parser.add_argument("--assume-cudnn", type=int, metavar="VERSION",
                         help="plan the cudnn method without cuDNN installed, as if jax had found this version "
                              "(e.g. 90800 for 9.8; see assumed_cudnn)")
@@ -265,7 +271,7 @@ def run(args, targets) -> None:
         print(memory_bench.report_table([(f"{n} @{s}", d, b, meth, m, None) for n, d, s, b, meth, m, _ in results]))
     if args.search:
         found = searches(args.models, args.dtypes, args.search_methods, targets, args.budget_gib, args.search_batch,
-                         args.search_seq)
+                         args.search_seq, args.searches)
         for line in search_table(found):
             print(line, flush=True)
 
