@@ -1,5 +1,7 @@
 """One table of flax.linen layers, shared by the mesa_jax.nn and compress tests."""
 
+import pytest
+
 # (id, layer name in flax.linen and mesa_jax.nn, constructor arguments, input shape)
 TWINS = [
     ("dense", "Dense", dict(features=6), (2, 5, 8)),
@@ -20,3 +22,10 @@ TWINS = [
     ("self_attention_fp32_softmax", "SelfAttention", dict(num_heads=4, force_fp32_for_softmax=True), (2, 5, 8)),
 ]
 TWIN_IDS = [t[0] for t in TWINS]
+# one layer of each handler: the default run's cases where each costs a compilation or more
+ONE_PER_HANDLER = ("dense", "einsum", "conv_patch", "layer_norm", "rms_norm", "attention")
+
+
+def one_per_handler(cases):
+    """``cases`` (rows named by their first item) with all but ONE_PER_HANDLER's under -m slow."""
+    return [c if c[0] in ONE_PER_HANDLER else pytest.param(*c, marks=pytest.mark.slow) for c in cases]

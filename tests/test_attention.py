@@ -44,7 +44,7 @@ BIASES = {"none": None, "per_query": (1, H, T, T), "shared": (1, H, 1, T)}  # sh
 MASK = jax.random.bernoulli(jax.random.key(6), 0.8, (B, 1, T, T))
 
 
-@pytest.mark.parametrize("bias", BIASES)
+@pytest.mark.parametrize("bias", ["per_query", "shared", pytest.param("none", marks=pytest.mark.slow)])  # no bias: in the others
 @pytest.mark.parametrize("forward", ["flax", "jax", "jax_causal", "jax_saved_lse"])
 def test_forward_is_the_baseline_s_and_the_exact_backward_is_autodiff_s(forward, bias, key):
     q, k, v = qkv(key)

@@ -206,7 +206,7 @@ def interrupt_second_save(monkeypatch, raise_it):
     return real
 
 
-@pytest.mark.parametrize("presses", [1, 2])
+@pytest.mark.parametrize("presses", [1, pytest.param(2, marks=pytest.mark.slow)])  # a second press: -m slow
 def test_ctrl_c_during_a_save_is_one_line_exit_130_and_the_run_resumes(presses, tmp_path, use_small_synthetic,
                                                                         monkeypatch, capsys):
     """A first Ctrl-C lets the save (step 4) complete; a second interrupts it, leaving step 2 intact."""

@@ -13,7 +13,7 @@ from jax.flatten_util import ravel_pytree
 import mesa_jax.nn as mnn
 from mesa_jax import Policy, QuantConfig, memory, quant
 
-from layer_cases import TWIN_IDS, TWINS
+from layer_cases import TWIN_IDS, TWINS, one_per_handler
 
 NEAREST = QuantConfig(stochastic=False)
 EXACT_GELU = functools.partial(jax.nn.gelu, approximate=False)
@@ -69,7 +69,7 @@ def relative_error(got, want):
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-@pytest.mark.parametrize("_, name, kwargs, shape", TWINS, ids=TWIN_IDS)
+@pytest.mark.parametrize("_, name, kwargs, shape", one_per_handler(TWINS), ids=TWIN_IDS)
 def test_gradients_approach_flax_s_with_the_step_and_residuals_are_packed(_, name, kwargs, shape, key):
     """Gradient errors are first order in the quantization step: 4 -> 8 bits divides the step
     by 17 (255 / 15); the error must shrink with it (a factor 2 for the two noise draws).
@@ -268,11 +268,7 @@ def test_later_steps_pack_with_the_running_range_or_mesa_s_updated_one(update_fi
     np.testing.assert_allclose(after["mesa"]["inputs"].span, quant.update(running, b, config).span, rtol=1e-6)
 
 
-# one layer of each handler in the default run, every layer under -m slow
-EMPTY_CASES = [t if t[0] in BF16_FAST + ("einsum",) else pytest.param(*t, marks=pytest.mark.slow) for t in TWINS]
-
-
-@pytest.mark.parametrize("_, name, kwargs, shape", EMPTY_CASES, ids=TWIN_IDS)
+@pytest.mark.parametrize("_, name, kwargs, shape", one_per_handler(TWINS), ids=TWIN_IDS)
 def test_an_empty_batch_gives_flax_s_empty_result_in_evaluation_and_training(_, name, kwargs, shape, key):
     flax_layer, mesa_layer = twin(name, kwargs)
     variables = mesa_layer.init(jax.random.key(1), jax.random.normal(key, shape))
