@@ -2,8 +2,6 @@
 
 import json
 import os
-import signal
-import sys
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import pytest
 from mesa_jax.models import gpt
 from train import lm, run, text
 from train.config import LMConfig
+from train_cases import program_output
 
 WORDS = "def return import class self yield lambda while for if else try except with as pass".split()
 
@@ -35,15 +34,7 @@ def folder(tmp_path):
 
 
 def cli(*args, capsys):
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        code = lm.main(list(args))
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else (print(exit.code, file=sys.stderr) or 1)
-    finally:
-        signal.signal(signal.SIGINT, handler)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return program_output(lm.main, args, capsys)
 
 
 def rows(workdir):

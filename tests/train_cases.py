@@ -54,11 +54,16 @@ def restored(workdir, cfg):
 
 
 def cli(*args, capsys):
-    """Run the program's main in this process: (exit code, stdout, stderr). Its Ctrl-C
+    """python -m train.vit_cifar100 ARGS in this process (see ``program_output``)."""
+    return program_output(vit_cifar100.main, args, capsys)
+
+
+def program_output(main, args, capsys):
+    """Run a program's ``main(args)`` in this process: (exit code, stdout, stderr). Its Ctrl-C
     handling, a process's, is undone."""
     handler = signal.getsignal(signal.SIGINT)
     try:
-        code = vit_cifar100.main(list(args))
+        code = main(list(args))
     except SystemExit as exit:
         code = exit.code if isinstance(exit.code, int) else (print(exit.code, file=sys.stderr) or 1)
     finally:
