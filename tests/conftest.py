@@ -2,10 +2,12 @@
 
 import os
 
-# Tests compile hundreds of small programs: LLVM's optimization of them dominates the
-# run, their execution does not. HLO passes (and so XLA's buffer assignment, which the
-# memory tests read) are unaffected. Set before jax creates its backend.
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+# Tests compile over a thousand small programs: XLA:CPU's code generation dominates the run,
+# their execution does not. LLVM at level 0 and XLA:CPU's older fusion emitters (half the
+# compile time of a small program) cut it; HLO passes (and so XLA's buffer assignment, which
+# the memory tests read) are unaffected. Set before jax creates its backend.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -13,9 +15,18 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "standard")
 # Tests build the same small models again and again (each training run jits afresh):
-# XLA's persistent cache, shared by the xdist workers, compiles each program once.
+# XLA's persistent cache, shared by the xdist workers, compiles each program once (every
+# program: even a small one's compilation costs more than reading it back).
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+
+def first_fast(values, fast: int = 1):
+    """Parametrize ``values``: the first ``fast`` in the default run, the rest under -m slow (the
+    same check where each case costs compilations)."""
+    return [v if i < fast else pytest.param(v, marks=pytest.mark.slow) for i, v in enumerate(values)]
+
 
 # [..., C] activations: odd token counts on purpose (197 = DeiT's 196 patches + cls).
 CHANNEL_SHAPES = [(2, 5, 8), (3, 7, 16)]

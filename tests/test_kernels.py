@@ -13,7 +13,7 @@ from mesa_jax import QuantConfig, quant
 from mesa_jax.models import vit
 from pallas_kernels import arithmetic, pack as kernels
 
-from conftest import CHANNEL_SHAPES, HEAD_SHAPES
+from conftest import CHANNEL_SHAPES, HEAD_SHAPES, first_fast
 
 SEED = jnp.uint32(21)
 # The CPU runs the kernels in the interpreter; benchmarks/gpu_check.sh sets "triton" on a GPU.
@@ -24,7 +24,6 @@ KERNEL_SHAPES = [(s, "channels") for s in CHANNEL_SHAPES + [(2, 5, 37), (1, 3, 1
 ]
 # The interpreter is slow: the default run checks two shapes at the first setting; the rest
 # of the matrix is marked slow (benchmarks/gpu_check.sh runs it all, compiled).
-first_fast = lambda values: [v if i == 0 else pytest.param(v, marks=pytest.mark.slow) for i, v in enumerate(values)]
 # the default run's shapes: a channel tensor whose rows the block does not divide, a head tensor
 KERNEL_FAST = [c if c in (((2, 5, 37), "channels"), (HEAD_SHAPES[0], "heads")) else pytest.param(*c, marks=pytest.mark.slow)
                for c in KERNEL_SHAPES]
@@ -146,7 +145,7 @@ ROW_KERNEL_CASES = [((2, 5, 37), "channels", 1, True, False), ((2, 4, 64), "chan
                     ((1, 2, 20, 20), "heads", 1, True, False)]
 
 
-@pytest.mark.parametrize("shape, layout, groups, stochastic, normalize", ROW_KERNEL_CASES, ids=str)
+@pytest.mark.parametrize("shape, layout, groups, stochastic, normalize", first_fast(ROW_KERNEL_CASES, 2), ids=str)
 @pytest.mark.parametrize("bits", first_fast([8, 4]))
 def test_row_range_kernel_codes_scales_and_statistics_are_the_reference_s(shape, layout, groups, stochastic,
                                                                           normalize, bits, key):

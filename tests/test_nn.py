@@ -13,7 +13,7 @@ from jax.flatten_util import ravel_pytree
 import mesa_jax.nn as mnn
 from mesa_jax import Policy, QuantConfig, memory, quant
 
-from layer_cases import TWIN_IDS, TWINS, one_per_handler
+from layer_cases import ONE_PER_HANDLER, TWIN_IDS, TWINS, one_per_handler
 
 NEAREST = QuantConfig(stochastic=False)
 EXACT_GELU = functools.partial(jax.nn.gelu, approximate=False)
@@ -31,10 +31,9 @@ def grads(module, variables, x, mutable=()):
     return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)
 
 
-# bfloat16 for one layer of each kind in the default run, every layer under -m slow
-BF16_FAST = ("dense", "conv_patch", "layer_norm", "rms_norm", "attention")
+# one layer of each handler in each dtype in the default run, every layer under -m slow
 FORWARD_CASES = [pytest.param(*twin_case, dtype, id=f"{dtype.__name__}-{twin_case[0]}",
-                              marks=[pytest.mark.slow] if dtype == jnp.bfloat16 and twin_case[0] not in BF16_FAST else [])
+                              marks=[] if twin_case[0] in ONE_PER_HANDLER else [pytest.mark.slow])
                  for dtype in (jnp.float32, jnp.bfloat16) for twin_case in TWINS]
 
 

@@ -42,8 +42,7 @@ NNX_TWINS = [
 ]
 IDS = [t[0] for t in NNX_TWINS]
 # the gradient check on one layer of each class in the default run, the variants under -m slow
-GRADIENT_TWINS = [t if t[0] in ("linear", "linear_general_merge", "einsum", "conv_patch", "layer_norm", "rms_norm",
-                                "attention")
+GRADIENT_TWINS = [t if t[0] in ("linear", "einsum", "conv_patch", "layer_norm", "attention")
                   else pytest.param(*t, marks=pytest.mark.slow) for t in NNX_TWINS]
 
 

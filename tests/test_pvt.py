@@ -39,6 +39,7 @@ def test_stages_and_reduction_ratios(images):
     assert out_of(state["intermediates"], ["stage_3_block_0"]) == (2, 1 + 4, 32)  # the class token + 2 x 2
 
 
+@pytest.mark.slow  # the whole model compiled twice (7 s each); the default run checks its stages and what it keeps
 def test_mesa_forward_and_params_are_the_baseline_s(images):
     assert_forward_is_the_baseline_s(tiny(quant=None), tiny(), images)
 

@@ -56,6 +56,7 @@ def test_stages_halve_the_grid_and_double_the_width(images):
     assert shapes["stage_2_block_0"] == (2, 4, 4, 48)  # a grid of one window
 
 
+@pytest.mark.slow  # the whole model compiled twice (7 s each); the default run checks its stages and what it keeps
 def test_mesa_forward_and_params_are_the_baseline_s(images):
     assert_forward_is_the_baseline_s(tiny(quant=None), tiny(), images)
 
