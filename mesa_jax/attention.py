@@ -196,7 +196,8 @@ def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int | None
     dk += scale dS^T q_b, dv += P^T g_b, dbias_b = dS (summed to bias's shape). Products
     run in the inputs' dtype (bfloat16 GEMMs for bfloat16 inputs, as the baseline's
     backward: half the bytes of float32 ones), the softmax algebra in float32, and the
-    blocks' dk, dv sum in float32.
+    blocks' dk, dv sum in float32. Several blocks are one rolled loop (lax.scan): a long
+    sequence compiles as fast as a short one, and each block's map is freed before the next.
     """
     t = q.shape[1]
     block = min(block or query_block(q.shape[0], q.shape[2], t, k.shape[1]), t)
@@ -209,33 +210,39 @@ def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int | None
     bias_p = padded(bias, bias.ndim - 2) if bias_rows else bias
     mask_p = padded(mask, mask.ndim - 2) if mask_rows else mask
     lse_p = None if lse is None else jnp.pad(lse, [(0, 0), (0, 0), (0, pad)], constant_values=jnp.inf)  # P = 0
-
-    def rows(a, start, follows):
-        return lax.slice_in_dim(a, start, start + block, axis=a.ndim - 2) if follows and blocks > 1 else a
-
     compute = jnp.promote_types(q.dtype, jnp.float32)
     product = lambda spec, a, b: jnp.einsum(spec, a, b).astype(compute)
-    dk = dv = None
-    dbias = None if bias is None or bias_rows else jnp.zeros(bias.shape, compute)
-    dqs, dbiases = [], []
-    for start in range(0, blocks * block, block):  # unrolled: XLA schedules and frees block by block
-        q_b, g_b = qp[:, start: start + block], gp[:, start: start + block]
-        bias_b = rows(bias_p, start, bias_rows)
-        lse_b = None if lse is None else lse_p[..., start: start + block]
-        p, scale = probabilities(q_b, k, bias_b, rows(mask_p, start, mask_rows), forward, start, lse_b)
+
+    def gradients(start):
+        """dq, dk, dv and dbias of the queries [start, start + block)."""
+        rows = lambda a, axis, follows=True: (lax.dynamic_slice_in_dim(a, start, block, axis)
+                                             if follows and blocks > 1 else a)
+        q_b, g_b = rows(qp, 1), rows(gp, 1)
+        bias_b = None if bias is None else rows(bias_p, bias.ndim - 2, bias_rows)
+        mask_b = None if mask is None else rows(mask_p, mask.ndim - 2, mask_rows)
+        p, scale = probabilities(q_b, k, bias_b, mask_b, forward, start, None if lse is None else rows(lse_p, 2))
         dp = product("bthd,bshd->bhts", g_b, v)
         ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))
         ds_low, p_low = ds.astype(q.dtype), p.astype(q.dtype)  # the GEMMs' operands, in the inputs' dtype
-        dqs.append(product("bhts,bshd->bthd", ds_low, k) * scale)
+        dq_b = product("bhts,bshd->bthd", ds_low, k) * scale
         dk_b, dv_b = product("bhts,bthd->bshd", ds_low, q_b) * scale, product("bhts,bthd->bshd", p_low, g_b)
-        dk, dv = (dk_b, dv_b) if dk is None else (dk + dk_b, dv + dv_b)
-        if bias is not None and bias_rows:
-            dbiases.append(_summed_to(ds, bias_b.shape))
-        elif bias is not None:  # a bias shared by all queries: accumulated
-            dbias = dbias + _summed_to(ds, bias_b.shape)
-    dq = jnp.concatenate(dqs, axis=1)[:, :t] if blocks > 1 else dqs[0]
-    if bias is not None and bias_rows:
-        dbias = jnp.concatenate(dbiases, axis=-2)[..., :t, :] if blocks > 1 else dbiases[0]
+        return dq_b, dk_b, dv_b, None if bias is None else _summed_to(ds, bias_b.shape)
+
+    if blocks == 1:
+        dq, dk, dv, dbias = gradients(0)
+    else:
+        def step(sums, start):  # dk, dv and a shared bias's gradient sum over the blocks; dq and bias rows stack
+            dq_b, *block_sums, dbias_b = gradients(start)
+            shared = None if bias is None or bias_rows else dbias_b
+            sums = jax.tree.map(jnp.add, sums, (*block_sums, shared))
+            return sums, (dq_b, dbias_b if bias_rows else None)
+
+        zeros = lambda a, shape=None: jnp.zeros(a.shape if shape is None else shape, compute)
+        first = (zeros(k), zeros(v), None if bias is None or bias_rows else zeros(bias))
+        (dk, dv, dbias), (dqs, dbiases) = lax.scan(step, first, jnp.arange(blocks) * block)
+        dq = jnp.moveaxis(dqs, 0, 1).reshape(qp.shape)[:, :t]  # [blocks, B, block, H, D] -> [B, T, H, D]
+        if bias_rows:  # [blocks, ..., block, S] -> [..., T, S]
+            dbias = jnp.moveaxis(dbiases, 0, -3).reshape(bias_p.shape)[..., :t, :]
     dbias = None if bias is None else dbias.astype(bias.dtype)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
 

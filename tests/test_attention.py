@@ -73,9 +73,10 @@ def test_exact_mode_numerical_gradients_float64(key):
 
 
 @pytest.mark.parametrize("saved_lse", [False, True])
-def test_blocks_give_the_one_block_backward(saved_lse, key):
+@pytest.mark.parametrize("bias_rows", [T, 1])  # a bias row per query (its gradient stacks), or one shared (it sums)
+def test_blocks_give_the_one_block_backward(saved_lse, bias_rows, key):
     q, k, v = qkv(key)
-    bias = jax.random.normal(jax.random.key(5), (1, H, T, T))
+    bias = jax.random.normal(jax.random.key(5), (1, H, bias_rows, T))
     g = jax.random.normal(jax.random.key(7), (B, T, H, D))
     lse = attention.row_log_sum_exp(q, k, bias, MASK, flax_forward(), block=T) if saved_lse else None
     whole = attention.blocked_backward(q, k, v, bias, MASK, g, flax_forward(), block=T, lse=lse)
