@@ -106,9 +106,9 @@ def residual_bytes(model, batch: int, seq: int) -> int:
 
     def loss(params, mesa, windows):
         tokens = windows.astype(jnp.int32)
-        logits, _ = model.apply({"params": params, **({"mesa": mesa} if mesa else {})}, tokens[:, :-1], train=True,
-                                mutable=["mesa"], rngs={"dropout": jax.random.key(0)})
-        return loop.next_token_losses(logits, tokens).mean()
+        hidden, _ = model.apply({"params": params, **({"mesa": mesa} if mesa else {})}, tokens[:, :-1], train=True,
+                                head=False, mutable=["mesa"], rngs={"dropout": jax.random.key(0)})
+        return loop.next_token_losses(loop.head(model.apply, params), hidden, tokens[:, 1:]).mean()
 
     kept = memory.saved_residuals(loss, state.params, state.mesa, windows)
     return sum(r.nbytes for r in kept if "argument" not in r.source)

@@ -171,3 +171,33 @@ def test_residuals_per_token_and_block_are_flat_in_the_sequence_but_the_baseline
         assert per_token[method][0] == per_token[method][1], method
     assert per_token["remat"][0] == 32 * 2  # the block's bfloat16 input
     assert per_token["mesa8"][0] < per_token["flash_like"][0] / 4
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_the_chunked_loss_is_the_whole_logits_loss_and_keeps_no_logits(name, pairs):
+    """train.lm's loss applies the head to 7 tokens at a time (7 divides no B x T here: the last
+    chunk is padded): the baseline's losses and gradients are those of its [B, T, V] logits, to
+    float32 rounding, and autodiff keeps no vocabulary-wide tensor, compressed or not."""
+    from train import loop
+
+    mesa, base, variables = pairs[name]
+    x = tokens(2, t=T + 1)
+
+    def chunked(model, params, stats):
+        hidden, _ = model.apply({"params": params, **stats}, x[:, :-1], train=True, head=False, mutable=["mesa"])
+        return loop.next_token_losses(loop.head(model.apply, params), hidden, x[:, 1:], chunk=7)
+
+    def whole(params):
+        return optax.softmax_cross_entropy_with_integer_labels(base.apply({"params": params}, x[:, :-1]), x[:, 1:])
+
+    params, stats = variables["params"], {"mesa": variables["mesa"]}
+    got, want = jax.jit(lambda p: chunked(base, p, {}))(params), jax.jit(whole)(params)
+    assert got.shape == (B, T)
+    eps, width = float(jnp.finfo(jnp.float32).eps), TINY[name]["width"]  # a logit: width products, in another order
+    np.testing.assert_allclose(got, want, rtol=0, atol=2 * width * eps * float(jnp.max(want)))
+    grad = lambda f: ravel_pytree(jax.jit(jax.grad(lambda p: f(p).mean()))(params))[0]
+    g, exact = grad(lambda p: chunked(base, p, {})), grad(whole)
+    np.testing.assert_allclose(g, exact, rtol=0, atol=B * T * width * eps * float(jnp.max(jnp.abs(exact))))
+    for model, collections in ((base, {}), (mesa, stats)):
+        kept = memory.saved_residuals(lambda p: chunked(model, p, collections).mean(), params)
+        assert not [r for r in kept if "argument" not in r.source and r.shape[-1:] == (256,)], kept

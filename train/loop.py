@@ -58,15 +58,16 @@ def step_keys(state: TrainState) -> tuple[jax.Array, jax.Array]:
     return tuple(jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)))
 
 
-def optimizer_step(state: TrainState, inputs, loss_of, dropout: jax.Array):
-    """The model on ``inputs`` (statistics updated), ``loss_of(outputs) -> (loss, metrics)``, its
-    gradient applied unless non-finite (``guarded``); returns the new state and the metrics."""
+def optimizer_step(state: TrainState, inputs, loss_of, dropout: jax.Array, **apply_kwargs):
+    """The model on ``inputs`` (statistics updated), ``loss_of(outputs, params) -> (loss, metrics)``,
+    its gradient applied unless non-finite (``guarded``); returns the new state and the metrics."""
 
     def loss_fn(params):
         outputs, updates = state.apply_fn(
-            _variables(state, params), inputs, train=True, mutable=[COLLECTION], rngs={"dropout": dropout}
+            _variables(state, params), inputs, train=True, mutable=[COLLECTION], rngs={"dropout": dropout},
+            **apply_kwargs
         )
-        loss, metrics = loss_of(outputs)
+        loss, metrics = loss_of(outputs, params)
         return loss, (metrics, updates)
 
     (loss, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -84,7 +85,7 @@ def train_step(state: TrainState, images, labels, label_smoothing: float = 0.1, 
     if augment is not None:
         images = augment(images, augment_key)
 
-    def loss_of(logits):
+    def loss_of(logits, params):
         return cross_entropy(logits, labels, label_smoothing), {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
 
     return optimizer_step(state, images, loss_of, dropout)
@@ -96,16 +97,42 @@ def lm_train_step(state: TrainState, windows):
     _, dropout = step_keys(state)
     windows = windows.astype(jnp.int32)
 
-    def loss_of(logits):  # [B, T, V]
-        loss = next_token_losses(logits, windows).mean()
+    def loss_of(hidden, params):  # [B, T, C]
+        loss = next_token_losses(head(state.apply_fn, params), hidden, windows[:, 1:]).mean()
         return loss, {"bits_per_byte": loss / jnp.log(2.0)}
 
-    return optimizer_step(state, windows[:, :-1], loss_of, dropout)
+    return optimizer_step(state, windows[:, :-1], loss_of, dropout, head=False)
 
 
-def next_token_losses(logits, windows):
-    """[B, T] cross-entropy (nats) of each next token windows[:, 1:] under logits [B, T, V]."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])
+def head(apply_fn, params):
+    """``hidden -> logits`` of a language model (its ``logits`` method: the vocabulary head, uncompressed)."""
+    return lambda hidden: apply_fn({"params": params}, hidden, method="logits")
+
+
+LOSS_CHUNK = 4096  # tokens whose logits exist at once in next_token_losses
+
+
+def next_token_losses(logits_of, hidden, targets, chunk: int = LOSS_CHUNK):
+    """[B, T] cross-entropy (nats) of ``targets`` [B, T] under ``logits_of(hidden)``, hidden [B, T, C].
+
+    ``chunk`` tokens at a time, each chunk's logits recomputed in the backward pass: a model with
+    a large vocabulary holds [chunk, V] float32 logits and their gradient instead of [B, T, V]
+    (gpt2-s at sequence 2048: 0.4 GB per sequence, more than its activations), for a second head
+    GEMM in the backward pass.
+    """
+    b, t, c = hidden.shape
+    tokens = b * t
+    chunk = min(chunk, tokens)
+    chunks = -(-tokens // chunk)
+    pad = chunks * chunk - tokens  # padded tokens' losses are computed and dropped
+    h = jnp.pad(hidden.reshape(tokens, c), ((0, pad), (0, 0))).reshape(chunks, chunk, c)
+    y = jnp.pad(targets.reshape(tokens), (0, pad)).reshape(chunks, chunk)
+
+    @jax.checkpoint
+    def losses(h, y):
+        return optax.softmax_cross_entropy_with_integer_labels(logits_of(h), y)
+
+    return jax.lax.map(lambda hy: losses(*hy), (h, y)).reshape(-1)[:tokens].reshape(b, t)
 
 
 def guarded(state: TrainState, new: TrainState, loss, grad_norm) -> TrainState:
@@ -136,8 +163,8 @@ def eval_step(state: TrainState, images, labels, mask):
 def lm_eval_step(state: TrainState, windows, mask):
     """Summed next-token loss (nats) and token count over the ``mask``ed (real) windows [B, T + 1]."""
     windows = windows.astype(jnp.int32)
-    logits = state.apply_fn(_variables(state, state.params), windows[:, :-1], train=False)
-    losses = next_token_losses(logits, windows)  # [B, T]
+    hidden = state.apply_fn(_variables(state, state.params), windows[:, :-1], train=False, head=False)
+    losses = next_token_losses(head(state.apply_fn, state.params), hidden, windows[:, 1:])  # [B, T]
     return {"loss_sum": jnp.sum(jnp.where(mask[:, None], losses, 0.0)),
             "count": jnp.sum(mask) * losses.shape[1]}
 

@@ -83,7 +83,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """``__call__(tokens [B, T] int) -> logits [B, T, vocab_size]`` (float32), T <= max_len."""
+    """``__call__(tokens [B, T] int) -> logits [B, T, vocab_size]`` (float32), T <= max_len.
+
+    ``head=False`` returns the final hidden states [B, T, width] instead, and ``logits`` maps
+    any of them to the vocabulary: a loss can then hold the logits of a chunk of tokens at a
+    time (train.loop.next_token_losses) rather than all [B, T, vocab_size] of them.
+    """
 
     vocab_size: int
     max_len: int  # learned positions
@@ -96,19 +101,27 @@ class GPT(nn.Module):
     remat: str | None = None  # jax.checkpoint policy name for each block (presets.REMAT_POLICIES)
     attention_fn: Callable = jax.nn.dot_product_attention  # the attention core (e.g. a recomputed one)
 
-    @nn.compact
-    def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
-        self._check(tokens)
-        wte = nn.Embed(self.vocab_size, self.width, embedding_init=INIT, dtype=self.dtype, name="wte")
-        wpe = nn.Embed(self.max_len, self.width, embedding_init=INIT, dtype=self.dtype, name="wpe")
-        x = wte(tokens) + wpe(jnp.arange(tokens.shape[1]))[None]  # [B, T, C]
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    def setup(self):
+        self.wte = nn.Embed(self.vocab_size, self.width, embedding_init=INIT, dtype=self.dtype)
+        self.wpe = nn.Embed(self.max_len, self.width, embedding_init=INIT, dtype=self.dtype)
+        self.drop = nn.Dropout(self.dropout_rate)
         block = presets.remat(Block, self.remat, static_argnums=(2,))  # (self, x, train)
-        for i in range(self.depth):
-            x = block(self.num_heads, self.mlp_dim or 4 * self.width, self.depth, self.dropout_rate, self.dtype,
-                      self.attention_fn, name=f"h_{i}")(x, train)
-        x = nn.LayerNorm(dtype=self.dtype, name="ln_f")(x)
-        return wte.attend(x).astype(jnp.float32)  # the head is the token embedding, transposed
+        self.h = [block(self.num_heads, self.mlp_dim or 4 * self.width, self.depth, self.dropout_rate, self.dtype,
+                        self.attention_fn) for _ in range(self.depth)]  # h_0, h_1, ...
+        self.ln_f = nn.LayerNorm(dtype=self.dtype)
+
+    def __call__(self, tokens: jax.Array, train: bool = False, head: bool = True) -> jax.Array:
+        self._check(tokens)
+        x = self.wte(tokens) + self.wpe(jnp.arange(tokens.shape[1]))[None]  # [B, T, C]
+        x = self.drop(x, deterministic=not train)
+        for block in self.h:
+            x = block(x, train)
+        x = self.ln_f(x)
+        return self.logits(x) if head else x
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[..., width] final hidden states -> [..., vocab_size] float32: the head is the token embedding, transposed."""
+        return self.wte.attend(hidden).astype(jnp.float32)
 
     def _check(self, tokens):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):

@@ -100,7 +100,8 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """``__call__(tokens [B, T] int) -> logits [B, T, vocab_size]`` (float32)."""
+    """``__call__(tokens [B, T] int) -> logits [B, T, vocab_size]`` (float32); ``head=False``:
+    the final hidden states [B, T, width], which ``logits`` maps to the vocabulary (as GPT's)."""
 
     vocab_size: int
     width: int
@@ -114,21 +115,29 @@ class Llama(nn.Module):
     remat: str | None = None  # jax.checkpoint policy name for each block (presets.REMAT_POLICIES)
     attention_fn: Callable = jax.nn.dot_product_attention  # the attention core (e.g. a recomputed one)
 
-    @nn.compact
-    def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+    def setup(self):
+        self.embed_tokens = nn.Embed(self.vocab_size, self.width, embedding_init=INIT, dtype=self.dtype)
+        block = presets.remat(Block, self.remat, static_argnums=())
+        self.layers = [block(self.num_heads, self.mlp_dim, self.rope_theta, self.norm_eps, self.dtype,
+                             self.attention_fn) for _ in range(self.depth)]  # layers_0, layers_1, ...
+        self.norm = nn.RMSNorm(self.norm_eps, dtype=self.dtype)
+        if not self.tie_embeddings:
+            self.lm_head = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, kernel_init=INIT)
+
+    def __call__(self, tokens: jax.Array, train: bool = False, head: bool = True) -> jax.Array:
         del train  # no dropout, as Llama pretrains
         self._check(tokens)
-        embed = nn.Embed(self.vocab_size, self.width, embedding_init=INIT, dtype=self.dtype, name="embed_tokens")
-        x = embed(tokens)  # [B, T, C]
-        block = presets.remat(Block, self.remat, static_argnums=())
-        for i in range(self.depth):
-            x = block(self.num_heads, self.mlp_dim, self.rope_theta, self.norm_eps, self.dtype, self.attention_fn,
-                      name=f"layers_{i}")(x)
-        x = nn.RMSNorm(self.norm_eps, dtype=self.dtype, name="norm")(x)
+        x = self.embed_tokens(tokens)  # [B, T, C]
+        for block in self.layers:
+            x = block(x)
+        x = self.norm(x)
+        return self.logits(x) if head else x
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[..., width] final hidden states -> [..., vocab_size] float32."""
         if self.tie_embeddings:
-            return embed.attend(x).astype(jnp.float32)
-        head = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, kernel_init=INIT, name="lm_head")
-        return head(x).astype(jnp.float32)
+            return self.embed_tokens.attend(hidden).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
 
     def _check(self, tokens):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
