@@ -175,9 +175,10 @@ def test_residuals_per_token_and_block_are_flat_in_the_sequence_but_the_baseline
 
 @pytest.mark.parametrize("name", TINY)
 def test_the_chunked_loss_is_the_whole_logits_loss_and_keeps_no_logits(name, pairs):
-    """train.lm's loss applies the head to 7 tokens at a time (7 divides no B x T here: the last
-    chunk is padded): the baseline's losses and gradients are those of its [B, T, V] logits, to
-    float32 rounding, and autodiff keeps no vocabulary-wide tensor, compressed or not."""
+    """train.lm's loss applies the head to 5 positions of both sequences at a time (10 tokens; 5
+    does not divide T: the last span is padded): the baseline's losses and gradients are those of
+    its [B, T, V] logits, to float32 rounding, and autodiff keeps no vocabulary-wide tensor,
+    compressed or not."""
     from train import loop
 
     mesa, base, variables = pairs[name]
@@ -185,7 +186,7 @@ def test_the_chunked_loss_is_the_whole_logits_loss_and_keeps_no_logits(name, pai
 
     def chunked(model, params, stats):
         hidden, _ = model.apply({"params": params, **stats}, x[:, :-1], train=True, head=False, mutable=["mesa"])
-        return loop.next_token_losses(loop.head(model.apply, params), hidden, x[:, 1:], chunk=7)
+        return loop.next_token_losses(loop.head(model.apply, params), hidden, x[:, 1:], chunk=10)
 
     def whole(params):
         return optax.softmax_cross_entropy_with_integer_labels(base.apply({"params": params}, x[:, :-1]), x[:, 1:])

@@ -115,24 +115,24 @@ LOSS_CHUNK = 4096  # tokens whose logits exist at once in next_token_losses
 def next_token_losses(logits_of, hidden, targets, chunk: int = LOSS_CHUNK):
     """[B, T] cross-entropy (nats) of ``targets`` [B, T] under ``logits_of(hidden)``, hidden [B, T, C].
 
-    ``chunk`` tokens at a time, each chunk's logits recomputed in the backward pass: a model with
-    a large vocabulary holds [chunk, V] float32 logits and their gradient instead of [B, T, V]
-    (gpt2-s at sequence 2048: 0.4 GB per sequence, more than its activations), for a second head
-    GEMM in the backward pass.
+    A span of positions of every sequence at a time (about ``chunk`` tokens), each span's
+    logits recomputed in the backward pass: a model with a large vocabulary holds [B, span, V]
+    float32 logits and their gradient instead of [B, T, V] (gpt2-s at sequence 2048: 0.4 GB
+    per sequence, more than its activations), for a second head GEMM in the backward pass.
+    Spans split the sequence, not the batch, so a batch-sharded step stays sharded.
     """
     b, t, c = hidden.shape
-    tokens = b * t
-    chunk = min(chunk, tokens)
-    chunks = -(-tokens // chunk)
-    pad = chunks * chunk - tokens  # padded tokens' losses are computed and dropped
-    h = jnp.pad(hidden.reshape(tokens, c), ((0, pad), (0, 0))).reshape(chunks, chunk, c)
-    y = jnp.pad(targets.reshape(tokens), (0, pad)).reshape(chunks, chunk)
+    span = max(1, min(t, chunk // max(b, 1)))
+    spans = -(-t // span)
+    pad = spans * span - t  # padded positions' losses are computed and dropped
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, spans, span, c).swapaxes(0, 1)  # [spans, B, span, C]
+    y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, spans, span).swapaxes(0, 1)
 
     @jax.checkpoint
     def losses(h, y):
         return optax.softmax_cross_entropy_with_integer_labels(logits_of(h), y)
 
-    return jax.lax.map(lambda hy: losses(*hy), (h, y)).reshape(-1)[:tokens].reshape(b, t)
+    return jax.lax.map(lambda hy: losses(*hy), (h, y)).swapaxes(0, 1).reshape(b, spans * span)[:, :t]
 
 
 def guarded(state: TrainState, new: TrainState, loss, grad_norm) -> TrainState:
