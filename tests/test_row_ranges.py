@@ -10,6 +10,8 @@ import mesa_jax.nn as mnn
 from mesa_jax import Policy, QuantConfig, ops, policy, quant
 from mesa_jax.policy import KINDS
 
+from conftest import first_fast
+
 ROW = QuantConfig(ranges="row", stochastic=False)
 SEED = jnp.uint32(7)
 
