@@ -145,7 +145,9 @@ ROW_KERNEL_CASES = [((2, 5, 37), "channels", 1, True, False), ((2, 4, 64), "chan
                     ((1, 2, 20, 20), "heads", 1, True, False)]
 
 
-@pytest.mark.parametrize("shape, layout, groups, stochastic, normalize", first_fast(ROW_KERNEL_CASES, 2), ids=str)
+@pytest.mark.parametrize("shape, layout, groups, stochastic, normalize",
+                         [c if c[1] == "heads" or c[3] else pytest.param(*c, marks=pytest.mark.slow)
+                          for c in ROW_KERNEL_CASES], ids=str)  # each layout in the default run
 @pytest.mark.parametrize("bits", first_fast([8, 4]))
 def test_row_range_kernel_codes_scales_and_statistics_are_the_reference_s(shape, layout, groups, stochastic,
                                                                           normalize, bits, key):
