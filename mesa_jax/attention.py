@@ -237,7 +237,7 @@ def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int | None
             sums = jax.tree.map(jnp.add, sums, (*block_sums, shared))
             return sums, (dq_b, dbias_b if bias_rows else None)
 
-        zeros = lambda a, shape=None: jnp.zeros(a.shape if shape is None else shape, compute)
+        zeros = lambda a: jnp.zeros(a.shape, compute)
         first = (zeros(k), zeros(v), None if bias is None or bias_rows else zeros(bias))
         (dk, dv, dbias), (dqs, dbiases) = lax.scan(step, first, jnp.arange(blocks) * block)
         dq = jnp.moveaxis(dqs, 0, 1).reshape(qp.shape)[:, :t]  # [blocks, B, block, H, D] -> [B, T, H, D]
