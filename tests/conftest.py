@@ -25,11 +25,10 @@ jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__fi
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
-
-def first_fast(values, fast: int = 1):
-    """Parametrize ``values``: the first ``fast`` in the default run, the rest under -m slow (the
-    same check where each case costs compilations)."""
-    return [v if i < fast else pytest.param(v, marks=pytest.mark.slow) for i, v in enumerate(values)]
+def first_fast(values):
+    """Parametrize one argument with ``values``: the first in the default run, the rest under
+    -m slow (the same check where each case costs compilations)."""
+    return [v if i == 0 else pytest.param(v, marks=pytest.mark.slow) for i, v in enumerate(values)]
 
 
 # [..., C] activations: odd token counts on purpose (197 = DeiT's 196 patches + cls).

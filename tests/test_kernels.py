@@ -22,9 +22,9 @@ KERNELS = pallas_kernels.backend(os.environ.get("MESA_JAX_TEST_KERNELS", "triton
 KERNEL_SHAPES = [(s, "channels") for s in CHANNEL_SHAPES + [(2, 5, 37), (1, 3, 197)]] + [
     (s, "heads") for s in HEAD_SHAPES + [(1, 2, 197, 197)]
 ]
-# The interpreter is slow: the default run checks two shapes at the first setting; the rest
-# of the matrix is marked slow (benchmarks/gpu_check.sh runs it all, compiled).
-# the default run's shapes: a channel tensor whose rows the block does not divide, a head tensor
+# The interpreter is slow: the default run checks two shapes (a channel tensor whose rows the
+# block does not divide, a head tensor) at the first setting; the rest of the matrix is marked
+# slow (benchmarks/gpu_check.sh runs it all, compiled).
 KERNEL_FAST = [c if c in (((2, 5, 37), "channels"), (HEAD_SHAPES[0], "heads")) else pytest.param(*c, marks=pytest.mark.slow)
                for c in KERNEL_SHAPES]
 
