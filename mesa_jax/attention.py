@@ -196,7 +196,7 @@ def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int | None
     dk += scale dS^T q_b, dv += P^T g_b, dbias_b = dS (summed to bias's shape). Products
     run in the inputs' dtype (bfloat16 GEMMs for bfloat16 inputs, as the baseline's
     backward: half the bytes of float32 ones), the softmax algebra in float32, and the
-    blocks' dk, dv sum in float32. Several blocks are one rolled loop (lax.scan): a long
+    blocks' dk, dv sum in float32. Several blocks are one rolled loop (lax.fori_loop): a long
     sequence compiles as fast as a short one, and each block's map is freed before the next.
     """
     t = q.shape[1]
@@ -228,21 +228,33 @@ def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int | None
         dk_b, dv_b = product("bhts,bthd->bshd", ds_low, q_b) * scale, product("bhts,bthd->bshd", p_low, g_b)
         return dq_b, dk_b, dv_b, None if bias is None else _summed_to(ds, bias_b.shape)
 
-    if blocks == 1:
-        dq, dk, dv, dbias = gradients(0)
-    else:
-        def step(sums, start):  # dk, dv and a shared bias's gradient sum over the blocks; dq and bias rows stack
-            dq_b, *block_sums, dbias_b = gradients(start)
-            shared = None if bias is None or bias_rows else dbias_b
-            sums = jax.tree.map(jnp.add, sums, (*block_sums, shared))
-            return sums, (dq_b, dbias_b if bias_rows else None)
+    dq, dk, dv, dbias = gradients(0)
+    if blocks > 1:
+        # The first block's gradients start the loop's sums and rows: a loop started from zeros
+        # has XLA:GPU create every layer's zeros in one kernel at the start of the backward pass,
+        # all alive at once (gpt2-s: 36 [B, T, 768] float32 buffers), where values computed from
+        # the layer's own gradients are created when that layer's backward runs.
+        after_first = lambda a, axis: jnp.pad(a, [(0, (blocks - 1) * block if i == axis else 0)
+                                                  for i in range(a.ndim)])
+        dq = after_first(dq.astype(q.dtype), 1)  # each block's rows are final: kept in q's dtype
+        if bias_rows:
+            dbias = after_first(dbias.astype(bias.dtype), dbias.ndim - 2)
 
-        zeros = lambda a: jnp.zeros(a.shape, compute)
-        first = (zeros(k), zeros(v), None if bias is None or bias_rows else zeros(bias))
-        (dk, dv, dbias), (dqs, dbiases) = lax.scan(step, first, jnp.arange(blocks) * block)
-        dq = jnp.moveaxis(dqs, 0, 1).reshape(qp.shape)[:, :t]  # [blocks, B, block, H, D] -> [B, T, H, D]
-        if bias_rows:  # [blocks, ..., block, S] -> [..., T, S]
-            dbias = jnp.moveaxis(dbiases, 0, -3).reshape(bias_p.shape)[..., :t, :]
+        def step(i, carry):  # dk, dv and a shared bias's gradient sum over the blocks; dq and bias rows fill in
+            dq, dk, dv, dbias = carry
+            start = i * block
+            dq_b, dk_b, dv_b, dbias_b = gradients(start)
+            dq = lax.dynamic_update_slice_in_dim(dq, dq_b.astype(q.dtype), start, 1)
+            if bias_rows:
+                dbias = lax.dynamic_update_slice_in_dim(dbias, dbias_b.astype(bias.dtype), start, dbias.ndim - 2)
+            elif bias is not None:
+                dbias = dbias + dbias_b
+            return dq, dk + dk_b, dv + dv_b, dbias
+
+        dq, dk, dv, dbias = lax.fori_loop(1, blocks, step, (dq, dk, dv, dbias))
+        dq = dq[:, :t]
+        if bias_rows:
+            dbias = dbias[..., :t, :]
     dbias = None if bias is None else dbias.astype(bias.dtype)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
 

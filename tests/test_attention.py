@@ -1,6 +1,7 @@
 """mesa_jax.attention: the baseline's forward, packed Q/K/V, a blocked backward with no N x N residual."""
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -85,6 +86,19 @@ def test_blocks_give_the_one_block_backward(saved_lse, bias_rows, key):
         for a, b in zip(attention.blocked_backward(q, k, v, bias, MASK, g, flax_forward(), block=block, lse=lse),
                         whole):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+
+
+def test_the_block_loop_starts_from_the_first_block_not_from_zeros(key):
+    """Zeros of dk's or dq's size would be constants XLA:GPU creates for every layer at once at
+    the start of the backward pass (all alive together); the loop starts from data instead."""
+    q, k, v = qkv(key)
+    g = jax.random.normal(jax.random.key(7), (B, T, H, D))
+    jaxpr = jax.make_jaxpr(lambda *a: attention.blocked_backward(*a, None, MASK, g, flax_forward(), block=8))(q, k, v)
+    sizes = {math.prod(x.shape) for x in (q, k)}
+    (loop,) = [e for e in jaxpr.eqns if e.primitive.name in ("scan", "while")]
+    made = {v: e.primitive.name for e in jaxpr.eqns for v in e.outvars}
+    constants = [made.get(v) for v in loop.invars if math.prod(v.aval.shape) in sizes]
+    assert constants and "broadcast_in_dim" not in constants, constants
 
 
 @pytest.mark.parametrize("saved_lse", [False, True])
