@@ -11,7 +11,8 @@ for the target (h100, h200 or a description's path: XLA:GPU without a GPU, pip i
 ".[gpu-plan]"; gpu: this machine's; cpu), as one table line of mesa_jax.memory.ProgramReport
 and, with --json, one JSON object per line. --dump keeps XLA's dumps per method
 (DIR/METHOD/*memory-usage-report.txt: the buffers live at the peak; *buffer-assignment.txt;
-the optimized HLO) and prints the largest buffers live at the peak.
+the optimized HLO) and prints the largest buffers live at the peak and the kernels' traffic
+by what they do (pack, unpack, library GEMMs, Triton fusions, other fusions).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import glob
 import itertools
 import json
+import math
 import os
 import re
 
@@ -77,6 +79,44 @@ def headroom(dump_dir: str) -> list[str]:
         if name in calls:
             least.setdefault(hlo.library(calls[name]), []).append(temp - b)
     return [f"least headroom at the {len(at)} {lib} calls: {min(at) / 2**20:,.0f} MiB" for lib, at in least.items()]
+
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+          "f64": 8}
+
+
+def _array_bytes(shape: str) -> int:
+    """Bytes of the arrays in an HLO shape (a tuple's elements summed)."""
+    arrays = re.findall(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]", shape)
+    return sum(_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in arrays)
+
+
+def traffic(dump_dir: str) -> list[str]:
+    """The step's top-level kernels by what they do: write mesa's codes (u8: pack), read them
+    (unpack), library GEMMs, Triton fusions, other fusions; count and operand + output bytes, an
+    upper bound of XLA's bytes accessed (which counts what a fusion reads of an operand)."""
+    programs = sorted(glob.glob(os.path.join(dump_dir, "*train_step*after_optimizations.txt")))
+    if not programs:
+        return []
+    text = open(programs[-1]).read()
+    entry = text[text.index("\nENTRY"):]
+    shapes, kinds = {}, {}
+    for line in entry[: entry.index("\n}\n")].splitlines():
+        m = re.match(r"\s+(?:ROOT )?%(\S+) = (.+?) ([\w-]+)\((.*?)\)(?:, |$)", line)
+        if not m:
+            continue
+        name, out, opcode, operands = m.groups()
+        shapes[name] = out
+        if opcode not in ("fusion", "custom-call"):
+            continue
+        ins = [shapes.get(a.strip().lstrip("%"), "") for a in operands.split(",")]
+        kind = ("library call" if opcode == "custom-call" else "Triton fusion" if "kind=kCustom" in line
+                else "packs (writes u8)" if "u8[" in out else "unpacks (reads u8)" if any("u8[" in s for s in ins)
+                else "other fusion")
+        count, moved = kinds.get(kind, (0, 0))
+        kinds[kind] = count + 1, moved + _array_bytes(out) + sum(map(_array_bytes, ins))
+    return [f"{kind}: {count} kernels, {moved / 1e9:.1f} GB of operands and outputs"
+            for kind, (count, moved) in sorted(kinds.items(), key=lambda kv: -kv[1][1])]
 
 
 def compare(out_dir: str) -> str:
@@ -139,6 +179,7 @@ def main(argv=None):
                                     **report.as_dict()}) + "\n")
         if dump:
             print(f"{method}: largest buffers live at the peak ({dump}):", *peak_buffers(dump), *headroom(dump),
+                  *traffic(dump),
                   sep="\n  ", flush=True)
     print(memory_bench.report_table(results))
 
