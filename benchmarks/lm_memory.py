@@ -47,10 +47,6 @@ def recomputed_attention(q, k, v, *args, **kwargs):
     return jax.checkpoint(functools.partial(jax.nn.dot_product_attention, **kwargs))(q, k, v, *args)
 
 
-def cudnn_attention(q, k, v, *args, **kwargs):
-    return jax.nn.dot_product_attention(q, k, v, *args, implementation="cudnn", **kwargs)
-
-
 @contextlib.contextmanager
 def assumed_cudnn(version: int | None):
     """Plan cuDNN attention without cuDNN: jax reads the installed cuDNN's version (through the CUDA
@@ -78,7 +74,7 @@ def build(name: str, method: str, dtype=None, seq: int | None = None, **override
     if method == "flash_like":
         fields["attention_fn"] = recomputed_attention
     elif method in ("cudnn", "mesa8_cudnn"):
-        fields["attention_fn"] = cudnn_attention
+        fields["attention_fn"] = models.presets.ATTENTION["cudnn"]
     elif method == "remat":
         fields["remat"] = "nothing_saveable"
     per_head = models.presets.per_head(models.preset(name))

@@ -202,3 +202,22 @@ def test_the_chunked_loss_is_the_whole_logits_loss_and_keeps_no_logits(name, pai
     for model, collections in ((base, {}), (mesa, stats)):
         kept = memory.saved_residuals(lambda p: chunked(model, p, collections).mean(), params)
         assert not [r for r in kept if "argument" not in r.source and r.shape[-1:] == (256,)], kept
+
+
+def test_cudnn_attention_is_compressed_as_xla_s_is():
+    """train.lm --attention cudnn: the model calls jax's cuDNN flash attention and compress keeps
+    its Q, K, V packed, as with XLA's (traced, not run: cuDNN's version is assumed on this CPU)."""
+    from benchmarks import lm_memory
+
+    model = models.create("gpt-tiny", dtype=jnp.bfloat16, attention_fn=models.presets.ATTENTION["cudnn"],
+                          **TINY["gpt-tiny"])
+
+    def loss(params, stats, x):
+        logits, _ = model.apply({"params": params, "mesa": stats}, x, train=True, mutable=["mesa"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], x[:, 1:]).mean()
+
+    with lm_memory.assumed_cudnn(90800):
+        variables = jax.eval_shape(model.init, jax.random.key(0), tokens())
+        kept = memory.saved_residuals(loss, variables["params"], variables["mesa"], tokens())
+    heads = [r for r in kept if r.shape == (B, T, 2, 16) and "argument" not in r.source]
+    assert len(heads) == 3 and all(r.dtype == jnp.uint8 for r in heads), heads

@@ -157,7 +157,7 @@ def test_a_killed_lm_run_resumes_exactly(folder, tmp_path, monkeypatch):
 
 def test_help_documents_the_lm_flags():
     help_text = lm.parser().format_help()
-    for flag in ("--text", "--seq-len", "--warmup-steps", "--model", "--no-mesa", "--bits", "--ranges"):
+    for flag in ("--text", "--seq-len", "--warmup-steps", "--model", "--no-mesa", "--bits", "--ranges", "--attention"):
         assert flag in help_text
     assert "standard library" in help_text and "(default: gpt-tiny)" in help_text
 
@@ -171,3 +171,10 @@ def test_the_curves_compare_each_run_with_its_own_seed_s_baseline():
     assert lm_curves.mean_and_error([0.01, 0.0]) == pytest.approx((0.005, 0.005))
     text = lm_curves.table(runs)
     assert "| mesa8 | 0 | 2.1200 | 2.0200 | +1.000% |" in text and "| mesa8 | 2.5100 | +0.500% ± 0.500% |" in text
+
+
+def test_cudnn_attention_without_a_gpu_is_a_one_line_error(folder, tmp_path, capsys):
+    code, _, err = cli("--workdir", str(tmp_path / "w"), "--text", str(folder), "--seq-len", "16", "--attention",
+                       "cudnn", capsys=capsys)
+    assert code == 1 and err.count("\n") == 1 and "--attention cudnn needs an NVIDIA GPU" in err, err
+    assert cli("--workdir", str(tmp_path / "w"), "--attention", "flash", capsys=capsys)[0] == 2

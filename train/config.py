@@ -120,6 +120,7 @@ class LMConfig(RunConfig):
     seq_len: int = 256  # tokens (bytes) per training window
     warmup_steps: int = 100  # linear warmup (at most half the steps), then cosine decay
     text: tuple[str, ...] = ()  # files or folders of text; (): the Python standard library's source
+    attention: str = "xla"  # the attention core: xla (jax's XLA kernels) or cudnn (cuDNN's flash attention: GPU)
 
     @classmethod
     def models(cls) -> list[str]:
@@ -131,6 +132,8 @@ class LMConfig(RunConfig):
             (self.seq_len >= 1, f"--seq-len must be >= 1, got {self.seq_len}"),
             (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
             (all(isinstance(p, str) and p for p in self.text), f"--text paths must be non-empty, got {self.text}"),
+            (self.attention in models.presets.ATTENTION,
+             f"--attention must be one of {', '.join(models.presets.ATTENTION)}, got {self.attention!r}"),
         ]
 
 

@@ -11,6 +11,7 @@ The plain-Flax baseline, the same run otherwise; 4-bit codes with row ranges; a 
     python -m train.lm --workdir runs/gpt-tiny-4row --steps 500 --bits 4 --ranges row
     python -m train.lm --workdir runs/llama-tiny --model llama-tiny --steps 500
     python -m train.lm --workdir runs/notes --text notes/ book.txt
+    python -m train.lm --workdir runs/gpt2 --model gpt2-s --seq-len 2048 --dtype bfloat16 --attention cudnn  # a GPU
 
 Tokens are bytes (no tokenizer); whole files are held out for evaluation, which reports bits per
 byte. Rerunning a command with the same --workdir resumes from its latest checkpoint.
@@ -18,6 +19,7 @@ byte. Rerunning a command with the same --workdir resumes from its latest checkp
 
 from __future__ import annotations
 
+from mesa_jax import models
 from train import cli
 from train.config import LMConfig
 
@@ -30,9 +32,13 @@ HELP = {
     "seq_len": "tokens (bytes) per training window",
     "warmup_steps": "steps of linear learning-rate warmup (at most half of --steps)",
     "text": "files or folders (recursive: every text file under them) to train on",
+    "attention": "the attention core: xla (jax's; its forward materializes the T x T logits) or cudnn (cuDNN's "
+                 "flash attention, NVIDIA GPUs only; mesa keeps its forward, so nothing T x T exists: the longer "
+                 "sequences and larger batches of docs/language_models.md)",
 }
 PROG = "python -m train.lm"
-PROGRAM = cli.Program(PROG, __doc__, LMConfig, HELP, {}, multiple=("text",),
+PROGRAM = cli.Program(PROG, __doc__, LMConfig, HELP, {"attention": tuple(models.presets.ATTENTION)},
+                      multiple=("text",),
                       default_text={"text": "the running Python's standard library, its *.py files"})
 
 

@@ -139,6 +139,8 @@ class TextTask(Task):
     unit = "tokens"
 
     def load(self) -> None:
+        if self.config.attention == "cudnn" and jax.default_backend() != "gpu":
+            raise ValueError(f"--attention cudnn needs an NVIDIA GPU; JAX runs on {jax.default_backend()} here")
         self.corpus = text.load(self.config.text, self.config.seq_len)
 
     @property
@@ -152,8 +154,8 @@ class TextTask(Task):
         return self.config.steps, min(self.config.warmup_steps, self.config.steps // 2)
 
     def model_fields(self) -> dict:
-        """Bytes for tokens; learned positions (GPT) as many as the training windows."""
-        fields = {"vocab_size": text.VOCAB_SIZE}
+        """Bytes for tokens; learned positions (GPT) as many as the training windows; the attention core."""
+        fields = {"vocab_size": text.VOCAB_SIZE, "attention_fn": models.presets.ATTENTION[self.config.attention]}
         return fields | ({"max_len": self.config.seq_len} if "max_len" in models.preset(self.config.model) else {})
 
     def model_input(self, model) -> tuple[tuple[int, ...], jnp.dtype]:

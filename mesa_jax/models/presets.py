@@ -4,6 +4,7 @@ mesa by default (int8, channel groups = the heads); and the blocks' rematerializ
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -13,6 +14,13 @@ from mesa_jax.policy import Quant
 from mesa_jax.quant import QuantConfig
 
 PER_HEAD = "per_head"  # create()'s default quant
+# A language model's attention core by name (its ``attention_fn``; train.lm's --attention): jax's
+# with XLA's kernels, whose forward materializes the T x T logits, or cuDNN's flash attention
+# (NVIDIA GPUs). mesa keeps the forward the model calls, so with cuDNN's no T x T map exists.
+ATTENTION = {
+    "xla": jax.nn.dot_product_attention,
+    "cudnn": functools.partial(jax.nn.dot_product_attention, implementation="cudnn"),
+}
 REMAT_POLICIES = {  # a model's ``remat`` field: the jax.checkpoint policy of each block
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
