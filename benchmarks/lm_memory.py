@@ -13,7 +13,8 @@ probabilities kept, T x T per head), ``flash_like`` (that attention core under j
 backward recomputes them from q, k, v, as flash attention does), ``cudnn`` (jax's cuDNN flash
 attention; on a GPU target only, see ``assumed_cudnn``), ``remat`` (each block under jax.checkpoint, nothing saved),
 ``mesa8`` (int8, a group per head), ``mesa8_cudnn`` (mesa8 whose attention forward is cuDNN's: no
-T x T logits in the forward either), ``mesa4_row`` (int4 with row ranges). For each: the
+T x T logits in the forward either), ``mesa4_row`` (int4 with row ranges), ``mesa4_row_cudnn`` (that
+with cuDNN's forward). For each: the
 compile-time peak per target (``--targets``, as benchmarks.memory), its ratio to the baseline's,
 the bytes autodiff keeps in all, and per token in each block and in the rest (embedding, head,
 loss), from the model traced with one block and with two, at the batch and twice it. Then the searches under the target's
@@ -37,7 +38,7 @@ from benchmarks import memory as memory_bench, step_memory
 from mesa_jax import memory, models, plan, policy
 from train import loop
 
-METHODS = ("baseline", "flash_like", "cudnn", "remat", "mesa8", "mesa8_cudnn", "mesa4_row")
+METHODS = ("baseline", "flash_like", "cudnn", "remat", "mesa8", "mesa8_cudnn", "mesa4_row", "mesa4_row_cudnn")
 DEFAULT_METHODS = ("baseline", "flash_like", "remat", "mesa8", "mesa4_row")
 
 
@@ -73,13 +74,13 @@ def build(name: str, method: str, dtype=None, seq: int | None = None, **override
         fields["max_len"] = seq
     if method == "flash_like":
         fields["attention_fn"] = recomputed_attention
-    elif method in ("cudnn", "mesa8_cudnn"):
+    elif method.endswith("cudnn"):
         fields["attention_fn"] = models.presets.ATTENTION["cudnn"]
     elif method == "remat":
         fields["remat"] = "nothing_saveable"
     per_head = models.presets.per_head(models.preset(name))
-    quant = {"mesa8": per_head, "mesa8_cudnn": per_head, "mesa4_row": policy.int4_row_ranges(per_head.num_groups)}.get(
-        method)
+    int4_row = policy.int4_row_ranges(per_head.num_groups)
+    quant = {"mesa8": per_head, "mesa4_row": int4_row}.get(method.removesuffix("_cudnn"))
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
     return models.create(name, quant=quant, dtype=dtype, **fields)

@@ -91,13 +91,13 @@ def _array_bytes(shape: str) -> int:
     return sum(_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in arrays)
 
 
-def traffic(dump_dir: str) -> list[str]:
+def traffic(dump_dir: str) -> dict[str, tuple[int, int]]:
     """The step's top-level kernels by what they do: write mesa's codes (u8: pack), read them
-    (unpack), library GEMMs, Triton fusions, other fusions; count and operand + output bytes, an
+    (unpack), library calls, Triton fusions, other fusions -> (count, operand + output bytes): an
     upper bound of XLA's bytes accessed (which counts what a fusion reads of an operand)."""
     programs = sorted(glob.glob(os.path.join(dump_dir, "*train_step*after_optimizations.txt")))
     if not programs:
-        return []
+        return {}
     text = open(programs[-1]).read()
     entry = text[text.index("\nENTRY"):]
     shapes, kinds = {}, {}
@@ -115,8 +115,7 @@ def traffic(dump_dir: str) -> list[str]:
                 else "other fusion")
         count, moved = kinds.get(kind, (0, 0))
         kinds[kind] = count + 1, moved + _array_bytes(out) + sum(map(_array_bytes, ins))
-    return [f"{kind}: {count} kernels, {moved / 1e9:.1f} GB of operands and outputs"
-            for kind, (count, moved) in sorted(kinds.items(), key=lambda kv: -kv[1][1])]
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1][1]))
 
 
 def compare(out_dir: str) -> str:
@@ -178,9 +177,10 @@ def main(argv=None):
                 f.write(json.dumps({"model": args.model, "dtype": args.dtype, "batch": args.batch, "method": method,
                                     **report.as_dict()}) + "\n")
         if dump:
+            kernels = [f"{kind}: {count} kernels, {moved / 1e9:.1f} GB of operands and outputs"
+                       for kind, (count, moved) in traffic(dump).items()]
             print(f"{method}: largest buffers live at the peak ({dump}):", *peak_buffers(dump), *headroom(dump),
-                  *traffic(dump),
-                  sep="\n  ", flush=True)
+                  *kernels, sep="\n  ", flush=True)
     print(memory_bench.report_table(results))
 
 

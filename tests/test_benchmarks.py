@@ -203,6 +203,25 @@ def test_headroom_at_library_calls_from_xla_s_dumps(tmp_path):
                                                  "least headroom at the 1 cudnn calls: 0 MiB"]
 
 
+def test_traffic_sorts_the_entry_s_kernels_by_what_they_do(tmp_path):
+    from benchmarks import step_plan
+
+    (tmp_path / "module_0001.jit_train_step.sm_9.0a_gpu_after_optimizations.txt").write_text(
+        "%fused_x (p: bf16[8]) -> u8[8] {\n  %p = bf16[8]{0} parameter(0)\n}\n\n"
+        "ENTRY %main (x: bf16[8]) -> bf16[8] {\n"
+        "  %x = bf16[8]{0} parameter(0)\n"
+        "  %pack = (u8[8]{0}, f32[2]{0}) fusion(%x), kind=kInput, calls=%fused_x\n"
+        "  %codes = u8[8]{0} get-tuple-element(%pack), index=0\n"
+        "  %unpack = bf16[8]{0} fusion(%codes), kind=kLoop, calls=%fused_y\n"
+        "  %gemm = (bf16[8]{0}, s8[4]{0}) custom-call(%unpack, %x), custom_call_target=\"__cublas$gemm\"\n"
+        "  %softmax = bf16[8]{0} fusion(%x), kind=kCustom, calls=%triton_softmax\n"
+        "  ROOT %add = bf16[8]{0} fusion(%softmax, %x), kind=kLoop, calls=%fused_add\n}\n")
+    assert step_plan.traffic(str(tmp_path)) == {  # (kernels, bytes of operands and outputs)
+        "library call": (1, 16 + 16 + 16 + 4), "packs (writes u8)": (1, 16 + 8 + 8), "other fusion": (1, 16 * 3),
+        "Triton fusion": (1, 16 + 16), "unpacks (reads u8)": (1, 8 + 16)}
+    assert step_plan._array_bytes("(u8[8]{0}, f32[2,3]{1,0})") == 8 + 24
+
+
 def test_gpu_check_results_are_set_beside_each_other(tmp_path):
     """step_plan --compare: one row per step file, labelled by the file (mesa8 ran twice:
     XLA and Pallas), its time against the baseline's, and its real peak against its plans."""
