@@ -83,6 +83,10 @@ def _linear_bwd(fn, residuals, g):
     res, params = residuals
     x, g = restore(res, g)
     dx, dparams = jax.vjp(fn, x, params)[1](g)
+    # dx leaves with d params: XLA:GPU's scheduler may otherwise put the weight-gradient GEMMs
+    # off to the end of the backward pass, every layer's restored input and cotangent alive until
+    # then (gpt2-s, int4 row ranges, cuDNN's forward, batch 536 at 2048: 117.9 GiB planned, 73.6 tied).
+    dx, dparams = lax.optimization_barrier((dx, dparams))
     return dx, dparams, None
 
 
