@@ -21,7 +21,6 @@ import argparse
 import glob
 import itertools
 import json
-import math
 import os
 import re
 
@@ -81,41 +80,10 @@ def headroom(dump_dir: str) -> list[str]:
     return [f"least headroom at the {len(at)} {lib} calls: {min(at) / 2**20:,.0f} MiB" for lib, at in least.items()]
 
 
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
-          "f64": 8}
-
-
-def _array_bytes(shape: str) -> int:
-    """Bytes of the arrays in an HLO shape (a tuple's elements summed)."""
-    arrays = re.findall(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]", shape)
-    return sum(_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in arrays)
-
-
 def traffic(dump_dir: str) -> dict[str, tuple[int, int]]:
-    """The step's top-level kernels by what they do: write mesa's codes (u8: pack), read them
-    (unpack), library calls, Triton fusions, other fusions -> (count, operand + output bytes): an
-    upper bound of XLA's bytes accessed (which counts what a fusion reads of an operand)."""
+    """hlo.traffic of the step's optimized program in XLA's dumps ({} without them)."""
     programs = sorted(glob.glob(os.path.join(dump_dir, "*train_step*after_optimizations.txt")))
-    if not programs:
-        return {}
-    text = open(programs[-1]).read()
-    entry = text[text.index("\nENTRY"):]
-    shapes, kinds = {}, {}
-    for line in entry[: entry.index("\n}\n")].splitlines():
-        m = re.match(r"\s+(?:ROOT )?%(\S+) = (.+?) ([\w-]+)\((.*?)\)(?:, |$)", line)
-        if not m:
-            continue
-        name, out, opcode, operands = m.groups()
-        shapes[name] = out
-        if opcode not in ("fusion", "custom-call"):
-            continue
-        ins = [shapes.get(a.strip().lstrip("%"), "") for a in operands.split(",")]
-        kind = ("library call" if opcode == "custom-call" else "Triton fusion" if "kind=kCustom" in line
-                else "packs (writes u8)" if "u8[" in out else "unpacks (reads u8)" if any("u8[" in s for s in ins)
-                else "other fusion")
-        count, moved = kinds.get(kind, (0, 0))
-        kinds[kind] = count + 1, moved + _array_bytes(out) + sum(map(_array_bytes, ins))
-    return dict(sorted(kinds.items(), key=lambda kv: -kv[1][1]))
+    return hlo.traffic(open(programs[-1]).read()) if programs else {}
 
 
 def compare(out_dir: str) -> str:

@@ -10,6 +10,7 @@ however often its computation runs.
 from __future__ import annotations
 
 import collections
+import math
 import re
 from typing import NamedTuple
 
@@ -75,17 +76,61 @@ def _computations(text: str) -> dict[str, list[str]]:
 
 def _opcode(line: str) -> str:
     """The opcode of ``[ROOT] %name = SHAPE opcode(operands), ...``; SHAPE may be a nested tuple."""
+    return _parts(line)[1]
+
+
+def _parts(line: str) -> tuple[str, str, list[str]]:
+    """(SHAPE, opcode, operand names) of ``[ROOT] %name = SHAPE opcode(operands), ...``."""
     rest = line.split("=", 1)[1].lstrip()
     if rest.startswith("("):  # a tuple shape: skip to its closing parenthesis
         depth = 0
         for i, c in enumerate(rest):
             depth += {"(": 1, ")": -1}.get(c, 0)
             if depth == 0:
-                rest = rest[i + 1:].lstrip()
+                shape, rest = rest[: i + 1], rest[i + 1:].lstrip()
                 break
     else:
-        rest = rest.split(" ", 1)[-1]
-    return rest.split("(", 1)[0].strip()
+        shape, _, rest = rest.partition(" ")
+    opcode, _, operands = rest.partition("(")
+    names = re.findall(r"%([^\s,()]+)", operands.split(")", 1)[0])
+    return shape, opcode.strip(), names
+
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+          "f64": 8}
+_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
+
+
+def array_bytes(shape: str) -> int:
+    """Bytes of the arrays in an HLO shape (a tuple's elements summed)."""
+    return sum(_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in _ARRAY.findall(shape))
+
+
+def traffic(text: str) -> dict[str, tuple[int, int]]:
+    """The launching instructions of an optimized module's text by what they do with mesa's codes:
+    write them (u8: pack), read them (unpack), library calls, Triton fusions, other fusions ->
+    (count, operand + output bytes): an upper bound of XLA's bytes accessed (which counts what a
+    fusion reads of an operand)."""
+    computations = _computations(text)
+    fused = {m.group(1) for body in computations.values() for line in body
+             if _opcode(line) == "fusion" and (m := _CALLS.search(line))}
+    kinds = {}
+    for name, body in computations.items():
+        if name in fused:
+            continue
+        shapes = {}
+        for line in body:
+            shape, opcode, operands = _parts(line)
+            shapes[line.split("=", 1)[0].split("%")[-1].strip()] = shape
+            if opcode not in ("fusion", "custom-call"):
+                continue
+            ins = [shapes.get(o, "") for o in operands]
+            kind = ("library call" if opcode == "custom-call" else "Triton fusion" if "kind=kCustom" in line
+                    else "packs (writes u8)" if "u8[" in shape
+                    else "unpacks (reads u8)" if any("u8[" in s for s in ins) else "other fusion")
+            count, moved = kinds.get(kind, (0, 0))
+            kinds[kind] = count + 1, moved + array_bytes(shape) + sum(map(array_bytes, ins))
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1][1]))
 
 
 class Cost(NamedTuple):

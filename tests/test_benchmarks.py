@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from benchmarks import fidelity, memory as memory_bench, speed, step_memory
-from mesa_jax import memory, plan
+from mesa_jax import hlo, memory, plan
 from mesa_jax.models import vit
 
 TINY = dict(image_size=32, patch_size=8, width=24, depth=1, num_heads=2, mlp_dim=48, drop_path=0.0)
@@ -219,7 +219,7 @@ def test_traffic_sorts_the_entry_s_kernels_by_what_they_do(tmp_path):
     assert step_plan.traffic(str(tmp_path)) == {  # (kernels, bytes of operands and outputs)
         "library call": (1, 16 + 16 + 16 + 4), "packs (writes u8)": (1, 16 + 8 + 8), "other fusion": (1, 16 * 3),
         "Triton fusion": (1, 16 + 16), "unpacks (reads u8)": (1, 8 + 16)}
-    assert step_plan._array_bytes("(u8[8]{0}, f32[2,3]{1,0})") == 8 + 24
+    assert hlo.array_bytes("(u8[8]{0}, f32[2,3]{1,0})") == 8 + 24
 
 
 def test_gpu_check_results_are_set_beside_each_other(tmp_path):
