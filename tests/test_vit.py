@@ -148,8 +148,10 @@ def test_scan_and_remat_give_the_plain_model_s_gradients(variant, images, labels
         assert jax.tree.structure(stacked) == jax.tree.structure(jax.eval_shape(model.init, jax.random.key(1), images))
     else:
         stacked = variables
-    loss_p, g_p = loss_and_grads(plain, variables, images, labels, train=True)
-    loss_v, g_v = loss_and_grads(model, stacked, images, labels, train=True)
+    # at -O0 the scanned program rounded differently on an AVX-512 machine, and a few nearest
+    # codes with it (17 of 4,608 gradient entries off by 5e-6): XLA's default level here
+    loss_p, g_p = loss_and_grads(plain, variables, images, labels, train=True, compiler_options=DEFAULT_CODEGEN)
+    loss_v, g_v = loss_and_grads(model, stacked, images, labels, train=True, compiler_options=DEFAULT_CODEGEN)
     if variant.get("scan"):
         g_p = {**g_p, **_stack_blocks(dict(g_p), TINY["depth"])}
         g_p.pop("block_0", None)
