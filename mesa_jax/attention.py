@@ -35,6 +35,11 @@ from pallas_kernels.hashing import combine
 # of queries that fits (at least MIN_BLOCK): fewer, larger GEMMs where the map is small.
 BLOCK_BYTES = 1 << 28
 MIN_BLOCK = 64
+# cuBLAS's tensor cores take 16-bit operands in multiples of 8 rows and columns: XLA:GPU pads
+# every such GEMM operand to it, as a copy (DeiT's 197 tokens: each [B, H, 197, 197] map
+# copied to 200 x 200 twice a layer). The backward pads its queries and keys once, where it
+# restores them, and makes its maps at the padded size (padded keys masked out).
+ALIGN = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +153,7 @@ def logits(q, k, bias, mask, forward: Forward, first_query: int = 0):
     if forward.is_causal:
         rows = first_query + lax.broadcasted_iota(jnp.int32, s.shape[-2:], 0)
         causal = rows >= lax.broadcasted_iota(jnp.int32, s.shape[-2:], 1)
-        allowed = causal if allowed is None else allowed & causal
+        allowed = causal if allowed is None else allowed & jnp.broadcast_to(causal, s.shape)
     if allowed is not None:
         s = jnp.where(allowed, s, jnp.finfo(compute).min)
     return s, scale
@@ -187,7 +192,13 @@ def _rows(a, start, size, t):
     return lax.slice_in_dim(a, start, start + size, axis=a.ndim - 2)
 
 
-def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int | None = None, lse=None):
+def alignment(dtype) -> int:
+    """The multiple the backward pads its sequences to: ALIGN for 16-bit inputs, else 1."""
+    return ALIGN if jnp.dtype(dtype).itemsize == 2 else 1
+
+
+def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int | None = None, lse=None,
+                     align: int | None = None):
     """(dq, dk, dv, dbias) of softmax attention, one block of ``block`` queries at a time
     (default ``query_block``: one block where the [B, H, T, S] map is small).
 
@@ -198,17 +209,29 @@ def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int | None
     backward: half the bytes of float32 ones), the softmax algebra in float32, and the
     blocks' dk, dv sum in float32. Several blocks are one rolled loop (lax.fori_loop): a long
     sequence compiles as fast as a short one, and each block's map is freed before the next.
+    Queries and keys are padded to a multiple of ``align`` (default ``alignment``): padded
+    queries have g = 0, padded keys are masked out, and both are cut from the gradients.
     """
-    t = q.shape[1]
-    block = min(block or query_block(q.shape[0], q.shape[2], t, k.shape[1]), t)
+    t, s = q.shape[1], k.shape[1]
+    align = align or alignment(q.dtype)
+    block = min(block or query_block(q.shape[0], q.shape[2], t, s), t)
     blocks = -(-t // block)
-    pad = blocks * block - t
-    padded = lambda a, axis: a if not pad else jnp.pad(a, [(0, pad if i == axis else 0) for i in range(a.ndim)])
+    if blocks == 1:
+        block = -(-t // align) * align
+    pad, key_pad = blocks * block - t, -(-s // align) * align - s
+    padded = lambda a, axis, n=pad: a if not n else jnp.pad(a, [(0, n if i == axis else 0) for i in range(a.ndim)])
     qp, gp = padded(q, 1), padded(g.astype(q.dtype), 1)  # padded queries have g = 0: they contribute nothing
+    kp, vp = padded(k, 1, key_pad), padded(v, 1, key_pad)
     per_query = lambda a: a is not None and a.ndim >= 2 and a.shape[-2] == t  # rows that follow the queries
+    per_key = lambda a: a is not None and a.shape[-1] == s and key_pad > 0  # columns that follow the keys
     bias_rows, mask_rows = per_query(bias), per_query(mask)
-    bias_p = padded(bias, bias.ndim - 2) if bias_rows else bias
-    mask_p = padded(mask, mask.ndim - 2) if mask_rows else mask
+    bias_p = bias if bias is None else padded(padded(bias, bias.ndim - 2) if bias_rows else bias, bias.ndim - 1,
+                                              key_pad if per_key(bias) else 0)
+    mask_p = mask if mask is None else padded(padded(mask, mask.ndim - 2) if mask_rows else mask, mask.ndim - 1,
+                                              key_pad if per_key(mask) else 0)
+    if key_pad:  # padded keys never attend
+        keys = (jnp.arange(s + key_pad) < s).reshape(1, 1, 1, -1)
+        mask_p = keys if mask_p is None else mask_p & keys
     lse_p = None if lse is None else jnp.pad(lse, [(0, 0), (0, 0), (0, pad)], constant_values=jnp.inf)  # P = 0
     compute = jnp.promote_types(q.dtype, jnp.float32)
     product = lambda spec, a, b: jnp.einsum(spec, a, b).astype(compute)
@@ -219,12 +242,12 @@ def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int | None
                                              if follows and blocks > 1 else a)
         q_b, g_b = rows(qp, 1), rows(gp, 1)
         bias_b = None if bias is None else rows(bias_p, bias.ndim - 2, bias_rows)
-        mask_b = None if mask is None else rows(mask_p, mask.ndim - 2, mask_rows)
-        p, scale = probabilities(q_b, k, bias_b, mask_b, forward, start, None if lse is None else rows(lse_p, 2))
-        dp = product("bthd,bshd->bhts", g_b, v)
+        mask_b = None if mask_p is None else rows(mask_p, mask_p.ndim - 2, mask_rows)
+        p, scale = probabilities(q_b, kp, bias_b, mask_b, forward, start, None if lse is None else rows(lse_p, 2))
+        dp = product("bthd,bshd->bhts", g_b, vp)
         ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))
         ds_low, p_low = ds.astype(q.dtype), p.astype(q.dtype)  # the GEMMs' operands, in the inputs' dtype
-        dq_b = product("bhts,bshd->bthd", ds_low, k) * scale
+        dq_b = product("bhts,bshd->bthd", ds_low, kp) * scale
         dk_b, dv_b = product("bhts,bthd->bshd", ds_low, q_b) * scale, product("bhts,bthd->bshd", p_low, g_b)
         return dq_b, dk_b, dv_b, None if bias is None else _summed_to(ds, bias_b.shape)
 
@@ -252,11 +275,10 @@ def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int | None
             return dq, dk + dk_b, dv + dv_b, dbias
 
         dq, dk, dv, dbias = lax.fori_loop(1, blocks, step, (dq, dk, dv, dbias))
-        dq = dq[:, :t]
-        if bias_rows:
-            dbias = dbias[..., :t, :]
-    dbias = None if bias is None else dbias.astype(bias.dtype)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
+    if bias is not None:
+        dbias = dbias[..., :t, :] if bias_rows else dbias
+        dbias = (dbias[..., :s] if per_key(bias) else dbias).astype(bias.dtype)
+    return dq[:, :t].astype(q.dtype), dk[:, :s].astype(k.dtype), dv[:, :s].astype(v.dtype), dbias
 
 
 def _summed_to(ds, shape):

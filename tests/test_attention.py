@@ -88,6 +88,41 @@ def test_blocks_give_the_one_block_backward(saved_lse, bias_rows, key):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(b))))
 
 
+@pytest.mark.parametrize("case", ["per_query_bias", "shared_bias_saved_lse", "causal_blocks"])
+def test_sequences_padded_to_the_alignment_give_the_unpadded_backward(case, key):
+    """37 queries and 37 keys padded to 40 (``align=8``, what 16-bit inputs get): padded keys
+    masked out, padded queries without gradient, both cut off: the unpadded gradients."""
+    q, k, v = qkv(key)
+    g = jax.random.normal(jax.random.key(7), (B, T, H, D))
+    forward, mask, block = flax_forward(), MASK, None
+    bias = jax.random.normal(jax.random.key(5), (1, H, T if case == "per_query_bias" else 1, T))
+    if case == "causal_blocks":
+        forward, mask, bias, block = jax_forward(is_causal=True), None, None, 16
+    lse = attention.row_log_sum_exp(q, k, bias, mask, forward) if case == "shared_bias_saved_lse" else None
+    want = attention.blocked_backward(q, k, v, bias, mask, g, forward, block=block, lse=lse, align=1)
+    got = attention.blocked_backward(q, k, v, bias, mask, g, forward, block=block, lse=lse, align=8)
+    for a, b in zip(got, want):
+        if b is not None:
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+
+
+def test_16_bit_inputs_make_the_maps_at_the_aligned_size(key):
+    """XLA:GPU would pad each bfloat16 GEMM operand of 37 rows or columns to 40 as a copy; the
+    backward's products take and make 40 instead (float32 inputs, which cuBLAS takes unpadded,
+    stay at 37)."""
+    g = jax.random.normal(jax.random.key(7), (B, T, H, D))
+
+    def product_sizes(dtype):
+        q, k, v = qkv(key, dtype)
+        jaxpr = jax.make_jaxpr(lambda *a: attention.blocked_backward(*a, None, MASK, g, flax_forward()))(q, k, v)
+        return {n for e in jaxpr.eqns if e.primitive.name == "dot_general"
+                for x in (*e.invars, *e.outvars) for n in x.aval.shape}
+
+    assert T not in product_sizes(jnp.bfloat16) and 40 in product_sizes(jnp.bfloat16)
+    assert T in product_sizes(jnp.float32) and 40 not in product_sizes(jnp.float32)
+
+
 def test_the_block_loop_starts_from_the_first_block_not_from_zeros(key):
     """Zeros of dk's or dq's size would be constants XLA:GPU creates for every layer at once at
     the start of the backward pass (all alive together); the loop starts from data instead."""
