@@ -1,5 +1,6 @@
 """The benchmarks' logic on tiny inputs: the largest-batch search, ratios, tables, comparisons."""
 
+import dataclasses
 import json
 import jax
 import jax.numpy as jnp
@@ -240,3 +241,21 @@ def test_gpu_check_results_are_set_beside_each_other(tmp_path):
     assert set(rows) == {"baseline", "mesa8", "mesa8_pallas"}
     assert "1.50x" in rows["mesa8_pallas"] and "2,800" in rows["mesa8_pallas"] and "2,799" in rows["mesa8_pallas"]
     assert "no result" in rows["mesa8"]
+
+
+def test_step_plan_repeats_in_turn_and_reports_the_least_compile_time(monkeypatch, tmp_path, capsys):
+    """--repeat 3: each method compiled three times, methods alternating (a shared machine's
+    compile times drift), its least time reported; --scan builds the models with scan=True."""
+    from benchmarks import step_plan
+
+    built, times = [], {"baseline": iter([30.0, 25.0, 28.0]), "mesa8": iter([50.0, 47.0, 46.0])}
+    monkeypatch.setattr(step_memory, "build", lambda model, method, dtype, backend, **kw: built.append(
+        (method, kw)) or method)
+    report = memory.ProgramReport("cpu", memory.CompiledMemory(1, 2, 3, 0), {}, {}, 0, 0, 1e9, 1e9, 0.0)
+    monkeypatch.setattr(step_memory, "compile_step", lambda method, batch, target, dump_to=None: dataclasses.replace(
+        report, compile_s=next(times[method])))
+    step_plan.main(["--target", "cpu", "--methods", "baseline", "mesa8", "--repeat", "3", "--scan",
+                    "--json", str(tmp_path / "plan.json")])
+    assert [m for m, _ in built] == ["baseline", "mesa8"] * 3 and all(kw == {"scan": True} for _, kw in built)
+    rows = [json.loads(line) for line in (tmp_path / "plan.json").read_text().splitlines()]
+    assert [(r["method"], r["compile_s"], r["scan"]) for r in rows] == [("baseline", 25.0, True), ("mesa8", 46.0, True)]
