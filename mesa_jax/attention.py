@@ -223,7 +223,7 @@ def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int | None
     qp, gp = padded(q, 1), padded(g.astype(q.dtype), 1)  # padded queries have g = 0: they contribute nothing
     kp, vp = padded(k, 1, key_pad), padded(v, 1, key_pad)
     per_query = lambda a: a is not None and a.ndim >= 2 and a.shape[-2] == t  # rows that follow the queries
-    per_key = lambda a: a is not None and a.shape[-1] == s and key_pad > 0  # columns that follow the keys
+    per_key = lambda a: a is not None and a.ndim >= 1 and a.shape[-1] == s and key_pad > 0  # columns that follow the keys
     bias_rows, mask_rows = per_query(bias), per_query(mask)
     bias_p = bias if bias is None else padded(padded(bias, bias.ndim - 2) if bias_rows else bias, bias.ndim - 1,
                                               key_pad if per_key(bias) else 0)
