@@ -216,19 +216,24 @@ def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int | None
     align = align or alignment(q.dtype)
     block = min(block or query_block(q.shape[0], q.shape[2], t, s), t)
     blocks = -(-t // block)
+    aligned = lambda n: -(-n // align) * align
     if blocks == 1:
-        block = -(-t // align) * align
-    pad, key_pad = blocks * block - t, -(-s // align) * align - s
+        block = aligned(t)
+    pad, key_pad = blocks * block - t, aligned(s) - s
     padded = lambda a, axis, n=pad: a if not n else jnp.pad(a, [(0, n if i == axis else 0) for i in range(a.ndim)])
     qp, gp = padded(q, 1), padded(g.astype(q.dtype), 1)  # padded queries have g = 0: they contribute nothing
     kp, vp = padded(k, 1, key_pad), padded(v, 1, key_pad)
     per_query = lambda a: a is not None and a.ndim >= 2 and a.shape[-2] == t  # rows that follow the queries
     per_key = lambda a: a is not None and a.ndim >= 1 and a.shape[-1] == s and key_pad > 0  # columns that follow the keys
+
+    def padded_like_the_map(a):
+        """A bias or mask padded along its axes that follow the queries and the keys."""
+        a = padded(a, a.ndim - 2) if per_query(a) else a
+        return padded(a, a.ndim - 1, key_pad) if per_key(a) else a
+
     bias_rows, mask_rows = per_query(bias), per_query(mask)
-    bias_p = bias if bias is None else padded(padded(bias, bias.ndim - 2) if bias_rows else bias, bias.ndim - 1,
-                                              key_pad if per_key(bias) else 0)
-    mask_p = mask if mask is None else padded(padded(mask, mask.ndim - 2) if mask_rows else mask, mask.ndim - 1,
-                                              key_pad if per_key(mask) else 0)
+    bias_p = None if bias is None else padded_like_the_map(bias)
+    mask_p = None if mask is None else padded_like_the_map(mask)
     if key_pad:  # padded keys never attend
         keys = (jnp.arange(s + key_pad) < s).reshape(1, 1, 1, -1)
         mask_p = keys if mask_p is None else mask_p & keys
