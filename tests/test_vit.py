@@ -173,8 +173,9 @@ def test_the_training_step_has_no_run_time_conditional_on_a_gpu(ranges, images, 
 
 
 def test_identical_blocks_share_one_trace_of_their_packing(images, labels, monkeypatch):
-    """Tracing a compressed step packs each signature once (quant.pack_and_measure): twelve
-    blocks cost no more Python than one, where tracing every site was half the step's."""
+    """A compressed step traces its packing once per signature (quant.pack_and_measure):
+    three identical blocks trace as many packs as one (each site's own traces were half the
+    Python time of compiling DeiT-S's step)."""
     traced = []
     pack_measure = quant._pack_measure
     monkeypatch.setattr(quant, "_pack_measure", lambda *a: traced.append(a[0].shape) or pack_measure(*a))
