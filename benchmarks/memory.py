@@ -153,8 +153,8 @@ def report_table(results) -> str:
     """What XLA made of each compiled step (mesa_jax.memory.ProgramReport), one line per target."""
     lines = ["| model | dtype | batch | method | target | peak MiB | temp | arguments | outputs - aliased | "
              "fusions | cuBLAS | cuDNN | Triton | conditionals | while loops | GB accessed | GFLOP (not GEMM) | "
-             "compile s |",
-             "|---|---|---:|---|---|" + "---:|" * 13]
+             "compile s | of which tracing s |",
+             "|---|---|---:|---|---|" + "---:|" * 14]
     for name, dtype, batch, method, m, _ in results:
         for t, r in m.reports.items():
             lib = r.libraries
@@ -164,7 +164,7 @@ def report_table(results) -> str:
                 f"| {name} | {dtype} | {batch} | {method} | {t} | {_mib(r.peak)} | {_mib(r.memory.temp)} | "
                 f"{_mib(r.memory.argument)} | {_mib(r.memory.output - r.memory.alias)} | {sum(r.fusions.values())} | "
                 f"{lib.get('cublas', 0)} | {lib.get('cudnn', 0)} | {lib.get('triton', 0)} | {r.conditionals} | "
-                f"{r.while_loops} | {accessed} | {flops} | {r.compile_s:.0f} |")
+                f"{r.while_loops} | {accessed} | {flops} | {r.compile_s:.0f} | {r.trace_s:.1f} |")
     return "\n".join(lines)
 
 

@@ -39,7 +39,7 @@ def make_runner(model, batch: int, seed: int = 0) -> Runner:
     key = jax.random.key(seed)
     images = jax.random.normal(key, (batch, *shape))
     labels = jax.random.randint(key, (batch,), 0, model.num_classes)
-    step, seconds = plan.compile(jax.jit(loop.train_step, donate_argnums=0), state, images, labels)
+    step, seconds, tracing = plan.compile(jax.jit(loop.train_step, donate_argnums=0), state, images, labels)
     box = [state]
 
     def run(steps: int) -> float:
@@ -49,7 +49,7 @@ def make_runner(model, batch: int, seed: int = 0) -> Runner:
         jax.block_until_ready((box[0], metrics))
         return time.perf_counter() - start
 
-    return Runner(run, memory.program_report(step, seconds))
+    return Runner(run, memory.program_report(step, seconds, trace_s=tracing))
 
 
 def ratios(times: dict[str, list[float]]) -> dict[str, float]:

@@ -14,8 +14,9 @@ and, with --json, one JSON object per line. --dump keeps XLA's dumps per method
 (DIR/METHOD/*memory-usage-report.txt: the buffers live at the peak; *buffer-assignment.txt;
 the optimized HLO) and prints the largest buffers live at the peak and the kernels' traffic
 by what they do (pack, unpack, library GEMMs, Triton fusions, other fusions). --repeat N
-compiles the methods N times in turn and reports each one's least compile time (a shared
-machine's compile times vary by 15% from run to run; the other columns are deterministic);
+compiles the methods N times in turn and reports each one's least compile time, and least
+time of jax's tracing and lowering within it (a shared machine's compile times vary by 15%
+from run to run; the other columns are deterministic);
 --scan compiles the models with nn.scan over their blocks.
 """
 
@@ -143,15 +144,17 @@ def main(argv=None):
         parser.error(str(e))
     results, fastest = [], {}
     overrides = {"scan": True} if args.scan else {}
+    seconds = lambda report: (report.compile_s, report.trace_s)
     for _, method in itertools.product(range(args.repeat - 1), args.methods):  # the runs before the reported one
         model = step_memory.build(args.model, method, memory_bench.DTYPES[args.dtype], args.backend, **overrides)
-        seconds = step_memory.compile_step(model, args.batch, target).compile_s
-        fastest[method] = min(seconds, fastest.get(method, seconds))
+        these = seconds(step_memory.compile_step(model, args.batch, target))
+        fastest[method] = tuple(map(min, these, fastest.get(method, these)))
     for method in args.methods:
         model = step_memory.build(args.model, method, memory_bench.DTYPES[args.dtype], args.backend, **overrides)
         dump = os.path.join(args.dump, method) if args.dump else None
         report = step_memory.compile_step(model, args.batch, target, dump_to=dump)
-        report = dataclasses.replace(report, compile_s=min(report.compile_s, fastest.get(method, report.compile_s)))
+        compile_s, trace_s = map(min, seconds(report), fastest.get(method, seconds(report)))
+        report = dataclasses.replace(report, compile_s=compile_s, trace_s=trace_s)
         results.append((args.model, args.dtype, args.batch, method, step_memory.StepMemory(0, {target.name: report}), None))
         if args.json:
             with open(args.json, "a") as f:

@@ -84,7 +84,8 @@ class ProgramReport:
     while_loops: int
     bytes_accessed: float | None  # XLA's cost analysis; None where it gives none
     flops: float | None  # the same analysis' arithmetic: on a GPU target, what is not cuBLAS/cuDNN
-    compile_s: float  # lowering and compiling
+    compile_s: float  # tracing, lowering and compiling
+    trace_s: float = 0.0  # of compile_s, jax's tracing and lowering (the rest is XLA's)
 
     @property
     def peak(self) -> int:
@@ -109,22 +110,22 @@ class ProgramReport:
 def compiled_memory(fn: Callable, *args, target=None) -> CompiledMemory:
     """Compile ``fn`` (jitted here unless it already is) for ``args`` (arrays or
     ShapeDtypeStructs) on ``target`` and read its memory analysis."""
-    compiled, _ = plan.compile(fn, *args, target=target)
+    compiled, *_ = plan.compile(fn, *args, target=target)
     return compiled_analysis(compiled)
 
 
 def compiled_report(fn: Callable, *args, target=None, dump_to: str | None = None) -> ProgramReport:
     """``compiled_memory`` and what the program is made of; ``dump_to`` keeps XLA's dumps."""
-    compiled, seconds = plan.compile(fn, *args, target=target, dump_to=dump_to)
-    return program_report(compiled, seconds, target)
+    compiled, seconds, tracing = plan.compile(fn, *args, target=target, dump_to=dump_to)
+    return program_report(compiled, seconds, target, tracing)
 
 
-def program_report(compiled, compile_s: float = 0.0, target=None) -> ProgramReport:
+def program_report(compiled, compile_s: float = 0.0, target=None, trace_s: float = 0.0) -> ProgramReport:
     """The report of an already compiled program."""
     counts, cost = hlo.count(compiled.as_text()), hlo.cost(compiled)
     name = plan.resolve(target).name if target is not None else jax.default_backend()
     return ProgramReport(name, compiled_analysis(compiled), counts.fusions, counts.custom_calls,
-                         counts.conditionals, counts.while_loops, *(cost or (None, None)), compile_s)
+                         counts.conditionals, counts.while_loops, *(cost or (None, None)), compile_s, trace_s)
 
 
 def compiled_analysis(compiled) -> CompiledMemory:

@@ -10,8 +10,8 @@ Triton GEMM fusions untuned, so description targets compile GEMMs to cuBLAS call
 (``xla_gpu_enable_triton_gemm=False``, a per-compile option, not a global flag).
 
     target = plan.resolve("h100")
-    compiled, seconds = plan.compile(jax.jit(step, donate_argnums=0), state, images, labels,
-                                     target=target)
+    compiled, seconds, tracing = plan.compile(jax.jit(step, donate_argnums=0), state, images, labels,
+                                              target=target)
 
 ``"gpu"`` is this machine's first GPU (real autotuning), ``"cpu"`` XLA:CPU, ``None`` jax's
 default device, as ``jax.jit`` would compile.
@@ -174,10 +174,11 @@ def place(tree, target: Target | None):
 
 def compile(fn: Callable, *args, target: str | Target | None = None, dump_to: str | None = None,
             compiler_options: dict | None = None):
-    """``(compiled, seconds)``: ``fn`` (jitted here unless it already is) lowered for ``args``
-    placed on ``target`` and compiled there; nothing runs. ``dump_to`` writes XLA's dumps
-    (optimized HLO, buffer assignment, memory-usage report) to that folder;
-    ``compiler_options`` (XLA debug options by name) override the target's."""
+    """``(compiled, seconds, tracing_seconds)``: ``fn`` (jitted here unless it already is)
+    lowered for ``args`` placed on ``target`` and compiled there; nothing runs. ``seconds``
+    counts jax's tracing and lowering (``tracing_seconds``) and XLA's compile. ``dump_to``
+    writes XLA's dumps (optimized HLO, buffer assignment, memory-usage report) to that
+    folder; ``compiler_options`` (XLA debug options by name) override the target's."""
     target = resolve(target)
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
     options = dict(target.compiler_options if target else ()) | (compiler_options or {})
@@ -185,8 +186,10 @@ def compile(fn: Callable, *args, target: str | Target | None = None, dump_to: st
         options |= {"xla_dump_to": os.fspath(dump_to), "xla_dump_hlo_as_text": True}
     began = time.perf_counter()
     with _no_cache_writes() if target and target.compiler_options else contextlib.nullcontext():
-        compiled = jitted.lower(*place(args, target)).compile(compiler_options=options or None)
-    return compiled, time.perf_counter() - began
+        lowered = jitted.lower(*place(args, target))
+        traced = time.perf_counter()
+        compiled = lowered.compile(compiler_options=options or None)
+    return compiled, time.perf_counter() - began, traced - began
 
 
 def _no_cache_writes():

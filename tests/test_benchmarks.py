@@ -97,7 +97,7 @@ def test_speed_ratios_are_medians_of_per_repeat_ratios():
 def report(target, peak, **counts):
     parts = memory.CompiledMemory(temp=peak - 2**20, argument=2**20, output=0, alias=0)
     return memory.ProgramReport(target, parts, counts.get("fusions", {"kLoop": 3}), counts.get("custom_calls", {}),
-                                counts.get("conditionals", 0), 0, 2e9, 7e9, 1.5)
+                                counts.get("conditionals", 0), 0, 2e9, 7e9, 1.5, 0.5)
 
 
 def test_memory_table_gives_ratios_per_target_against_the_same_row_s_baseline():
@@ -120,7 +120,7 @@ def test_report_table_counts_libraries_and_control_flow():
         "h100", 3 * 2**20, fusions={"kLoop": 5, "__triton_gemm": 2},
         custom_calls={"__cublas$lt$matmul": 4, "__cudnn$convForward": 1, "__gpu$xla.gpu.triton": 3}, conditionals=7)})
     line = memory_bench.report_table([("m", "bfloat16", 8, "mesa8", m, None)]).splitlines()[-1]
-    assert line == "| m | bfloat16 | 8 | mesa8 | h100 | 3 | 2 | 1 | 0 | 7 | 4 | 1 | 5 | 7 | 0 | 2.0 | 7 | 2 |"
+    assert line == "| m | bfloat16 | 8 | mesa8 | h100 | 3 | 2 | 1 | 0 | 7 | 4 | 1 | 5 | 7 | 0 | 2.0 | 7 | 2 | 0.5 |"
 
 
 def test_the_search_budget_is_the_target_s_memory_unless_given():
@@ -245,17 +245,20 @@ def test_gpu_check_results_are_set_beside_each_other(tmp_path):
 
 def test_step_plan_repeats_in_turn_and_reports_the_least_compile_time(monkeypatch, tmp_path, capsys):
     """--repeat 3: each method compiled three times, methods alternating (a shared machine's
-    compile times drift), its least time reported; --scan builds the models with scan=True."""
+    compile times drift), its least time and least tracing time reported; --scan builds the models with
+    scan=True."""
     from benchmarks import step_plan
 
-    built, times = [], {"baseline": iter([30.0, 25.0, 28.0]), "mesa8": iter([50.0, 47.0, 46.0])}
+    built = []
+    times = {"baseline": iter([(30.0, 2.0), (25.0, 2.2), (28.0, 1.9)]), "mesa8": iter([(50.0, 5.0), (47.0, 4.0), (46.0, 4.5)])}
     monkeypatch.setattr(step_memory, "build", lambda model, method, dtype, backend, **kw: built.append(
         (method, kw)) or method)
     report = memory.ProgramReport("cpu", memory.CompiledMemory(1, 2, 3, 0), {}, {}, 0, 0, 1e9, 1e9, 0.0)
     monkeypatch.setattr(step_memory, "compile_step", lambda method, batch, target, dump_to=None: dataclasses.replace(
-        report, compile_s=next(times[method])))
+        report, **dict(zip(("compile_s", "trace_s"), next(times[method])))))
     step_plan.main(["--target", "cpu", "--methods", "baseline", "mesa8", "--repeat", "3", "--scan",
                     "--json", str(tmp_path / "plan.json")])
     assert [m for m, _ in built] == ["baseline", "mesa8"] * 3 and all(kw == {"scan": True} for _, kw in built)
     rows = [json.loads(line) for line in (tmp_path / "plan.json").read_text().splitlines()]
-    assert [(r["method"], r["compile_s"], r["scan"]) for r in rows] == [("baseline", 25.0, True), ("mesa8", 46.0, True)]
+    assert [(r["method"], r["compile_s"], r["trace_s"], r["scan"]) for r in rows] == [("baseline", 25.0, 1.9, True),
+                                                                                      ("mesa8", 46.0, 4.0, True)]

@@ -74,7 +74,7 @@ def test_report_of_a_cpu_compile_has_memory_counts_and_bytes():
     x = jax.ShapeDtypeStruct((64, 64), jnp.float32)
     report = memory.compiled_report(lambda a: jnp.tanh(a @ a).sum(), x, target="cpu")
     assert report.target == "cpu" and report.memory.argument == 64 * 64 * 4 == report.peak - report.memory.temp - 4
-    assert report.bytes_accessed and report.bytes_accessed >= 64 * 64 * 4 and report.compile_s > 0
+    assert report.bytes_accessed and report.bytes_accessed >= 64 * 64 * 4 and report.compile_s > report.trace_s > 0
     assert report.conditionals == report.while_loops == 0
 
 
