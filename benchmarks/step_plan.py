@@ -144,16 +144,21 @@ def main(argv=None):
         parser.error(str(e))
     results, fastest = [], {}
     overrides = {"scan": True} if args.scan else {}
-    seconds = lambda report: (report.compile_s, report.trace_s)
+
+    def least(method, report):
+        """(compile, tracing) seconds: the least of ``method``'s compiles so far, this one's included."""
+        these = report.compile_s, report.trace_s
+        fastest[method] = tuple(map(min, these, fastest.get(method, these)))
+        return fastest[method]
+
     for _, method in itertools.product(range(args.repeat - 1), args.methods):  # the runs before the reported one
         model = step_memory.build(args.model, method, memory_bench.DTYPES[args.dtype], args.backend, **overrides)
-        these = seconds(step_memory.compile_step(model, args.batch, target))
-        fastest[method] = tuple(map(min, these, fastest.get(method, these)))
+        least(method, step_memory.compile_step(model, args.batch, target))
     for method in args.methods:
         model = step_memory.build(args.model, method, memory_bench.DTYPES[args.dtype], args.backend, **overrides)
         dump = os.path.join(args.dump, method) if args.dump else None
         report = step_memory.compile_step(model, args.batch, target, dump_to=dump)
-        compile_s, trace_s = map(min, seconds(report), fastest.get(method, seconds(report)))
+        compile_s, trace_s = least(method, report)
         report = dataclasses.replace(report, compile_s=compile_s, trace_s=trace_s)
         results.append((args.model, args.dtype, args.batch, method, step_memory.StepMemory(0, {target.name: report}), None))
         if args.json:

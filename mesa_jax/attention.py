@@ -227,13 +227,12 @@ def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int | None
     per_key = lambda a: a is not None and a.ndim >= 1 and a.shape[-1] == s and key_pad > 0  # columns that follow the keys
 
     def padded_like_the_map(a):
-        """A bias or mask padded along its axes that follow the queries and the keys."""
+        """A bias or mask (or None) padded along its axes that follow the queries and the keys."""
         a = padded(a, a.ndim - 2) if per_query(a) else a
         return padded(a, a.ndim - 1, key_pad) if per_key(a) else a
 
     bias_rows, mask_rows = per_query(bias), per_query(mask)
-    bias_p = None if bias is None else padded_like_the_map(bias)
-    mask_p = None if mask is None else padded_like_the_map(mask)
+    bias_p, mask_p = padded_like_the_map(bias), padded_like_the_map(mask)
     if key_pad:  # padded keys never attend
         keys = (jnp.arange(s + key_pad) < s).reshape(1, 1, 1, -1)
         mask_p = keys if mask_p is None else mask_p & keys
