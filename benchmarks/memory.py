@@ -211,7 +211,7 @@ def main(argv=None):
                         help="the search's first batch (default: 64; the batches of the table are not compiled again)")
     parser.add_argument("--nnx", action="store_true",
                         help="also the NNX ViT-S/16 (benchmarks.nnx_vit), float32, baseline and mesa8, with "
-                             "DeiT-S's exact GELU and with the documentation's tanh GELU")
+                             "DeiT-S's exact GELU, with the documentation's tanh GELU and with ReLU")
     parser.add_argument("--only-max-batch", action="store_true", help="only the largest-batch search")
     parser.add_argument("--no-max-batch", dest="max_batch", action="store_false",
                         help="skip the largest-batch search (a few compilations per row)")
@@ -227,8 +227,9 @@ def main(argv=None):
     start = time.time()
     results = list(rows(args.models, args.dtypes, args.batches, args.methods, args.scan, args.image_sizes, targets))
     if args.nnx:
-        for name, approximate in (("nnx vit-s16", False), ("nnx vit-s16, tanh gelu", True)):
-            measure = functools.partial(step_memory.measure_nnx, approximate_gelu=approximate, targets=targets)
+        for name, activation in (("nnx vit-s16", "gelu"), ("nnx vit-s16, tanh gelu", "gelu_tanh"),
+                                 ("nnx vit-s16, relu", "relu")):
+            measure = functools.partial(step_memory.measure_nnx, activation=activation, targets=targets)
             results += [(name, "float32", batch, method, measure(method, batch), None)
                         for batch in args.batches for method in ("baseline", "mesa8")]
     print(f"compile-time peak of one train step for {', '.join(t.name for t in targets)}; jax {jax.__version__}, "

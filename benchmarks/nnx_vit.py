@@ -67,10 +67,16 @@ class VisionTransformer(nnx.Module):
         return self.classifier(x)
 
 
-def vit_s16(num_classes: int = 1000, img_size: int = 224, *, approximate_gelu: bool = False,
+ACTIVATIONS = {  # the MLP's activation by name
+    "gelu": functools.partial(nnx.gelu, approximate=False),  # DeiT-S's
+    "gelu_tanh": nnx.gelu,  # the documentation's (jax.nn.gelu's default, the tanh approximation)
+    "relu": nnx.relu,  # the original Transformer's
+}
+
+
+def vit_s16(num_classes: int = 1000, img_size: int = 224, *, activation: str = "gelu",
             rngs: nnx.Rngs) -> VisionTransformer:
     """ViT-S/16 without dropout, as the memory benchmark compares it: DeiT-S's function (exact
-    GELU) unless ``approximate_gelu`` (the documentation's nnx.gelu)."""
+    GELU) unless ``activation`` names another of ACTIVATIONS."""
     return VisionTransformer(num_classes, img_size=img_size, num_layers=12, num_heads=6, mlp_dim=1536,
-                             hidden_size=384, dropout_rate=0.0, rngs=rngs,
-                             activation=functools.partial(nnx.gelu, approximate=approximate_gelu))
+                             hidden_size=384, dropout_rate=0.0, rngs=rngs, activation=ACTIVATIONS[activation])
