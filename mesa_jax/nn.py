@@ -27,8 +27,8 @@ from mesa_jax.policy import Quant
 from mesa_jax.quant import QuantConfig
 
 __all__ = ["COLLECTION", "Dense", "DenseGeneral", "Einsum", "Conv", "Embed", "LayerNorm", "RMSNorm",
-           "MultiHeadDotProductAttention", "SelfAttention", "DotProductAttention", "GELU", "SiLU", "Gated", "Softmax",
-           "MatMul", "gated"]
+           "MultiHeadDotProductAttention", "SelfAttention", "DotProductAttention", "GELU", "SiLU", "ReLU", "Gated",
+           "Softmax", "MatMul", "gated"]
 
 gated = sites.GATED  # act(g) * u; inside a compressed model (or a mesa layer) g and u are kept packed
 
@@ -120,6 +120,17 @@ class SiLU(nn.Module):
     @nn.compact
     def __call__(self, x):
         return sites.run_layer(self.quant, LinenStore(self), "silu", sites.silu(x))
+
+
+class ReLU(nn.Module):
+    """jax.nn.relu (flax.linen.relu) as a layer, keeping one bit per element (its derivative,
+    exactly) where JAX keeps a byte."""
+
+    quant: Quant = QuantConfig()
+
+    @nn.compact
+    def __call__(self, x):
+        return sites.run_layer(self.quant, LinenStore(self), "relu", sites.relu(x))
 
 
 class Gated(nn.Module):

@@ -23,7 +23,7 @@ from mesa_jax.policy import Quant
 from mesa_jax.quant import QuantConfig
 
 __all__ = ["MesaStat", "Linear", "LinearGeneral", "Einsum", "Conv", "Embed", "LayerNorm", "RMSNorm",
-           "MultiHeadAttention", "GELU", "SiLU", "Gated", "Softmax", "gated"]
+           "MultiHeadAttention", "GELU", "SiLU", "ReLU", "Gated", "Softmax", "gated"]
 
 gated = sites.GATED  # act(g) * u; inside a compressed model (or a mesa layer) g and u are kept packed
 
@@ -113,6 +113,14 @@ class SiLU(_Function):
 
     def __call__(self, x):
         return sites.run_layer(self.quant, NnxStore(self), "silu", sites.silu(x))
+
+
+class ReLU(_Function):
+    """jax.nn.relu (nnx.relu) as a layer keeping one bit per element (its derivative, exactly)
+    where JAX keeps a byte."""
+
+    def __call__(self, x):
+        return sites.run_layer(self.quant, NnxStore(self), "relu", sites.relu(x))
 
 
 class Gated(_Function):

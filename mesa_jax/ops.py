@@ -4,6 +4,7 @@ Every op takes, besides its operands, the running statistics of each kept
 activation, a uint32 ``seed`` for stochastic rounding, and a static ``config``:
 ``QuantConfig`` keeps int codes, ``None`` keeps the float activation and runs the
 *same* custom backward (the exact mode the numerical-gradient tests check).
+(``relu`` keeps one bit per element, exactly: no statistics, no seed.)
 Every op returns ``(y, stats)``: its output and a tuple of the statistics updated with
 the range of each tensor it kept, measured in the same read that packs it (see
 quant.pack_and_update); exact mode returns the statistics unchanged.
@@ -30,15 +31,15 @@ from jax import lax
 
 from mesa_jax import quant
 from mesa_jax._src.residuals import (after, fused_kernel as _fused_kernel, kernel_args as _kernel_args, keep,
-                                     materialize as _materialize, own, restore, share, sharing)
+                                     keep_signs, materialize as _materialize, own, restore, share, sharing)
 from mesa_jax.attention import attention
 from mesa_jax.quant import Layout, Packed, QuantConfig, Stats, init_stats
 from pallas_kernels import arithmetic, fused
 
 __all__ = [
-    "linear", "dense", "conv", "gelu", "silu", "layer_norm", "rms_norm", "softmax", "bilinear", "matmul", "gated",
-    "attention",  # the ops
-    "dense_reference", "conv_reference", "gelu_reference", "silu_reference", "layer_norm_reference",
+    "linear", "dense", "conv", "gelu", "silu", "relu", "layer_norm", "rms_norm", "softmax", "bilinear", "matmul",
+    "gated", "attention",  # the ops
+    "dense_reference", "conv_reference", "gelu_reference", "silu_reference", "relu_reference", "layer_norm_reference",
     "rms_norm_reference", "softmax_reference", "matmul_reference", "gated_reference", "DotGeneral", "ConvGeneral",
     "Einsum", "Reshaped", "GeluOf", "AffineOf", "GatedOf",
     "normalized_input", "row_moments", "attention_layout", "kept_output", "sharing", "keep",
@@ -284,6 +285,37 @@ def _elementwise_vjp(fn, x, g):
 
 
 _silu.defvjp(own(_silu_fwd), _silu_bwd)
+
+
+# ----------------------------------------------------------------------- relu
+
+
+def relu(x, config):
+    """ReLU. Keeps one bit per element, whether x > 0: its derivative exactly, an eighth of
+    the byte JAX keeps (the next op keeps the output, as it would anyway). No statistics."""
+    return _relu(x, keep_signs(x, config)), ()
+
+
+def relu_reference(x):
+    return jax.nn.relu(x)
+
+
+@jax.custom_vjp
+def _relu(x, kept):
+    return relu_reference(x)
+
+
+def _relu_fwd(x, kept):
+    return _materialize(relu_reference(x), kept)
+
+
+def _relu_bwd(res, g):
+    (res,) = res
+    positive, g = restore(res, g)  # 1 and 0 (x itself in exact mode)
+    return jnp.where(positive > 0, g, jnp.zeros_like(g)), None
+
+
+_relu.defvjp(own(_relu_fwd), _relu_bwd)
 
 
 # ----------------------------------------------------------------- layer_norm

@@ -42,7 +42,8 @@ from pallas_kernels.hashing import combine, uniform
 
 __all__ = [  # the reference's public names: the config, the records, the statistics, pack/unpack
     "QuantConfig", "Stats", "Packed", "Layout", "init_stats", "stats_of", "update", "fold_range", "num_groups_for",
-    "layer_seed", "pack", "unpack", "pack_and_update", "pack_and_measure", "fake_quantize", "WORD", "GROWTH",
+    "layer_seed", "pack", "unpack", "pack_and_update", "pack_and_measure", "pack_signs", "fake_quantize", "WORD",
+    "GROWTH",
 ]
 
 Layout = Union[Literal["channels", "heads"], int]  # see pallas_kernels.arithmetic.group_axis
@@ -504,6 +505,17 @@ def unpack(p: Packed) -> jax.Array:
         shift, scale = _per_group(p.shift), _per_group(p.scale)
     x = arithmetic.dequantize(regroup(codes, view).astype(compute), shift.astype(compute), scale.astype(compute))
     return regroup(x, p.shape).astype(p.dtype)
+
+
+SIGN_BITS = 1
+
+
+def pack_signs(x: jax.Array) -> Packed:
+    """Whether each element of x is positive, as 1-bit codes eight to a byte: ReLU's derivative,
+    exactly (it needs no range). Unpacks to 1 and 0 in x's dtype."""
+    one = jnp.ones((1,), jnp.float32)
+    words = pack_codes((x > 0).astype(jnp.uint32), SIGN_BITS)
+    return Packed(words, one, jnp.zeros_like(one), x.shape, x.dtype, SIGN_BITS, "channels", pallas_kernels.XLA)
 
 
 def pack_codes(codes: jax.Array, bits: int) -> jax.Array:

@@ -146,11 +146,16 @@ def test_a_transformer_keeps_no_float_activation():
     assert floats(kept_by(compress(model), x, **kwargs)) == []
 
 
-def test_a_cnn_keeps_its_convolution_and_dense_inputs_packed():
-    """Conv and Dense inputs are packed; ReLU's masks are not mesa's to compress."""
+def test_a_cnn_keeps_its_convolution_and_dense_inputs_packed_and_relu_s_signs_as_bits():
+    """Conv and Dense inputs are packed, a byte per element; each ReLU keeps one bit per
+    element (an eighth of its channels in bytes), not JAX's boolean mask."""
     model, shape, _ = MODELS["cnn"]
-    packed = [r for r in kept_by(compress(model), inputs(shape)) if r.dtype == quant.WORD]
+    kept = kept_by(compress(model), inputs(shape))
+    packed = [r for r in kept if r.dtype == quant.WORD and "keep_signs" not in r.source]
+    signs = [r.shape for r in kept if "keep_signs" in r.source and r.dtype == quant.WORD]
     assert len(packed) == 4  # two Conv, two Dense
+    assert signs == [(2, 16, 16, 32 // 8), (2, 8, 8, 64 // 8), (2, 256 // 8)]
+    assert not any(r.dtype == jnp.bool_ for r in kept)
 
 
 @pytest.mark.slow  # repeated coverage: kept out of the default run

@@ -288,3 +288,27 @@ def test_a_nan_in_the_cotangent_poisons_no_more_than_the_exact_gradient(case, ke
     quantized = vjp_of(op_fn(case, CONFIG), inputs, g)
     for e, q in zip(exact, quantized):
         np.testing.assert_array_equal(jnp.isnan(q), jnp.isnan(e))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("config", [None, CONFIG], ids=["exact", "packed"])
+def test_relu_forward_and_gradient_are_jax_s_bit_for_bit(config, dtype, key):
+    """ReLU keeps whether x > 0, which is its derivative: nothing is approximated. Zeros (jax's
+    derivative at 0 is 0), infinities and NaN included; 13 channels, not a multiple of 8."""
+    x = jax.random.normal(key, (3, 4, 13), dtype).at[0, 0, :4].set(jnp.array([0.0, -0.0, jnp.inf, jnp.nan], dtype))
+    g = jax.random.normal(jax.random.key(7), x.shape, dtype)
+
+    def forward_and_vjp(relu):
+        y, vjp = jax.vjp(relu, x)
+        return y, vjp(g)[0]
+
+    got = jax.jit(lambda: forward_and_vjp(lambda x: ops.relu(x, config)[0]))()
+    chex.assert_trees_all_equal(got, jax.jit(lambda: forward_and_vjp(jax.nn.relu))())
+
+
+def test_relu_keeps_one_bit_per_element(key):
+    x = jax.random.normal(key, (3, 4, 13))
+    kept = memory.saved_residuals(lambda x: ops.relu(x, CONFIG)[0], x)
+    words = [r for r in kept if r.shape != (1,)]  # besides the codes' scale and shift, one float each
+    assert [(r.shape, r.dtype) for r in words] == [((3, 4, 2), jnp.uint8)]  # a row's 13 bits in 2 bytes
+    assert "mesa_residual" in words[0].source and len(kept) == 3

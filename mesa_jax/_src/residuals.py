@@ -85,6 +85,14 @@ def keep(x, stats: Stats | None, seed, config: QuantConfig | None, layout: Layou
     return packed, quant.fold_range(stats, lo, hi, config)
 
 
+def keep_signs(x, config: QuantConfig | None):
+    """What ReLU keeps of x: whether each element is positive, one bit each (quant.pack_signs),
+    or x itself in exact mode."""
+    if config is None:
+        return x
+    return checkpoint_name(quant.pack_signs(lax.stop_gradient(x)), RESIDUAL_NAME)
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["source", "args"], meta_fields=["fn"])
 @dataclasses.dataclass(frozen=True)
 class Derived:

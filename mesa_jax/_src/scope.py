@@ -8,7 +8,7 @@ every handler. While it is open, in this thread:
   module's class and method (``__call__``; ``attend`` of an embedding) runs the call with
   mesa's ops; NNX modules, whose classes compress swapped,
   enter ``frame`` themselves;
-- registered functions (``jax.nn.gelu``, ``jax.nn.silu``, ``jax.nn.softmax``,
+- registered functions (``jax.nn.gelu``, ``jax.nn.silu``, ``jax.nn.relu``, ``jax.nn.softmax``,
   ``jax.nn.dot_product_attention``, ``nn.scan``) are reached through dispatchers that stand in
   for them in every imported module that holds them (so ``nn.gelu``, ``jax.nn.gelu`` and ``from
   jax.nn import gelu`` alike) and in the attributes of the module being called (mesa's own

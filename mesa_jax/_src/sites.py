@@ -73,7 +73,7 @@ def run(scope: Scope, store: Store, config: QuantConfig, work: Work):
         stats.append(found)
     seeds = tuple(None if s is None else store.seed(k.name, s.count) for k, s in zip(work.kept, stats))
     with scopes.suspended():
-        y, updated = work.op(tuple(stats), seeds, configs[0])
+        y, updated = work.op(tuple(stats), seeds, configs[0] if configs else config)
     for k, old, new in zip(work.kept, stats, updated):
         if old is not None:
             store.update(k.name, new)
@@ -114,6 +114,11 @@ def gelu(x, approximate: bool, name: str = "inputs", exact=None) -> Work:
 def silu(x, name: str = "inputs", exact=None) -> Work:
     return Work((Kept(name, x, "channels"),), lambda s, seeds, c: ops.silu(x, s[0], seeds[0], c),
                 exact or (lambda: ops.silu_reference(x)))
+
+
+def relu(x, exact=None) -> Work:
+    """ReLU, keeping one bit per element (no statistics: nothing is quantized)."""
+    return Work((), lambda s, seeds, c: ops.relu(x, c), exact or (lambda: ops.relu_reference(x)))
 
 
 def gated(g, u, act, names=("gate", "up")) -> Work:
@@ -438,6 +443,13 @@ def _silu(scope, original, x):
     return function_site(scope, "silu", "silu", lambda name: silu(x, name, exact), exact)
 
 
+def _relu(scope, original, x):
+    exact = lambda: original(x)
+    if not jnp.ndim(x):
+        return exact()
+    return function_site(scope, "relu", "relu", lambda name: relu(x, exact), exact)
+
+
 def gated_product(g, u, act=jax.nn.silu):
     """``act(g) * u``, the gated product of a GLU MLP (SwiGLU: silu; ``act`` elementwise).
     Called inside a compressed module it keeps g and u packed, once, and the projection that
@@ -567,6 +579,7 @@ NNX = {
 FUNCTIONS = scopes.dispatchers({
     jax.nn.gelu: _gelu,
     jax.nn.silu: _silu,  # jax.nn.swish, nn.silu, nnx.silu: the same function
+    jax.nn.relu: _relu,  # nn.relu, nnx.relu
     gated_product: _gated,
     jax.nn.softmax: _softmax,
     jax.nn.dot_product_attention: _jax_attention,
