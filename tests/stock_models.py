@@ -8,6 +8,8 @@
 - ``ScannedViT``: a big_vision-style ViT: patch nn.Conv, class token, blocks under
   ``nn.scan(nn.remat(...))`` built inside ``__call__`` with ``variable_axes={"params": 0}``,
   an activation held in a field.
+- ``SetupMlp``: a ``setup``-style module (no ``nn.compact``), its activations assigned in
+  ``setup`` (one alone, two in a tuple), a second method besides ``__call__``.
 """
 
 from __future__ import annotations
@@ -136,3 +138,23 @@ class WindowAttention(nn.Module):
         bias = self.param("relative_bias", nn.initializers.normal(0.02), (self.num_heads, n, n))
         y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias=bias[None])
         return nn.Dense(c, name="proj")(y.reshape(b, n, c))
+
+
+class SetupMlp(nn.Module):
+    hidden: int = 32
+
+    def setup(self):
+        self.fc1 = nn.Dense(self.hidden)
+        self.fc2 = nn.Dense(self.hidden)
+        self.out = nn.Dense(8)
+        self.act = nn.gelu
+        self.acts = (nn.relu, jax.nn.softmax)
+
+    def __call__(self, x):
+        return self.out(self.hidden_features(x))
+
+    def hidden_features(self, x):
+        h = self.act(self.fc1(x))
+        for act in self.acts:
+            h = act(self.fc2(h))
+        return h

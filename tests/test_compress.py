@@ -146,6 +146,18 @@ def test_a_transformer_keeps_no_float_activation():
     assert floats(kept_by(compress(model), x, **kwargs)) == []
 
 
+def test_activations_a_setup_assigns_are_reached():
+    """A setup-style module's activations (held as attributes ``setup`` assigned, one in a tuple)
+    are sites like those of compact modules, called from any of its methods: GELU's input,
+    ReLU's signs and softmax's output are kept, packed; nothing in float."""
+    model, x = stock_models.SetupMlp(), inputs(TOKENS)
+    variables = init(compress(model), x)
+    assert {"gelu_0", "softmax_0"} <= set(variables["mesa"])
+    kept = kept_by(compress(model), x)
+    assert sum("keep_signs" in r.source and r.dtype == quant.WORD for r in kept) == 1
+    assert not [r for r in kept if not r.dtype == quant.WORD and np.prod(r.shape) >= x.size]
+
+
 def test_a_cnn_keeps_its_convolution_and_dense_inputs_packed_and_relu_s_signs_as_bits():
     """Conv and Dense inputs are packed, a byte per element; each ReLU keeps one bit per
     element (an eighth of its channels in bytes), not JAX's boolean mask."""

@@ -152,7 +152,7 @@ def nnx_method(name: str):
                 scope = stack.enter_context(sites.open_scope(quant, strict=getattr(self, "_mesa_layer", False),
                                                              owner=self, check=getattr(self, "mesa_root", False)))
             store = NnxStore(self)
-            stack.enter_context(scopes.frame(store, self, list(vars(self))))
+            stack.enter_context(scopes.frame(store, self))
             namesake = nnx_namesake(type(self))
             call = functools.partial(getattr(getattr(self, "_mesa_base", None) or namesake, name), self)
             kind = None if namesake is None else sites.NNX[namesake]

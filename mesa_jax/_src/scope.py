@@ -127,12 +127,13 @@ def opened(scope: Scope, check: bool = False):
 
 
 @contextlib.contextmanager
-def frame(store: Store, module, names):
-    """A module call: the functions called inside are its sites, and its attributes ``names``
-    that hold a registered function hold its dispatcher meanwhile."""
+def frame(store: Store, module):
+    """A module call: the functions called inside are its sites, and its attributes that hold
+    a registered function (a field, one a Linen ``setup`` assigned, an NNX attribute) hold its
+    dispatcher meanwhile."""
     _state.frames.append(_Frame(store))
     try:
-        with functions_held(module, names, _state.scopes[0].functions):
+        with functions_held(module, list(vars(module)), _state.scopes[0].functions):
             yield
     finally:
         _state.frames.pop()
@@ -143,9 +144,8 @@ def _intercept(next_fun, args, kwargs, context):
     if scope is None:
         return next_fun(*args, **kwargs)
     module = context.module
-    names = [f.name for f in dataclasses.fields(module) if f.name not in ("parent", "name")]
     store = LinenStore(module)
-    with frame(store, module, names):
+    with frame(store, module):
         handler = _handler(scope, module, context.method_name)
         if handler is None:
             return next_fun(*args, **kwargs)
