@@ -133,7 +133,7 @@ def frame(store: Store, module):
     dispatcher meanwhile."""
     _state.frames.append(_Frame(store))
     try:
-        with functions_held(module, list(vars(module)), _state.scopes[0].functions):
+        with _functions_held(module, _state.scopes[0].functions):
             yield
     finally:
         _state.frames.pop()
@@ -222,11 +222,11 @@ def _rebind(module, table: dict) -> None:
             _rebound.append((module, name, value))
 
 
-def functions_held(module, names, table: dict):
-    """A module's attributes ``names`` that hold a registered function (``act: Callable =
-    nn.gelu``, a ``functools.partial`` of one, a tuple of layers, the items of an nnx.List
-    such as nnx.Sequential's) hold its dispatcher during the call."""
-    values = {name: getattr(module, name, None) for name in names}
+def _functions_held(module, table: dict):
+    """A module's attributes that hold a registered function (``act: Callable = nn.gelu``, a
+    ``functools.partial`` of one, a tuple of layers, the items of an nnx.List such as
+    nnx.Sequential's) hold its dispatcher during the call."""
+    values = dict(vars(module))
     lists = [(value, i) for value in values.values() if isinstance(value, nnx.List) for i in range(len(value))]
     return fields_set(module, **{n: _dispatching(v, table) for n, v in values.items()
                                  if not isinstance(v, nnx.List) and _dispatching(v, table) is not v},
