@@ -8,6 +8,8 @@
         --no-max-batch                                                  # memory against tokens
     python -m benchmarks.memory --models deit-s --dtypes float32 --methods baseline mesa8 --nnx --no-max-batch
                                             # + the NNX ViT-S/16 compressed in place (mesa_jax.nnx)
+    python -m benchmarks.memory --models deit-s --dtypes float32 --methods baseline mesa8 --resnet --no-max-batch
+                                            # + a Linen ResNet-18 (BatchNorm, ReLU), as flax's example writes one
     python -m benchmarks.memory --targets cpu h100 --no-max-batch   # + XLA:GPU's plan for an H100
     python -m benchmarks.memory --models deit-s --dtypes bfloat16 --methods baseline flash_like mesa8 \
         --targets h100 --only-max-batch                     # largest batch in the H100's memory
@@ -33,7 +35,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks import step_memory
+from benchmarks import linen_resnet, step_memory
 from mesa_jax import memory, plan
 from mesa_jax import models
 from mesa_jax.models import vit
@@ -212,6 +214,9 @@ def main(argv=None):
     parser.add_argument("--nnx", action="store_true",
                         help="also the NNX ViT-S/16 (benchmarks.nnx_vit), float32, baseline and mesa8, with "
                              "DeiT-S's exact GELU, with the documentation's tanh GELU and with ReLU")
+    parser.add_argument("--resnet", action="store_true",
+                        help="also the Linen ResNet-18 (benchmarks.linen_resnet), float32: baseline, mesa8, and mesa8 "
+                             "with BatchNorm and ReLU run as flax does")
     parser.add_argument("--only-max-batch", action="store_true", help="only the largest-batch search")
     parser.add_argument("--no-max-batch", dest="max_batch", action="store_false",
                         help="skip the largest-batch search (a few compilations per row)")
@@ -232,6 +237,10 @@ def main(argv=None):
             measure = functools.partial(step_memory.measure_nnx, activation=activation, targets=targets)
             results += [(name, "float32", batch, method, measure(method, batch), None)
                         for batch in args.batches for method in ("baseline", "mesa8")]
+    if args.resnet:
+        measure = functools.partial(step_memory.measure_resnet, targets=targets)
+        results += [("resnet-18", "float32", batch, method, measure(method, batch), linen_resnet.ResNet())
+                    for batch in args.batches for method in ("baseline", "mesa8_no_bn_relu", "mesa8")]
     print(f"compile-time peak of one train step for {', '.join(t.name for t in targets)}; jax {jax.__version__}, "
           f"{time.time() - start:.0f} s")
     print(table(results))

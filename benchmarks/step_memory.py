@@ -157,3 +157,41 @@ def measure_nnx(method: str, batch: int, image_size: int = 224, activation: str 
     kept = memory.saved_residuals(lambda *args: loss(*args)[0], params, rest, images, labels)
     residuals = sum(r.nbytes for r in kept if "argument" not in r.source)
     return StepMemory(residuals, {r.target: r for r in reports})
+
+
+def measure_resnet(method: str, batch: int, image_size: int = 224, targets=(None,)) -> StepMemory:
+    """The same step (cross-entropy, AdamW) for the ResNet-18 of benchmarks.linen_resnet (float32,
+    the running averages updated): ``baseline`` as written, ``mesa8`` compressed (int8, one
+    group: the widths are not divisible by a head count), ``mesa8_no_bn_relu`` the same with
+    BatchNorm and ReLU run as flax does (what compress reached before the two kinds)."""
+    import mesa_jax
+    from benchmarks import linen_resnet
+
+    kinds = {"mesa8": policy.KINDS,
+             "mesa8_no_bn_relu": tuple(k for k in policy.KINDS if k not in ("batch_norm", "relu"))}
+    if method not in ("baseline", *kinds):
+        raise ValueError(f"the ResNet rows measure baseline, mesa8 and mesa8_no_bn_relu, not {method!r}")
+    model = linen_resnet.ResNet()
+    if method != "baseline":
+        model = mesa_jax.compress(model, Policy(QuantConfig(), kinds=kinds[method]))
+    images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    # initialized in training mode, so that BatchNorm's statistics exist: the state a step takes
+    # from the second on (flax's example initializes in evaluation mode; its first step makes them)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3))))
+    params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+
+    def loss(params, rest, images, labels):
+        logits, rest = model.apply({"params": params, **rest}, images, mutable=list(rest))
+        return loop.cross_entropy(logits, labels), rest
+
+    def step(params, rest, opt_state, images, labels):
+        (value, rest), grads = jax.value_and_grad(loss, has_aux=True)(params, rest, images, labels)
+        updates, opt_state = TX.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), rest, opt_state, value
+
+    opt_state = jax.eval_shape(TX.init, params)
+    jitted = jax.jit(step, donate_argnums=(0, 1, 2))
+    reports = [memory.compiled_report(jitted, params, rest, opt_state, images, labels, target=t) for t in targets]
+    kept = memory.saved_residuals(lambda *args: loss(*args)[0], params, rest, images, labels)
+    return StepMemory(sum(r.nbytes for r in kept if "argument" not in r.source), {r.target: r for r in reports})

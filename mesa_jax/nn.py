@@ -26,7 +26,7 @@ from mesa_jax._src.stores import COLLECTION, LinenStore
 from mesa_jax.policy import Quant
 from mesa_jax.quant import QuantConfig
 
-__all__ = ["COLLECTION", "Dense", "DenseGeneral", "Einsum", "Conv", "Embed", "LayerNorm", "RMSNorm",
+__all__ = ["COLLECTION", "Dense", "DenseGeneral", "Einsum", "Conv", "Embed", "LayerNorm", "RMSNorm", "BatchNorm",
            "MultiHeadDotProductAttention", "SelfAttention", "DotProductAttention", "GELU", "SiLU", "ReLU", "Gated",
            "Softmax", "MatMul", "gated"]
 
@@ -75,6 +75,11 @@ class LayerNorm(_Layer, nn.LayerNorm):
 
 class RMSNorm(_Layer, nn.RMSNorm):
     """flax.linen.RMSNorm (last axis) keeping an int8 copy of x * rstd and the per-row rstd."""
+
+
+class BatchNorm(_Layer, nn.BatchNorm):
+    """flax.linen.BatchNorm (features on the last axis) keeping, in training, an int8 copy of its
+    normalized input and the per-channel rstd; with the running averages it keeps nothing of x."""
 
 
 class MultiHeadDotProductAttention(_Layer, nn.MultiHeadDotProductAttention):

@@ -22,7 +22,7 @@ from mesa_jax._src.stores import MesaStat, NnxStore
 from mesa_jax.policy import Quant
 from mesa_jax.quant import QuantConfig
 
-__all__ = ["MesaStat", "Linear", "LinearGeneral", "Einsum", "Conv", "Embed", "LayerNorm", "RMSNorm",
+__all__ = ["MesaStat", "Linear", "LinearGeneral", "Einsum", "Conv", "Embed", "LayerNorm", "RMSNorm", "BatchNorm",
            "MultiHeadAttention", "GELU", "SiLU", "ReLU", "Gated", "Softmax", "gated"]
 
 gated = sites.GATED  # act(g) * u; inside a compressed model (or a mesa layer) g and u are kept packed
@@ -74,6 +74,11 @@ class LayerNorm(_Layer, nnx.LayerNorm):
 
 class RMSNorm(_Layer, nnx.RMSNorm):
     """flax.nnx.RMSNorm (last axis) keeping an int8 copy of x * rstd."""
+
+
+class BatchNorm(_Layer, nnx.BatchNorm):
+    """flax.nnx.BatchNorm (features on the last axis) keeping, in training, an int8 copy of its
+    normalized input; with the running averages (``model.eval()``) it keeps nothing of x."""
 
 
 class MultiHeadAttention(_Layer, nnx.MultiHeadAttention):

@@ -37,11 +37,11 @@ from mesa_jax.quant import Layout, Packed, QuantConfig, Stats, init_stats
 from pallas_kernels import arithmetic, fused
 
 __all__ = [
-    "linear", "dense", "conv", "gelu", "silu", "relu", "layer_norm", "rms_norm", "softmax", "bilinear", "matmul",
-    "gated", "attention",  # the ops
+    "linear", "dense", "conv", "gelu", "silu", "relu", "layer_norm", "rms_norm", "batch_norm", "softmax", "bilinear",
+    "matmul", "gated", "attention",  # the ops
     "dense_reference", "conv_reference", "gelu_reference", "silu_reference", "relu_reference", "layer_norm_reference",
-    "rms_norm_reference", "softmax_reference", "matmul_reference", "gated_reference", "DotGeneral", "ConvGeneral",
-    "Einsum", "Reshaped", "GeluOf", "AffineOf", "GatedOf",
+    "rms_norm_reference", "batch_norm_reference", "batch_moments", "softmax_reference", "matmul_reference",
+    "gated_reference", "DotGeneral", "ConvGeneral", "Einsum", "Reshaped", "GeluOf", "AffineOf", "GatedOf",
     "normalized_input", "row_moments", "attention_layout", "kept_output", "sharing", "keep",
     "Stats", "Packed", "QuantConfig", "init_stats",
 ]
@@ -350,18 +350,48 @@ def rms_norm_reference(x, scale, epsilon=1e-6, dtype=None):
     return _Norm(epsilon, True, dtype, False).reference(x, scale, None)
 
 
+def batch_norm(x, scale, bias, stats, seed, config, epsilon: float = 1e-5, fast_variance: bool = True, dtype=None):
+    """BatchNorm with the batch's statistics (training): flax's arithmetic over every axis but
+    the last (the channels). Keeps the normalized input packed and the per-channel rstd, and
+    shares its output, as layer_norm; the running averages are the caller's (``batch_moments``)."""
+    return _norm(x, scale, bias, stats, seed, config, _Norm(epsilon, fast_variance, dtype, True, per_channel=True))
+
+
+def batch_norm_reference(x, scale, bias, epsilon=1e-5, fast_variance: bool = True, dtype=None):
+    """flax's BatchNorm with the batch's statistics, step for step."""
+    return _Norm(epsilon, fast_variance, dtype, True, per_channel=True).reference(x, scale, bias)
+
+
+def batch_moments(x, fast_variance: bool = True):
+    """BatchNorm's batch mean and variance ([C], in >= float32), as flax computes them: what
+    its running averages take in."""
+    mean, var = _moments(x, fast_variance, axes=tuple(range(x.ndim - 1)))
+    return mean.reshape(-1), var.reshape(-1)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Norm:
     """The static settings of a normalization over the last axis; ``centered``: LayerNorm
-    (subtract the mean), else RMSNorm (flax's ``use_mean=False``: the mean is zero)."""
+    (subtract the mean), else RMSNorm (flax's ``use_mean=False``: the mean is zero);
+    ``per_channel``: BatchNorm, over every axis but the last instead."""
 
     epsilon: float
     fast_variance: bool
     dtype: Any
     centered: bool
+    per_channel: bool = False
+
+    def axes(self, ndim: int) -> tuple[int, ...]:
+        """The axes the moments are taken over."""
+        return tuple(range(ndim - 1)) if self.per_channel else (ndim - 1,)
+
+    def moments(self, x):
+        """Mean and rstd over ``axes`` (kept), in >= float32."""
+        mean, var = _moments(x, self.fast_variance, self.centered, self.axes(x.ndim))
+        return mean, lax.rsqrt(var + self.epsilon)
 
     def reference(self, x, scale, bias):
-        mean, var = _moments(x, self.fast_variance, self.centered)
+        mean, var = _moments(x, self.fast_variance, self.centered, self.axes(x.ndim))
         mul = lax.rsqrt(var + self.epsilon)
         if scale is not None:
             mul = mul * _channels_last(scale, x.ndim)
@@ -372,37 +402,39 @@ class _Norm:
 
 
 def _norm(x, scale, bias, stats, seed, config, norm: _Norm):
-    mean, rstd = row_moments(x, norm.epsilon, norm.fast_variance, norm.centered)
-    kept, stats = keep(x, stats, seed, config, normalized_by=(mean, rstd))  # a kernel normalizes as it packs
+    mean, rstd = norm.moments(x)
+    if norm.per_channel:  # the kernels normalize rows: the normalized tensor is packed as it is
+        kept, stats = keep(quant.normalize_rows(x, (mean, rstd)), stats, seed, config)
+    else:  # a kernel normalizes as it packs
+        kept, stats = keep(x, stats, seed, config, normalized_by=(mean, rstd))
     y = _layer_norm(x, scale, bias, kept, lax.stop_gradient(rstd), norm)
     share(y, kept, AffineOf(y.dtype), scale, bias)
     return y, (stats,)
 
 
-def _moments(x, fast_variance: bool = True, centered: bool = True):
-    """Mean and (clipped) variance over the last axis, in >= float32, as flax computes them:
+def _moments(x, fast_variance: bool = True, centered: bool = True, axes=(-1,)):
+    """Mean and (clipped) variance over ``axes`` (kept), in >= float32, as flax computes them:
     ``E[x^2] - E[x]^2`` (fast) or ``E[(x - E[x])^2]``; not ``centered``: 0 and ``E[x^2]``."""
     xf = _f32(x)
     if not centered:
-        var = jnp.mean(lax.square(xf), axis=-1, keepdims=True)
+        var = jnp.mean(lax.square(xf), axis=axes, keepdims=True)
         return jnp.zeros_like(var), var
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    mean = jnp.mean(xf, axis=axes, keepdims=True)
     if not fast_variance:
-        return mean, jnp.mean(lax.square(xf - mean), axis=-1, keepdims=True)
-    mean2 = jnp.mean(lax.square(xf), axis=-1, keepdims=True)
+        return mean, jnp.mean(lax.square(xf - mean), axis=axes, keepdims=True)
+    mean2 = jnp.mean(lax.square(xf), axis=axes, keepdims=True)
     return mean, jnp.maximum(0.0, mean2 - lax.square(mean))
 
 
 def row_moments(x, epsilon=1e-6, fast_variance: bool = True, centered: bool = True):
     """Mean (zero if not ``centered``) and rstd ([..., 1]) over the last axis, in >= float32."""
-    mean, var = _moments(x, fast_variance, centered)
-    return mean, lax.rsqrt(var + epsilon)
+    return _Norm(epsilon, fast_variance, None, centered).moments(x)
 
 
-def normalized_input(x, epsilon=1e-6, fast_variance: bool = True, centered: bool = True):
-    """What LayerNorm (RMSNorm: not ``centered``) keeps: (x - mean) * rstd over the last axis,
-    and rstd ([..., 1]), in >= float32."""
-    mean, rstd = row_moments(x, epsilon, fast_variance, centered)
+def normalized_input(x, epsilon=1e-6, fast_variance: bool = True, centered: bool = True, per_channel: bool = False):
+    """What LayerNorm (RMSNorm: not ``centered``; BatchNorm: ``per_channel``, over every axis but
+    the last) keeps: (x - mean) * rstd, and rstd, in >= float32."""
+    mean, rstd = _Norm(epsilon, fast_variance, None, centered, per_channel).moments(x)
     return quant.normalize_rows(x, (mean, rstd)), rstd
 
 
@@ -435,7 +467,7 @@ def _layer_norm_fwd(x, scale, bias, kept, rstd, norm):
 def _layer_norm_bwd(norm, residuals, g):
     res, rstd, scale, bias, x_dtype = residuals
     scale = after(scale, g)
-    if _fused_kernel(res) and norm.centered:
+    if _fused_kernel(res) and norm.centered and not norm.per_channel:
         gamma = jnp.ones(g.shape[-1], jnp.float32) if scale is None else scale
         dx, dscale, dbias = fused.layer_norm_backward(res.words, res.shift, res.scale, rstd, g, gamma,
                                                       **_kernel_args(res))
@@ -447,8 +479,9 @@ def _layer_norm_bwd(norm, residuals, g):
     dscale = None if scale is None else jnp.sum(gf * xn, axis=batch).astype(scale.dtype)
     dbias = None if bias is None else jnp.sum(gf, axis=batch).astype(bias.dtype)
     gn = gf if scale is None else gf * _channels_last(scale, gf.ndim)
-    mean_gn = jnp.mean(gn, -1, keepdims=True) if norm.centered else 0.0  # RMSNorm: no mean to differentiate
-    dx = arithmetic.layer_norm_input_grad(xn, gn, rstd, mean_gn, jnp.mean(gn * xn, -1, keepdims=True))
+    axes = norm.axes(gf.ndim)
+    mean_gn = jnp.mean(gn, axes, keepdims=True) if norm.centered else 0.0  # RMSNorm: no mean to differentiate
+    dx = arithmetic.layer_norm_input_grad(xn, gn, rstd, mean_gn, jnp.mean(gn * xn, axes, keepdims=True))
     return dx.astype(x_dtype.dtype), dscale, dbias, None, None
 
 

@@ -3,8 +3,9 @@
 Each case's ``call(config, *inputs)`` runs the mesa op with the batch statistics of
 each packed tensor; ``reference(*inputs)`` is plain jnp (autodiff by JAX);
 ``packed`` names what the op keeps, with its layout: an argument index, "out"
-(softmax keeps its output), "normalized" (layer_norm keeps (x - mean) * rstd) or
-"rms_normalized" (rms_norm keeps x * rstd).
+(softmax keeps its output), "normalized" (layer_norm keeps (x - mean) * rstd),
+"rms_normalized" (rms_norm keeps x * rstd) or "batch_normalized" (batch_norm keeps
+(x - mean) * rstd with moments over every axis but the last).
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ def _rms_reference(x, scale, eps=1e-6):
     return x / jnp.sqrt((x**2).mean(-1, keepdims=True) + eps) * scale.reshape(1, 1, -1)
 
 
+BN_EPSILON = 1e-5  # flax's BatchNorm default
+
+
+def _bn_reference(x, scale, bias):
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axes, keepdims=True)
+    channels = lambda v: v.reshape((1,) * (x.ndim - 1) + (-1,))
+    return (x - mean) / jnp.sqrt(var + BN_EPSILON) * channels(scale) + channels(bias)
+
+
 def _conv_reference(x, k, b):
     y = jax.lax.conv_general_dilated(x, k, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + b.reshape(1, 1, 1, -1)
@@ -92,6 +104,13 @@ CASES = [
         lambda c, x, s: ops.rms_norm(x, s, stats_of(ops.normalized_input(x, centered=False)[0]), SEED, c)[0],
         _rms_reference,
         (("rms_normalized", "channels"),),
+    ),
+    OpCase(
+        "batch_norm", ((4, 3, 3, 8), (8,), (8,)),
+        lambda c, x, s, b: ops.batch_norm(
+            x, s, b, stats_of(ops.normalized_input(x, BN_EPSILON, per_channel=True)[0]), SEED, c, BN_EPSILON)[0],
+        _bn_reference,
+        (("batch_normalized", "channels"),),
     ),
     OpCase(
         "silu", ((2, 5, 8),),

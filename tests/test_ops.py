@@ -18,7 +18,7 @@ from jax.test_util import check_grads
 from mesa_jax import memory, ops, quant
 from mesa_jax.quant import QuantConfig
 
-from op_cases import CASES, SEED, SEED_B, stats_of
+from op_cases import BN_EPSILON, CASES, SEED, SEED_B, stats_of
 
 CONFIG = QuantConfig()
 SEEDS = (SEED, SEED_B)
@@ -41,7 +41,8 @@ def cotangent(case, inputs):
 def packed_values(case, inputs):
     """The tensors the op packs, computed exactly."""
     what = {"out": lambda: case.reference(*inputs), "normalized": lambda: ops.normalized_input(inputs[0])[0],
-            "rms_normalized": lambda: ops.normalized_input(inputs[0], centered=False)[0]}
+            "rms_normalized": lambda: ops.normalized_input(inputs[0], centered=False)[0],
+            "batch_normalized": lambda: ops.normalized_input(inputs[0], BN_EPSILON, per_channel=True)[0]}
     return [what[i]() if isinstance(i, str) else inputs[i] for i, _ in case.packed]
 
 
@@ -68,6 +69,16 @@ def reference_grads(case, inputs, g):
             return dx, jnp.sum(g * xn, axis=(0, 1)), jnp.sum(g, axis=(0, 1))
 
         return ln_grads
+    if kind == "batch_normalized":  # batch norm, from xn = (x - mean) * rstd per channel and the exact rstd
+        _, rstd = ops.normalized_input(inputs[0], BN_EPSILON, per_channel=True)
+        axes = tuple(range(g.ndim - 1))
+
+        def bn_grads(xn):
+            gn = g * inputs[1].reshape((1,) * (g.ndim - 1) + (-1,))
+            dx = rstd * (gn - gn.mean(axes, keepdims=True) - xn * (gn * xn).mean(axes, keepdims=True))
+            return dx, jnp.sum(g * xn, axis=axes), jnp.sum(g, axis=axes)
+
+        return bn_grads
     if kind == "rms_normalized":  # rms norm, from xn = x * rstd and the exact rstd
         _, rstd = ops.normalized_input(inputs[0], centered=False)
         scale = inputs[1].reshape(1, 1, -1)

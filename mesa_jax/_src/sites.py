@@ -106,6 +106,16 @@ def rms_norm(x, scale, epsilon, dtype, name: str = "normalized") -> Work:
                 lambda: ops.rms_norm_reference(x, scale, epsilon, dtype))
 
 
+def batch_norm(x, scale, bias, epsilon, fast_variance, dtype, name: str = "normalized") -> Work:
+    """BatchNorm with the batch's statistics (training), with flax's arithmetic over every axis
+    but the last, keeping the normalized input."""
+    settings = dict(epsilon=epsilon, fast_variance=fast_variance, dtype=dtype)
+    x_hat = ops.normalized_input(x, epsilon, fast_variance, per_channel=True)[0]
+    return Work((Kept(name, x_hat, "channels"),),
+                lambda s, seeds, c: ops.batch_norm(x, scale, bias, s[0], seeds[0], c, **settings),
+                lambda: ops.batch_norm_reference(x, scale, bias, **settings))
+
+
 def gelu(x, approximate: bool, name: str = "inputs", exact=None) -> Work:
     return Work((Kept(name, x, "channels"),), lambda s, seeds, c: ops.gelu(x, s[0], seeds[0], c, approximate),
                 exact or (lambda: ops.gelu_reference(x, approximate)))
@@ -298,6 +308,50 @@ def _norm_handler(kind: str, work: Callable):
 layer_norm_handler = _norm_handler("layer_norm", lambda m, x, scale, bias: layer_norm(
     x, scale, bias, m.epsilon, m.use_fast_variance, m.dtype))
 rms_norm_handler = _norm_handler("rms_norm", lambda m, x, scale, bias: rms_norm(x, scale, m.epsilon, m.dtype))
+
+
+def batch_norm_handler(scope: Scope, store: Store, module, next_fun, args, kwargs):
+    """BatchNorm over every axis but the last (Linen's, NNX's) with the batch's statistics:
+    flax's parameters, promotion, running averages and arithmetic, keeping the normalized input
+    packed and the per-channel rstd. With the running averages (evaluation) it is affine in x
+    and keeps nothing of it: flax's own call."""
+    x, call = args[0], lambda: next_fun(*args, **kwargs)
+    given = args[1] if len(args) > 1 else kwargs.get("use_running_average")
+    running = module.use_running_average if given is None else given
+    linen = isinstance(module, nn.Module)
+    if running is None or running or (linen and given is not None and module.use_running_average is not None):
+        return call()  # evaluation, or flax's own error
+    for what, supported in (("an overridden __call__", not _overrides(module)),
+                            (f"axis={module.axis}", _last_axis(module.axis, x.ndim)),
+                            (f"axis_name={module.axis_name!r}", module.axis_name is None),
+                            ("axis_index_groups", module.axis_index_groups is None),
+                            ("force_float32_reductions=False", getattr(module, "force_float32_reductions", True)),
+                            ("a custom promote_dtype", getattr(module, "promote_dtype", None) in _DEFAULT_PROMOTE),
+                            ("mask", kwargs.get("mask") is None)):
+        if not supported:
+            return scope.unsupported(store, module, what, call)
+    config = scope.config("batch_norm", store.path)
+    if config is None:
+        return call()
+    features = (x.shape[-1],)
+    init = lambda name: getattr(module, f"{name}_init", None)  # Linen's (NNX made its parameters already)
+    scale = store.param("scale", init("scale"), features, module.param_dtype) if module.use_scale else None
+    bias = store.param("bias", init("bias"), features, module.param_dtype) if module.use_bias else None
+    if linen:
+        averages = [module.variable("batch_stats", name, lambda s, fill=fill: fill(s, jnp.float32), features)
+                    for name, fill in (("mean", jnp.zeros), ("var", jnp.ones))]
+        read = lambda v: v.value
+    else:  # NNX's BatchStats; flax promotes them with x, scale and bias before normalizing
+        averages, read = [module.mean, module.var], lambda v: v[...]
+        x, _, _, scale, bias = module.promote_dtype((x, *map(read, averages), scale, bias), dtype=module.dtype)
+    if not (linen and module.is_initializing()):
+        for average, batch in zip(averages, ops.batch_moments(x, module.use_fast_variance)):
+            new = module.momentum * read(average) + (1 - module.momentum) * batch
+            if linen:
+                average.value = new
+            else:
+                average[...] = new
+    return run(scope, store, config, batch_norm(x, scale, bias, module.epsilon, module.use_fast_variance, module.dtype))
 
 
 def _attend(x, embedding):
@@ -511,6 +565,7 @@ LINEN = {
     (nn.Conv, "__call__"): _CONV,
     (nn.LayerNorm, "__call__"): layer_norm_handler,
     (nn.RMSNorm, "__call__"): rms_norm_handler,
+    (nn.BatchNorm, "__call__"): batch_norm_handler,
     (nn.Embed, "attend"): attend_handler,  # the lookup keeps nothing
     (nn.MultiHeadDotProductAttention, "__call__"): _attention(nn.dot_product_attention),
     (AttentionFunction, "__call__"): _attention_function,
@@ -570,6 +625,8 @@ NNX = {
         "normalized", m.num_features, "channels", _lead(m.scale if m.scale is not None else m.bias, 1))]),
     nnx.RMSNorm: NnxKind("rms_norm", rms_norm_handler, lambda m: [Planned(
         "normalized", m.num_features, "channels", _lead(m.scale, 1))]),
+    nnx.BatchNorm: NnxKind("batch_norm", batch_norm_handler, lambda m: [Planned(
+        "normalized", m.num_features, "channels", _lead(m.mean, 1))]),
     # the tied head; statistics at the first attend (an embedding used only for lookups has none)
     nnx.Embed: NnxKind("dense", attend_handler, lambda m: [], "attend"),
     nnx.MultiHeadAttention: NnxKind("attention", _attention(nnx.dot_product_attention), _attention_stats),
