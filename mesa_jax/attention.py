@@ -43,28 +43,51 @@ ALIGN = 8
 
 
 @dataclasses.dataclass(frozen=True)
+class Dropout:
+    """flax's attention dropout: the probabilities times keep / (1 - rate), ``keep`` drawn
+    from the forward's key, one draw for every batch and head if ``broadcast``. The backward
+    keeps the key, not the mask, and draws the same mask again (flash attention's trade)."""
+
+    rate: float
+    broadcast: bool = True
+
+    def keep(self, rng, shape):
+        """Which of the attention weights of ``shape`` [..., T, S] are kept, as flax draws them
+        (a boolean: a byte per element where a float multiplier would be four)."""
+        drawn = (1,) * (len(shape) - 2) + tuple(shape[-2:]) if self.broadcast else tuple(shape)
+        return jax.random.bernoulli(rng, 1.0 - self.rate, drawn)
+
+    def multiplier(self, keep, dtype):
+        """keep / keep_prob in ``dtype``, flax's arithmetic."""
+        return keep.astype(dtype) / jnp.asarray(1.0 - self.rate, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
 class Forward:
     """A baseline attention as a static map, and the semantics its backward needs.
 
-    ``fn(q, k, v, bias, mask) -> out``; ``scale`` multiplies q @ k (None: 1/sqrt(D));
+    ``fn(q, k, v, bias, mask[, rng]) -> out``; ``scale`` multiplies q @ k (None: 1/sqrt(D));
     ``is_causal`` adds a causal mask. ``saved_lse``: the forward also keeps each query
     row's log-sum-exp of the exact logits (float32, [B, H, T]) and the backward
     normalizes the restored logits with it, instead of with their own log-sum-exp.
+    ``dropout``: ``fn`` drops probabilities out with the key it is given.
     """
 
     fn: Any
     scale: float | None = None
     is_causal: bool = False
     saved_lse: bool = False
+    dropout: Dropout | None = None
 
-    def __call__(self, q, k, v, bias, mask):
-        return self.fn(q, k, v, bias, mask)
+    def __call__(self, q, k, v, bias, mask, rng=None):
+        return self.fn(q, k, v, bias, mask) if self.dropout is None else self.fn(q, k, v, bias, mask, rng)
 
 
 @dataclasses.dataclass(frozen=True)
 class Baseline:
     """``fn(q, k, v, bias, mask, **kwargs)`` as a static map: a framework's attention function
-    (flax.linen's or flax.nnx's dot_product_attention) with its settings, without dropout."""
+    (flax.linen's or flax.nnx's dot_product_attention) with its settings; a dropout key, the
+    one dynamic setting, is passed with the call."""
 
     fn: Any
     kwargs: tuple = ()  # sorted (name, value) pairs
@@ -73,8 +96,8 @@ class Baseline:
     def of(cls, fn, **kwargs) -> "Baseline":
         return cls(fn, tuple(sorted(kwargs.items())))
 
-    def __call__(self, q, k, v, bias, mask):
-        return self.fn(q, k, v, bias, mask, **dict(self.kwargs))
+    def __call__(self, q, k, v, bias, mask, rng=None):
+        return self.fn(q, k, v, bias, mask, **dict(self.kwargs), **({} if rng is None else {"dropout_rng": rng}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,34 +129,35 @@ def attention(q, k, v, stats, seed, config: QuantConfig | None, *, bias=None, ma
     return packed_attention(q, k, v, bias, mask, stats, seeds, config, forward)
 
 
-def packed_attention(q, k, v, bias, mask, stats, seeds, config: QuantConfig | None, forward: Forward):
-    """``forward(q, k, v, bias, mask)``, keeping q, k, v packed (one group per head).
+def packed_attention(q, k, v, bias, mask, stats, seeds, config: QuantConfig | None, forward: Forward, rng=None):
+    """``forward(q, k, v, bias, mask, rng)``, keeping q, k, v packed (one group per head) and
+    ``rng``, the dropout key (with ``forward.dropout``).
 
     ``stats``/``seeds``: triples for q, k, v. Returns ``(out, updated stats)``.
     """
     layout = q.ndim - 2  # [B, L, H, D]: one group per head
     kept, updated = zip(*(keep(t, s, seed, config, layout) for t, s, seed in zip((q, k, v), stats, seeds)))
-    return _attention(q, k, v, bias, mask, tuple(kept), forward), tuple(updated)
+    return _attention(q, k, v, bias, mask, rng, tuple(kept), forward), tuple(updated)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, bias, mask, kept, forward: Forward):
-    return forward(q, k, v, bias, mask)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _attention(q, k, v, bias, mask, rng, kept, forward: Forward):
+    return forward(q, k, v, bias, mask, rng)
 
 
-def _attention_fwd(q, k, v, bias, mask, kept, forward):
+def _attention_fwd(q, k, v, bias, mask, rng, kept, forward):
     lse = row_log_sum_exp(q, k, bias, mask, forward) if forward.saved_lse else None
-    out, kept = materialize(forward(q, k, v, bias, mask), *kept)
-    return out, (kept, bias, mask, lse)
+    out, kept = materialize(forward(q, k, v, bias, mask, rng), *kept)
+    return out, (kept, bias, mask, lse, rng)
 
 
 def _attention_bwd(forward, residuals, g):
-    kept, bias, mask, lse = residuals
+    kept, bias, mask, lse, rng = residuals
     q, g = restore(kept[0], g)
     k, g = restore(kept[1], g)
     v, g = restore(kept[2], g)
-    dq, dk, dv, dbias = blocked_backward(q, k, v, bias, mask, g, forward, lse=lse)
-    return dq, dk, dv, dbias, None, None
+    dq, dk, dv, dbias = blocked_backward(q, k, v, bias, mask, g, forward, lse=lse, rng=rng)
+    return dq, dk, dv, dbias, None, None, None
 
 
 _attention.defvjp(own(_attention_fwd), _attention_bwd)
@@ -198,7 +222,7 @@ def alignment(dtype) -> int:
 
 
 def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int | None = None, lse=None,
-                     align: int | None = None):
+                     align: int | None = None, rng=None):
     """(dq, dk, dv, dbias) of softmax attention, one block of ``block`` queries at a time
     (default ``query_block``: one block where the [B, H, T, S] map is small).
 
@@ -207,8 +231,10 @@ def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int | None
     dk += scale dS^T q_b, dv += P^T g_b, dbias_b = dS (summed to bias's shape). Products
     run in the inputs' dtype (bfloat16 GEMMs for bfloat16 inputs, as the baseline's
     backward: half the bytes of float32 ones), the softmax algebra in float32, and the
-    blocks' dk, dv sum in float32. Several blocks are one rolled loop (lax.fori_loop): a long
-    sequence compiles as fast as a short one, and each block's map is freed before the next.
+    blocks' dk, dv sum in float32. With ``forward.dropout`` the mask M (keep / keep_prob) is
+    drawn again from ``rng``: dv += (P M)^T g_b and dP = (g_b v^T) M. Several blocks are one
+    rolled loop (lax.fori_loop): a long sequence compiles as fast as a short one, and each
+    block's map is freed before the next.
     Queries and keys are padded to a multiple of ``align`` (default ``alignment``): padded
     queries have g = 0, padded keys are masked out, and both are cut from the gradients.
     """
@@ -238,6 +264,8 @@ def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int | None
         mask_p = keys if mask_p is None else mask_p & keys
     lse_p = None if lse is None else jnp.pad(lse, [(0, 0), (0, 0), (0, pad)], constant_values=jnp.inf)  # P = 0
     compute = jnp.promote_types(q.dtype, jnp.float32)
+    kept_p = None if forward.dropout is None else padded_like_the_map(
+        forward.dropout.keep(rng, (q.shape[0], q.shape[2], t, s)))
     product = lambda spec, a, b: jnp.einsum(spec, a, b).astype(compute)
 
     def gradients(start):
@@ -249,8 +277,12 @@ def blocked_backward(q, k, v, bias, mask, g, forward: Forward, block: int | None
         mask_b = None if mask_p is None else rows(mask_p, mask_p.ndim - 2, mask_rows)
         p, scale = probabilities(q_b, kp, bias_b, mask_b, forward, start, None if lse is None else rows(lse_p, 2))
         dp = product("bthd,bshd->bhts", g_b, vp)
+        p_out = p  # what multiplies v: out = (P M) v with dropout
+        if kept_p is not None:  # M in q's dtype, as the forward computed it
+            m_b = forward.dropout.multiplier(rows(kept_p, 2), q.dtype).astype(compute)
+            p_out, dp = p * m_b, dp * m_b
         ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))
-        ds_low, p_low = ds.astype(q.dtype), p.astype(q.dtype)  # the GEMMs' operands, in the inputs' dtype
+        ds_low, p_low = ds.astype(q.dtype), p_out.astype(q.dtype)  # the GEMMs' operands, in the inputs' dtype
         dq_b = product("bhts,bshd->bthd", ds_low, kp) * scale
         dk_b, dv_b = product("bhts,bthd->bshd", ds_low, q_b) * scale, product("bhts,bthd->bshd", p_low, g_b)
         return dq_b, dk_b, dv_b, None if bias is None else _summed_to(ds, bias_b.shape)

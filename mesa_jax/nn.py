@@ -84,7 +84,8 @@ class BatchNorm(_Layer, nn.BatchNorm):
 
 class MultiHeadDotProductAttention(_Layer, nn.MultiHeadDotProductAttention):
     """flax.linen.MultiHeadDotProductAttention keeping its projections' inputs and query, key,
-    value (per head; no N x N map), or op by op (Policy(attention="per_op"), attention dropout)."""
+    value (per head; no N x N map; with attention dropout its key), or op by op
+    (Policy(attention="per_op"))."""
 
 
 class SelfAttention(_Layer, nn.SelfAttention):
@@ -95,9 +96,10 @@ class DotProductAttention(_Layer, sites.AttentionFunction):
     """flax.linen.dot_product_attention as a layer, for ``attention_fn=`` of
     nn.MultiHeadDotProductAttention (``attention_fn=mnn.DotProductAttention()``: the params
     tree is unchanged, the statistics live under ``attention_fn``). The forward is flax's
-    function; the backward keeps q, k, v packed per head and no N x N map (the fused op).
-    With attention dropout, a custom einsum, or Policy(attention="per_op"): flax's function
-    with mesa's einsums and softmax, op by op (the probabilities kept)."""
+    function; the backward keeps q, k, v packed per head and no N x N map (the fused op), with
+    attention dropout its key (the mask is drawn again). With a custom einsum, or
+    Policy(attention="per_op"): flax's function with mesa's einsums and softmax, op by op
+    (the probabilities kept)."""
 
     @functools.wraps(sites.AttentionFunction.__call__)  # MHDPA passes what the signature names
     def __call__(self, *args, **kwargs):

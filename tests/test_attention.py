@@ -12,6 +12,7 @@ from jax.flatten_util import ravel_pytree
 from jax.test_util import check_grads
 
 import mesa_jax.nn as mnn
+import mesa_jax
 from mesa_jax import QuantConfig, attention, compress, memory, ops, quant
 
 B, T, H, D = 2, 37, 3, 8  # ragged: 37 queries
@@ -225,17 +226,63 @@ def test_dot_product_attention_layer_is_an_attention_fn_for_stock_mhdpa(key):
     assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
 
 
-def test_dot_product_attention_layer_with_dropout_runs_op_by_op(key):
-    """Attention dropout needs the probabilities: flax's function with mesa's einsums and softmax."""
+def dropout_forward(broadcast):
+    """flax.linen's dot_product_attention with attention dropout, as compress runs it."""
+    settings = dict(dropout_rate=0.3, broadcast_dropout=broadcast, deterministic=False)
+    return attention.Forward(attention.Baseline.of(nn.dot_product_attention, **settings), scale=1.0 / np.sqrt(D),
+                             dropout=attention.Dropout(0.3, broadcast))
+
+
+@pytest.mark.parametrize("broadcast", [True, False])  # one mask for every batch and head, or one each
+def test_dropout_s_mask_is_drawn_again_from_the_key_in_the_backward(broadcast, key):
+    """With attention dropout the forward is flax's (the same key, the same mask), what is kept
+    is packed q, k, v and the key (nothing N x N), and the exact-mode backward, which draws the
+    mask again, is autodiff's of flax's function; blocks give the one-block backward."""
+    q, k, v = qkv(key)
+    rng, spec = jax.random.key(11), dropout_forward(broadcast)
+    bias = jax.random.normal(jax.random.key(5), (1, H, T, T))
+    g = jax.random.normal(jax.random.key(7), (B, T, H, D))
+    fused = lambda config: lambda q, k, v, b: attention.packed_attention(
+        q, k, v, b, MASK, tuple(quant.stats_of(t, 2, H) for t in (q, k, v)) if config else (None,) * 3, SEEDS,
+        config, spec, rng)[0]
+    out, vjp = jax.vjp(fused(None), q, k, v, bias)
+    want_out, want_vjp = jax.vjp(lambda q, k, v, b: spec(q, k, v, b, MASK, rng), q, k, v, bias)
+    np.testing.assert_array_equal(out, want_out)
+    np.testing.assert_array_equal(jax.jit(fused(QuantConfig()))(q, k, v, bias),
+                                  jax.jit(lambda *a: spec(*a, MASK, rng))(q, k, v, bias))
+    eps = float(jnp.finfo(jnp.float32).eps)
+    for got, want in zip(vjp(g), want_vjp(g)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=T * eps * float(jnp.max(jnp.abs(want))))
+    whole = attention.blocked_backward(q, k, v, bias, MASK, g, spec, block=T, rng=rng)
+    for a, b in zip(attention.blocked_backward(q, k, v, bias, MASK, g, spec, block=16, rng=rng), whole):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+    kept = memory.saved_residuals(fused(QuantConfig()), q, k, v, bias)
+    made = [r for r in kept if not r.source.startswith(("from the argument", "from a constant"))]  # not MASK
+    assert not [r for r in made if r.shape[-2:] == (T, T)]  # nothing N x N: no mask, no probabilities
+
+
+def test_dot_product_attention_layer_with_dropout_is_the_fused_op(key):
+    """MHDPA with attention dropout: flax's forward bit for bit with the same dropout key,
+    statistics of q, k, v only (no probabilities kept), gradients whose error shrinks with the step."""
     x = jax.random.normal(key, (B, T, 12))
-    model = mhdpa(mnn.DotProductAttention(), dropout_rate=0.5, deterministic=False)
-    variables = model.init({"params": jax.random.key(1), "dropout": jax.random.key(2)}, x, x)
-    # the dropped-out probabilities are another tensor than the softmax's output: kept apart
-    assert set(variables["mesa"]["attention_fn"]) == {"q", "k", "v", "softmax_0", "probs"}
-    plain = mhdpa(dropout_rate=0.5, deterministic=False)
     rngs = {"dropout": jax.random.key(3)}
-    np.testing.assert_array_equal(model.apply(variables, x, x, rngs=rngs),
-                                  plain.apply({"params": variables["params"]}, x, x, rngs=rngs))
+    plain = mhdpa(dropout_rate=0.3, deterministic=False)
+    variables = plain.init({"params": jax.random.key(1), **rngs}, x, x)
+    layer = lambda quant: mhdpa(mnn.DotProductAttention(quant=quant), dropout_rate=0.3, deterministic=False)
+    mesa_vars = layer(QuantConfig()).init({"params": jax.random.key(1), **rngs}, x, x)
+    assert set(mesa_vars["mesa"]["attention_fn"]) == {"q", "k", "v"}
+    np.testing.assert_array_equal(layer(QuantConfig()).apply(mesa_vars, x, x, rngs=rngs),
+                                  plain.apply(variables, x, x, rngs=rngs))
+
+    def grads(model, variables):
+        loss = lambda p: jnp.sum(model.apply({**variables, "params": p}, x, x, mutable=["mesa"], rngs=rngs)[0] ** 2)
+        return ravel_pytree(jax.jit(jax.grad(loss))(variables["params"]))[0]
+
+    exact = grads(plain, variables)
+    errors = {bits: float(jnp.linalg.norm(grads(layer(QuantConfig(bits=bits, stochastic=False)),
+                                                 {**mesa_vars, "params": variables["params"]}) - exact))
+              for bits in (8, 4)}
+    assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
 
 
 def test_compress_leaves_a_mesa_attention_fn_its_own_quant(key):
@@ -243,3 +290,25 @@ def test_compress_leaves_a_mesa_attention_fn_its_own_quant(key):
     model = mhdpa(mnn.DotProductAttention(quant=None))
     mesa = compress(model).init(jax.random.key(1), x, x)["mesa"]
     assert set(mesa) == {"query", "key", "value", "out"}  # the projections only: no "attention_fn"
+
+
+def test_nnx_multi_head_attention_with_dropout_is_the_fused_op(key):
+    """NNX's MultiHeadAttention with attention dropout, compressed in place: its forward with the
+    same dropout stream, statistics of q, k, v only, gradients first order in the step."""
+    from flax import nnx
+
+    x = jax.random.normal(key, (B, T, 12))
+    make = lambda: nnx.MultiHeadAttention(H, 12, dropout_rate=0.3, decode=False, deterministic=False,
+                                          rngs=nnx.Rngs(0, dropout=5))
+    compressed = lambda config: mesa_jax.compress(make(), config)
+    np.testing.assert_array_equal(compressed(QuantConfig())(x), make()(x))
+    assert {n for n, v in vars(compressed(QuantConfig())).items() if isinstance(v, mesa_jax.nnx.MesaStat)} == set("qkv")
+
+    def grads(model):
+        loss = lambda model: jnp.sum(model(x) ** 2)
+        return ravel_pytree(nnx.to_pure_dict(nnx.state(nnx.grad(loss)(model), nnx.Param)))[0]
+
+    exact = grads(make())
+    errors = {bits: float(jnp.linalg.norm(grads(compressed(QuantConfig(bits=bits, stochastic=False))) - exact))
+              for bits in (8, 4)}
+    assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors

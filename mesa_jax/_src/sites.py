@@ -151,16 +151,19 @@ def matmul(a, b, fn, layouts, names=("a", "b")) -> Work:
     return Work(kept, lambda s, seeds, c: ops.bilinear(a, b, *s, *seeds, c, fn, layouts), lambda: fn(a, b))
 
 
-def attention(forward, q, k, v, bias, mask, is_causal=False, scale=None, names=("q", "k", "v")) -> Work:
-    """``forward(q, k, v, bias, mask)`` (the framework's attention, no dropout) as the fused op:
-    q, k, v ([B, L, H, D]) kept per head, nothing N x N."""
+def attention(forward, q, k, v, bias, mask, is_causal=False, scale=None, names=("q", "k", "v"), dropout=None,
+              rng=None) -> Work:
+    """``forward(q, k, v, bias, mask[, rng])`` (the framework's attention; with ``dropout``, an
+    attention_op.Dropout, it drops probabilities out with the key ``rng``) as the fused op:
+    q, k, v ([B, L, H, D]) kept per head, the key, nothing N x N."""
 
     def op(stats, seeds, config):
-        spec = attention_op.Forward(forward, scale, is_causal, config.saved_lse)
-        return attention_op.packed_attention(q, k, v, bias, mask, stats, seeds, config, spec)
+        spec = attention_op.Forward(forward, scale, is_causal, config.saved_lse, dropout)
+        return attention_op.packed_attention(q, k, v, bias, mask, stats, seeds, config, spec, rng)
 
     kept = tuple(Kept(n, t, t.ndim - 2) for n, t in zip(names, (q, k, v)))
-    return Work(kept, op, lambda: forward(q, k, v, bias, mask))
+    exact = lambda: forward(q, k, v, bias, mask) if dropout is None else forward(q, k, v, bias, mask, rng)
+    return Work(kept, op, exact)
 
 
 # ------------------------------------------------ flax's injection points
@@ -407,10 +410,10 @@ def linen_einsum_handler(scope: Scope, store: Store, module, next_fun, args, kwa
 
 def attention_fn(scope: Scope, store: Store, default):
     """``default`` (flax.linen's or flax.nnx's dot_product_attention) as mesa runs it, or None
-    (exact). Policy.attention "fused": the fused op with ``default`` as its forward (not with
-    attention dropout, sown weights or custom einsums: then op by op where it can); "per_op":
-    flax.linen's function with mesa's einsums (query, key, probabilities, value, per head)
-    and its softmax intercepted."""
+    (exact). Policy.attention "fused": the fused op with ``default`` as its forward, attention
+    dropout included (its key kept, the mask drawn again in the backward; not with sown
+    weights or custom einsums: then op by op where it can); "per_op": flax.linen's function
+    with mesa's einsums (query, key, probabilities, value, per head) and its softmax intercepted."""
     fused = scope.config("attention", store.path) if scope.policy.attention == "fused" else None
     per_op = None
     if default is nn.dot_product_attention and (fused is not None or scope.policy.attention == "per_op"):
@@ -421,13 +424,19 @@ def attention_fn(scope: Scope, store: Store, default):
     def attend(query, key, value, bias=None, mask=None, **kwargs):
         custom = [kwargs.get(k) is not None for k in ("qk_attn_weights_einsum", "attn_weights_value_einsum",
                                                       "einsum_dot_general", "module")]
-        dropout = kwargs.get("dropout_rate", 0.0) > 0 and not kwargs.get("deterministic", False)
-        if fused is not None and not any(custom) and not dropout and query.ndim == 4 and key.shape[-2] == query.shape[-2]:
-            settings = {k: kwargs[k] for k in ("dtype", "precision", "force_fp32_for_softmax", "is_causal") if k in kwargs}
+        dropping = kwargs.get("dropout_rate", 0.0) > 0 and not kwargs.get("deterministic", False)
+        rng = kwargs.get("dropout_rng") if dropping else None
+        if (fused is not None and not any(custom) and (rng is not None or not dropping) and query.ndim == 4
+                and key.shape[-2] == query.shape[-2]):
+            names = ("dtype", "precision", "force_fp32_for_softmax", "is_causal") + (
+                ("dropout_rate", "broadcast_dropout", "deterministic") if dropping else ())
+            settings = {k: kwargs[k] for k in names if k in kwargs}
+            dropout = attention_op.Dropout(settings["dropout_rate"], settings.get("broadcast_dropout", True)) \
+                if dropping else None
             mask = None if mask is None else mask.astype(jnp.bool_)
             forward = attention_op.Baseline.of(default, **settings)
             return run(scope, store, fused, attention(forward, query, key, value, bias, mask,
-                                                      settings.get("is_causal", False)))
+                                                      settings.get("is_causal", False), dropout=dropout, rng=rng))
         if per_op is None or any(custom[:3]):
             return default(query, key, value, bias, mask, **kwargs)
         # [..., L, H, D] operands grouped per head (axis -2); probabilities [..., H, Q, K] (axis -3)
