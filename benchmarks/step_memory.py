@@ -139,24 +139,12 @@ def measure_nnx(method: str, batch: int, image_size: int = 224, activation: str 
         # before nnx.split (README, known limits); made in the step's trace they would be constants
         model(jnp.zeros((1, image_size, image_size, 3)))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
-    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
 
     def loss(params, rest, images, labels):
         model = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables at this trace level
         return loop.cross_entropy(model(images), labels), nnx.state(model, nnx.Not(nnx.Param))
 
-    def step(params, rest, opt_state, images, labels):
-        (value, rest), grads = jax.value_and_grad(loss, has_aux=True)(params, rest, images, labels)
-        updates, opt_state = TX.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), rest, opt_state, value
-
-    opt_state = jax.eval_shape(TX.init, params)
-    jitted = jax.jit(step, donate_argnums=(0, 1, 2))
-    reports = [memory.compiled_report(jitted, params, rest, opt_state, images, labels, target=t) for t in targets]
-    kept = memory.saved_residuals(lambda *args: loss(*args)[0], params, rest, images, labels)
-    residuals = sum(r.nbytes for r in kept if "argument" not in r.source)
-    return StepMemory(residuals, {r.target: r for r in reports})
+    return _measure_functional(loss, params, rest, batch, image_size, targets)
 
 
 def measure_resnet(method: str, batch: int, image_size: int = 224, targets=(None,)) -> StepMemory:
@@ -174,8 +162,6 @@ def measure_resnet(method: str, batch: int, image_size: int = 224, targets=(None
     model = linen_resnet.ResNet()
     if method != "baseline":
         model = mesa_jax.compress(model, Policy(QuantConfig(), kinds=kinds[method]))
-    images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
-    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
     # initialized in training mode, so that BatchNorm's statistics exist: the state a step takes
     # from the second on (flax's example initializes in evaluation mode; its first step makes them)
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3))))
@@ -184,6 +170,16 @@ def measure_resnet(method: str, batch: int, image_size: int = 224, targets=(None
     def loss(params, rest, images, labels):
         logits, rest = model.apply({"params": params, **rest}, images, mutable=list(rest))
         return loop.cross_entropy(logits, labels), rest
+
+    return _measure_functional(loss, params, rest, batch, image_size, targets)
+
+
+def _measure_functional(loss, params, rest, batch: int, image_size: int, targets) -> StepMemory:
+    """Residual bytes and compiled reports of the state-donating AdamW step of
+    ``loss(params, rest, images, labels) -> (value, rest)``: a model whose state is not
+    loop.TrainState (the NNX ViT, the ResNet's running averages)."""
+    images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
 
     def step(params, rest, opt_state, images, labels):
         (value, rest), grads = jax.value_and_grad(loss, has_aux=True)(params, rest, images, labels)

@@ -283,29 +283,42 @@ def _norm_handler(kind: str, work: Callable):
 
     def handler(scope: Scope, store: Store, module, next_fun, args, kwargs):
         x, call = args[0], lambda: next_fun(*args, **kwargs)
-        for what, supported in (("an overridden __call__", not _overrides(module)),
-                                (f"reduction_axes={module.reduction_axes}", _last_axis(module.reduction_axes, x.ndim)),
-                                (f"feature_axes={module.feature_axes}", _last_axis(module.feature_axes, x.ndim)),
-                                (f"axis_name={module.axis_name!r}", module.axis_name is None),
-                                ("axis_index_groups", module.axis_index_groups is None),
-                                ("force_float32_reductions=False", getattr(module, "force_float32_reductions", True)),
-                                ("a custom promote_dtype", getattr(module, "promote_dtype", None) in _DEFAULT_PROMOTE),
-                                ("mask", kwargs.get("mask") is None)):
-            if not supported:
-                return scope.unsupported(store, module, what, call)
+        what = _unsupported_norm_setting(module, x, kwargs, reduction_axes=module.reduction_axes,
+                                         feature_axes=module.feature_axes)
+        if what:
+            return scope.unsupported(store, module, what, call)
         config = scope.config(kind, store.path)
         if config is None:
             return call()
-        features = (x.shape[-1],)
-        init = lambda name: getattr(module, f"{name}_init", None)  # Linen's (NNX made its parameters already)
-        scale = store.param("scale", init("scale"), features, module.param_dtype) if module.use_scale else None
-        use_bias = getattr(module, "use_bias", False)  # RMSNorm has none
-        bias = store.param("bias", init("bias"), features, module.param_dtype) if use_bias else None
+        scale, bias = _norm_params(store, module, x.shape[-1])
         if getattr(module, "promote_dtype", None) is not None:  # NNX's: flax promotes before normalizing
             x, scale, bias = module.promote_dtype((x, scale, bias), dtype=module.dtype)
         return run(scope, store, config, work(module, x, scale, bias))
 
     return handler
+
+
+def _unsupported_norm_setting(module, x, kwargs, **last_axes) -> str | None:
+    """The first setting of a flax norm layer that mesa does not compress, or None; ``last_axes``:
+    its axis settings that must name x's last axis."""
+    for what, supported in (("an overridden __call__", not _overrides(module)),
+                            *((f"{name}={axes}", _last_axis(axes, x.ndim)) for name, axes in last_axes.items()),
+                            (f"axis_name={module.axis_name!r}", module.axis_name is None),
+                            ("axis_index_groups", module.axis_index_groups is None),
+                            ("force_float32_reductions=False", getattr(module, "force_float32_reductions", True)),
+                            ("a custom promote_dtype", getattr(module, "promote_dtype", None) in _DEFAULT_PROMOTE),
+                            ("mask", kwargs.get("mask") is None)):
+        if not supported:
+            return what
+    return None
+
+
+def _norm_params(store: Store, module, features: int):
+    """A norm layer's (scale, bias) over ``features`` channels, None where it has none."""
+    init = lambda name: getattr(module, f"{name}_init", None)  # Linen's (NNX made its parameters already)
+    param = lambda name: store.param(name, init(name), (features,), module.param_dtype)
+    use_bias = getattr(module, "use_bias", False)  # RMSNorm has none
+    return param("scale") if module.use_scale else None, param("bias") if use_bias else None
 
 
 layer_norm_handler = _norm_handler("layer_norm", lambda m, x, scale, bias: layer_norm(
@@ -324,24 +337,15 @@ def batch_norm_handler(scope: Scope, store: Store, module, next_fun, args, kwarg
     linen = isinstance(module, nn.Module)
     if running is None or running or (linen and given is not None and module.use_running_average is not None):
         return call()  # evaluation, or flax's own error
-    for what, supported in (("an overridden __call__", not _overrides(module)),
-                            (f"axis={module.axis}", _last_axis(module.axis, x.ndim)),
-                            (f"axis_name={module.axis_name!r}", module.axis_name is None),
-                            ("axis_index_groups", module.axis_index_groups is None),
-                            ("force_float32_reductions=False", getattr(module, "force_float32_reductions", True)),
-                            ("a custom promote_dtype", getattr(module, "promote_dtype", None) in _DEFAULT_PROMOTE),
-                            ("mask", kwargs.get("mask") is None)):
-        if not supported:
-            return scope.unsupported(store, module, what, call)
+    what = _unsupported_norm_setting(module, x, kwargs, axis=module.axis)
+    if what:
+        return scope.unsupported(store, module, what, call)
     config = scope.config("batch_norm", store.path)
     if config is None:
         return call()
-    features = (x.shape[-1],)
-    init = lambda name: getattr(module, f"{name}_init", None)  # Linen's (NNX made its parameters already)
-    scale = store.param("scale", init("scale"), features, module.param_dtype) if module.use_scale else None
-    bias = store.param("bias", init("bias"), features, module.param_dtype) if module.use_bias else None
+    scale, bias = _norm_params(store, module, x.shape[-1])
     if linen:
-        averages = [module.variable("batch_stats", name, lambda s, fill=fill: fill(s, jnp.float32), features)
+        averages = [module.variable("batch_stats", name, lambda s, fill=fill: fill(s, jnp.float32), (x.shape[-1],))
                     for name, fill in (("mean", jnp.zeros), ("var", jnp.ones))]
         read = lambda v: v.value
     else:  # NNX's BatchStats; flax promotes them with x, scale and bias before normalizing
