@@ -213,7 +213,8 @@ def main(argv=None):
                         help="the search's first batch (default: 64; the batches of the table are not compiled again)")
     parser.add_argument("--nnx", action="store_true",
                         help="also the NNX ViT-S/16 (benchmarks.nnx_vit), float32, baseline and mesa8, with "
-                             "DeiT-S's exact GELU, with the documentation's tanh GELU and with ReLU")
+                             "DeiT-S's exact GELU, with the documentation's tanh GELU, with ReLU, and with attention "
+                             "written by hand (gemma's einsums; and mesa8 without the matmul kind)")
     parser.add_argument("--resnet", action="store_true",
                         help="also the Linen ResNet-18 (benchmarks.linen_resnet), float32: baseline, mesa8, and mesa8 "
                              "with BatchNorm and ReLU run as flax does")
@@ -232,11 +233,15 @@ def main(argv=None):
     start = time.time()
     results = list(rows(args.models, args.dtypes, args.batches, args.methods, args.scan, args.image_sizes, targets))
     if args.nnx:
-        for name, activation in (("nnx vit-s16", "gelu"), ("nnx vit-s16, tanh gelu", "gelu_tanh"),
-                                 ("nnx vit-s16, relu", "relu")):
-            measure = functools.partial(step_memory.measure_nnx, activation=activation, targets=targets)
+        for name, activation, attention, methods in (
+                ("nnx vit-s16", "gelu", "flax", ("baseline", "mesa8")),
+                ("nnx vit-s16, tanh gelu", "gelu_tanh", "flax", ("baseline", "mesa8")),
+                ("nnx vit-s16, relu", "relu", "flax", ("baseline", "mesa8")),
+                ("nnx vit-s16, einsum attention", "gelu", "einsum", ("baseline", "mesa8_no_matmul", "mesa8"))):
+            measure = functools.partial(step_memory.measure_nnx, activation=activation, attention=attention,
+                                        targets=targets)
             results += [(name, "float32", batch, method, measure(method, batch), None)
-                        for batch in args.batches for method in ("baseline", "mesa8")]
+                        for batch in args.batches for method in methods]
     if args.resnet:
         measure = functools.partial(step_memory.measure_resnet, targets=targets)
         results += [("resnet-18", "float32", batch, method, measure(method, batch), linen_resnet.ResNet())

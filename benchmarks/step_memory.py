@@ -121,20 +121,23 @@ def residual_bytes(model: nn.Module, batch: int) -> int:
     return sum(r.nbytes for r in kept if "argument" not in r.source)
 
 
-def measure_nnx(method: str, batch: int, image_size: int = 224, activation: str = "gelu",
+def measure_nnx(method: str, batch: int, image_size: int = 224, activation: str = "gelu", attention: str = "flax",
                 targets=(None,)) -> StepMemory:
     """The same step for the NNX ViT-S/16 of benchmarks.nnx_vit (float32): ``baseline`` as
-    written, ``mesa8`` compressed in place by mesa_jax.compress (int8, per head); DeiT-S's
-    exact GELU unless ``activation`` names another (nnx_vit.ACTIVATIONS)."""
+    written, ``mesa8`` compressed in place by mesa_jax.compress (int8, per head),
+    ``mesa8_no_matmul`` the same with the "matmul" kind run exactly (what compress reached of
+    attention written by hand before that kind reached jnp.einsum); DeiT-S's exact GELU and
+    flax's attention unless ``activation`` or ``attention`` names another (nnx_vit.vit_s16)."""
     from flax import nnx
     from benchmarks import nnx_vit
     import mesa_jax
 
-    if method not in ("baseline", "mesa8"):
-        raise ValueError(f"the NNX rows measure baseline and mesa8, not {method!r}")
-    model = nnx_vit.vit_s16(img_size=image_size, activation=activation, rngs=nnx.Rngs(0))
-    if method == "mesa8":
-        mesa_jax.compress(model, QuantConfig(num_groups=6, bits=8))  # channel groups = heads, as deit-s
+    kinds = {"mesa8": policy.KINDS, "mesa8_no_matmul": tuple(k for k in policy.KINDS if k != "matmul")}
+    if method not in ("baseline", *kinds):
+        raise ValueError(f"the NNX rows measure baseline, mesa8 and mesa8_no_matmul, not {method!r}")
+    model = nnx_vit.vit_s16(img_size=image_size, activation=activation, attention=attention, rngs=nnx.Rngs(0))
+    if method != "baseline":  # channel groups = heads, as deit-s
+        mesa_jax.compress(model, Policy(QuantConfig(num_groups=6, bits=8), kinds=kinds[method]))
         # the statistics of the functions it calls (GELU's) are made at its first call: call it once
         # before nnx.split (README, known limits); made in the step's trace they would be constants
         model(jnp.zeros((1, image_size, image_size, 3)))

@@ -5,7 +5,9 @@ A site is one tensor-keeping call in a model: a layer (path ``"block_0/mlp/fc1"`
 inside a module (``"block_0/mlp/gelu_0"``, kind ``"gelu"``). The kinds: "dense", "conv",
 "layer_norm", "rms_norm", "batch_norm" (with the batch's statistics), "gelu", "silu", "relu"
 (one bit per element, exact), "gated" (``mesa_jax.nn.gated``, a GLU's ``act(g) * u``),
-"softmax", "matmul" and "attention".
+"softmax", "matmul" (a product of two activations: ``mnn.MatMul``, attention op by op,
+``jnp.einsum``/``jnp.matmul`` written in a module: ``"block_0/attn/einsum_0"``) and
+"attention".
 A ``Rule(path glob, kinds, config)`` matches a site whose path fits the glob and whose kind it
 lists; the first rule that matches gives the site's config (None: exact). A site no rule
 matches runs exactly. A rule whose glob matches no site of the model is a typo: ``compress``

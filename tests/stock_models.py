@@ -158,3 +158,48 @@ class SetupMlp(nn.Module):
         for act in self.acts:
             h = act(self.fc2(h))
         return h
+
+
+class EinsumAttention(nn.Module):
+    """Causal self-attention written by hand as gemma (flax's examples) writes it: DenseGeneral
+    projections, jnp.einsum products, a jnp.where mask, softmax."""
+
+    num_heads: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        t, c = x.shape[-2:]
+        head_dim = c // self.num_heads
+        q, k, v = (nn.DenseGeneral((self.num_heads, head_dim), name=n)(x) for n in "qkv")
+        logits = jnp.einsum("BTNH,BSNH->BTNS", q * head_dim**-0.5, k)
+        causal = jnp.tril(jnp.ones((t, t), bool))[:, None, :]
+        probs = jax.nn.softmax(jnp.where(causal, logits, -1e10), axis=-1).astype(v.dtype)
+        encoded = jnp.einsum("BTNS,BSNH->BTNH", probs, v)
+        return nn.DenseGeneral(c, axis=(-2, -1), name="out")(encoded)
+
+
+class MatmulAttention(nn.Module):
+    """Self-attention written by hand as ports of PyTorch ViTs write it: a fused qkv Dense,
+    heads first, ``jnp.matmul(q, k^T)``."""
+
+    num_heads: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        b, n, c = x.shape
+        qkv = nn.Dense(3 * c, name="qkv")(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # [B, H, N, D] each
+        attn = jax.nn.softmax(jnp.matmul(q, jnp.swapaxes(k, -2, -1)) * (c // self.num_heads) ** -0.5)
+        y = jnp.matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, c)
+        return nn.Dense(c, name="proj")(y)
+
+
+class EinsumDense(nn.Module):
+    """einsums with the module's own weights (a dense layer and experts' weights written by
+    hand): no product of two activations."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], x.shape[-1]))
+        experts = self.param("experts", nn.initializers.lecun_normal(), (x.shape[0], x.shape[-1], 4))
+        return jnp.einsum("ecd,edf->ecf", jnp.einsum("btd,df->btf", x, w), experts)

@@ -344,3 +344,43 @@ def test_jax_dot_product_attention_called_in_a_module_is_the_fused_op():
         _, got = loss_and_grads(compress(model, QuantConfig(bits=bits)), {**variables, "params": original["params"]}, x)
         errors[bits] = float(jnp.linalg.norm(got["relative_bias"] - exact["relative_bias"]))
     assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
+
+
+@pytest.mark.parametrize("name, products", [("EinsumAttention", "einsum"), ("MatmulAttention", "matmul")])
+def test_attention_written_by_hand_keeps_its_products_operands_packed_per_head(name, products):
+    """jnp.einsum / jnp.matmul of two activations inside a module (attention by hand): the
+    "matmul" kind, q, k and v packed per head, the probabilities once (softmax's copy), the
+    same forward, the gradient error first order in the step."""
+    model, x = getattr(stock_models, name)(), inputs(TOKENS[:2] + (24,))
+    original = init(model, x)
+    variables = init(compress(model), x)
+    shapes = {n: s.lo.shape for n, s in variables["mesa"].items() if n.startswith(products)}
+    assert shapes == {f"{products}_0_a": (3,), f"{products}_0_b": (3,), f"{products}_1_b": (3,)}  # not 1_a: shared
+    np.testing.assert_array_equal(jax.jit(compress(model).apply)(variables, x), jax.jit(model.apply)(original, x))
+    floats = lambda kept: [r for r in kept if jnp.issubdtype(r.dtype, jnp.floating) and np.prod(r.shape) >= x.size
+                           and "_where" not in r.source]  # jnp.where's zero tangent: a constant, not memory
+    assert len(floats(kept_by(model, x))) >= 4 and floats(kept_by(compress(model), x)) == []
+    _, exact = loss_and_grads(model, original, x)
+    errors = {}
+    for bits in (8, 4):
+        compressed = compress(model, QuantConfig(bits=bits))
+        _, got = loss_and_grads(compressed, {**original, "mesa": init(compressed, x)["mesa"]}, x)
+        errors[bits] = float(jnp.linalg.norm(ravel_pytree(got)[0] - ravel_pytree(exact)[0]))
+    assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
+
+
+def test_einsums_with_the_module_s_weights_and_flax_s_own_einsums_run_exactly():
+    """An einsum with a parameter (a dense layer, experts' weights by hand) is no product of
+    activations; flax's attention left exact by the policy keeps its own einsums exact (they
+    keep q, k and v, [B, L, H, D], in float as the original does)."""
+    x = inputs((2, 7, 24))
+    for model, quant_, kept_shape in ((stock_models.EinsumDense(), QuantConfig(), x.shape),
+                                      (nn.MultiHeadDotProductAttention(3), Policy(by_kind={"attention": None}),
+                                       (2, 7, 3, 8))):
+        original = init(model, x)
+        variables = init(compress(model, quant_), x)
+        assert not [n for n in jax.tree_util.tree_flatten_with_path(variables.get("mesa", {}))[0]
+                    if "einsum" in jax.tree_util.keystr(n[0])]
+        np.testing.assert_array_equal(compress(model, quant_).apply(variables, x), model.apply(original, x))
+        kept = [str(r.dtype) for r in kept_by(compress(model, quant_), x) if r.shape == kept_shape]
+        assert len(kept) >= 2 and set(kept) == {"float32"}, kept

@@ -425,3 +425,38 @@ def test_sharded_state_trains_as_on_one_device():
     assert runs["auto data x model"]["fc1"] == "P(None, 'model')"  # compress kept the Param's sharding
     for name, run in runs.items():
         assert run["losses"] < 1e-5 and run["params"] < 1e-5 and run["stats"] < 1e-5, (name, run)
+
+
+def test_attention_written_by_hand_keeps_its_einsums_operands_packed_per_head():
+    """Grouped-query attention by hand (gemma's einsums): its products are "matmul" sites,
+    q, k, probabilities and v packed per key-value head (the last label the two operands
+    share with the output), statistics made at the first call; the same forward, the gradient
+    error first order in the step."""
+    x = jax.random.normal(jax.random.key(0), (2, 7, 16))
+    make = lambda: nnx_vit.EinsumAttention(16, 4, 2, causal=True, rngs=nnx.Rngs(0))
+    plain = make()
+    want = run(plain, x)
+    errors = {}
+    for bits in (8, 4):
+        model = mesa_jax.compress(make(), QuantConfig(bits=bits))
+        np.testing.assert_array_equal(run(model, x), want)
+        stats = {k: v.get_value().lo.shape for k, v in nnx.to_flat_state(nnx.state(model, mnnx.MesaStat))}
+        assert {k: s for k, s in stats.items() if k[0].startswith("einsum")} == {
+            (f"einsum_{i}_{t}",): (2,) for i in (0, 1) for t in "ab"}  # the reshaped probabilities: kept again
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        kept = memory.saved_residuals(lambda p: jnp.sum(nnx.merge(graphdef, p, rest, copy=True)(x)), params)
+        assert not [r for r in kept if jnp.issubdtype(r.dtype, jnp.floating) and np.prod(r.shape) >= x.size
+                    and "argument" not in r.source and "_where" not in r.source], kept
+        errors[bits] = relative_error(grads(model, x), grads(plain, x))
+    assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
+
+
+def test_flax_s_own_einsums_stay_flax_s():
+    """MultiHeadAttention's core left exact by the policy runs flax's einsums (with dropout,
+    flax's core is its einsums) as they are."""
+    make = lambda: nnx.MultiHeadAttention(2, 8, dropout_rate=0.5, deterministic=False, decode=False, rngs=nnx.Rngs(0))
+    model = mesa_jax.compress(make(), Policy(by_kind={"attention": None}))
+    x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+    np.testing.assert_array_equal(run(model, x), run(make(), x))
+    names = {k[-1] for k, _ in nnx.to_flat_state(nnx.state(model, mnnx.MesaStat))}
+    assert names == {"inputs"}, names  # the projections' only

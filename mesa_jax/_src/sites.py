@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import sys
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -225,7 +226,7 @@ def injected(field: str, defaults: tuple, make):
         current, call = getattr(module, field), lambda: next_fun(*args, **kwargs)
         if _is_mesa(current):
             return call()
-        if current not in defaults or getattr(module, f"{field}_cls", None) is not None:
+        if _undispatched(current) not in defaults or getattr(module, f"{field}_cls", None) is not None:
             return scope.unsupported(store, module, f"a custom {field}", call)
         fn = make(scope, store)
         if fn is None:
@@ -542,8 +543,12 @@ def _undispatched(fn):
 
 
 def _softmax(scope, original, x, axis=-1, where=None, **kwargs):
+    """Softmax over the last axis. Flax calls it inside its attention's core, which the
+    attention's handler decides (fused, or with Policy(attention="per_op") op by op: then
+    this is one of its sites); the core it leaves exact keeps its probabilities in float."""
     exact = lambda: original(x, axis=axis, where=where, **kwargs)
-    if where is not None or kwargs or axis not in (-1, x.ndim - 1):
+    if (where is not None or kwargs or axis not in (-1, x.ndim - 1)
+            or (scope.policy.attention != "per_op" and _called_by_flax())):
         return exact()
     return function_site(scope, "softmax", "softmax", lambda name: softmax(x, name, exact), exact)
 
@@ -560,6 +565,76 @@ def _jax_attention(scope, original, query, key, value, bias=None, mask=None, *, 
     work = lambda name: attention(forward, query, key, value, bias, mask, is_causal, scale,
                                   tuple(f"{name}_{t}" for t in "qkv"))
     return function_site(scope, "dot_product_attention", "attention", work, exact)
+
+
+def _einsum(scope, original, spec, *operands, **kwargs):
+    """jnp.einsum of two activations written in a module (attention by hand: gemma's
+    ``einsum('BTNH,BSNH->BTNS', q, k)``, then the probabilities' with v): the "matmul" kind,
+    both operands kept packed per head (``_einsum_heads``); the probabilities a softmax kept
+    are not kept again. An einsum with a variable of the module (a dense layer by hand) runs
+    exactly, as do flax's own (its layers' handlers decide for them)."""
+    exact = lambda: original(spec, *operands, **kwargs)
+    supported = set(kwargs) <= {"precision", "preferred_element_type"} and len(operands) == 2
+    layouts = _einsum_heads(spec, *operands) if supported and _batched(*operands) else None
+    if layouts is None or _called_by_flax() or _holds_variable(operands):
+        return exact()
+    fn = ops.Einsum(spec, kwargs.get("precision"), kwargs.get("preferred_element_type"))
+    work = lambda name: matmul(*operands, fn, layouts, (f"{name}_a", f"{name}_b"))
+    return function_site(scope, "einsum", "matmul", work, exact)
+
+
+def _matmul(scope, original, a, b, **kwargs):
+    """jnp.matmul of two activations with the same batch axes (``q @ k^T`` by hand): the
+    "matmul" kind, as ``mnn.MatMul`` (4-D operands grouped per head)."""
+    exact = lambda: original(a, b, **kwargs)
+    if (kwargs or not _batched(a, b) or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2] or _called_by_flax()
+            or _holds_variable((a, b))):
+        return exact()
+    layouts = (ops.attention_layout(a.ndim), ops.attention_layout(b.ndim))
+    work = lambda name: matmul(a, b, ops.matmul_reference, layouts, (f"{name}_a", f"{name}_b"))
+    return function_site(scope, "matmul", "matmul", work, exact)
+
+
+def _batched(a, b) -> bool:
+    """Two floating arrays of three or more axes: a batch of matrices each (a weight has none)."""
+    return all(isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 3 for x in (a, b))
+
+
+def _einsum_heads(spec, a, b):
+    """The grouping of a two-operand einsum's operands, or None where it is not a product of
+    two activations: both must begin with the same label (the batch; or both with "...")
+    that the output keeps. Each is grouped along the last label the two share with the
+    output after it (the heads), or per channel group where they share none."""
+    if not isinstance(spec, str) or spec.count("->") != 1:
+        return None
+    inputs, output = spec.replace(" ", "").split("->")
+    specs = inputs.split(",")
+    lead = lambda s: "..." if s.startswith("...") else s[:1]
+    if len(specs) != 2 or not lead(specs[0]) or lead(specs[0]) != lead(specs[1]) or lead(specs[0]) not in output:
+        return None
+    heads = [c for c in specs[0][len(lead(specs[0])):] if c.isalpha() and c in specs[1] and c in output]
+    if not heads:
+        return "channels", "channels"
+    return tuple(_label_axis(s, heads[-1], x.ndim) for s, x in zip(specs, (a, b)))
+
+
+def _label_axis(spec: str, label: str, ndim: int) -> int:
+    before, _, after = spec.rpartition("...") if "..." in spec else ("", "", spec)
+    return before.index(label) if label in before else ndim - len(after) + after.index(label)
+
+
+def _called_by_flax() -> bool:
+    """Whether the code calling the function (past the dispatcher) is flax's own."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__") in (__name__, scopes.__name__):
+        frame = frame.f_back
+    return frame is not None and frame.f_globals.get("__name__", "").startswith("flax.")
+
+
+def _holds_variable(operands) -> bool:
+    """Whether an operand is a variable (a parameter) of the module calling the function."""
+    store = scopes.innermost_frame().store
+    return any(store.holds(x) for x in operands)
 
 
 # ------------------------------------------------------------------ the tables
@@ -653,6 +728,8 @@ FUNCTIONS = scopes.dispatchers({
     gated_product: _gated,
     jax.nn.softmax: _softmax,
     jax.nn.dot_product_attention: _jax_attention,
+    jnp.einsum: _einsum,  # attention written by hand
+    jnp.matmul: _matmul,
     nn.scan: lambda scope, original, *args, **kwargs: linen_scan(original, *args, **kwargs),
 })
 

@@ -48,6 +48,7 @@ class Store(Protocol):
     def update(self, name: str, stats: Stats) -> None: ...  # kept in training, not in evaluation
     def seed(self, name: str, count) -> jax.Array: ...  # uint32, for stochastic rounding
     def param(self, name: str, init, shape: tuple, dtype): ...  # a parameter of the module
+    def holds(self, x) -> bool: ...  # whether x is the value of one of the module's variables
 
 
 def _groups_mismatch(what: str, held: tuple, shape: tuple, groups: int, hint: str = "") -> ValueError:
@@ -101,6 +102,9 @@ class LinenStore:
 
     def param(self, name, init, shape, dtype):
         return self.module.param(name, init, shape, dtype)
+
+    def holds(self, x):
+        return getattr(self.module, "scope", None) is not None and _holds(self.module.variables, x)
 
 
 @contextlib.contextmanager
@@ -159,6 +163,13 @@ class NnxStore:
     def param(self, name, init, shape, dtype):
         variable = getattr(self.module, name, None)
         return None if variable is None else variable[...]
+
+    def holds(self, x):
+        return _holds(nnx.state(self.module), x)
+
+
+def _holds(variables, x) -> bool:
+    return any(leaf is x for leaf in jax.tree.leaves(variables))
 
 
 def linen_scan(original, *args, **kwargs):
