@@ -180,7 +180,7 @@ class EinsumAttention(nn.Module):
 
 class MatmulAttention(nn.Module):
     """Self-attention written by hand as ports of PyTorch ViTs write it: a fused qkv Dense,
-    heads first, ``jnp.matmul(q, k^T)``."""
+    heads first, ``q @ k^T`` (and jnp.matmul for the values)."""
 
     num_heads: int = 3
 
@@ -189,7 +189,7 @@ class MatmulAttention(nn.Module):
         b, n, c = x.shape
         qkv = nn.Dense(3 * c, name="qkv")(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # [B, H, N, D] each
-        attn = jax.nn.softmax(jnp.matmul(q, jnp.swapaxes(k, -2, -1)) * (c // self.num_heads) ** -0.5)
+        attn = jax.nn.softmax((q @ jnp.swapaxes(k, -2, -1)) * (c // self.num_heads) ** -0.5)
         y = jnp.matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, c)
         return nn.Dense(c, name="proj")(y)
 

@@ -9,9 +9,10 @@ every handler. While it is open, in this thread:
   mesa's ops; NNX modules, whose classes compress swapped,
   enter ``frame`` themselves;
 - registered functions (``jax.nn.gelu``, ``jax.nn.silu``, ``jax.nn.relu``, ``jax.nn.softmax``,
-  ``jax.nn.dot_product_attention``, ``nn.scan``) are reached through dispatchers that stand in
-  for them in every imported module that holds them (so ``nn.gelu``, ``jax.nn.gelu`` and ``from
-  jax.nn import gelu`` alike) and in the attributes of the module being called (mesa's own
+  ``jax.nn.dot_product_attention``, ``jnp.einsum``, ``jnp.matmul``, ``nn.scan``) are reached
+  through dispatchers that stand in for them in every imported module that holds them (so
+  ``nn.gelu``, ``jax.nn.gelu`` and ``from jax.nn import gelu`` alike; ``@`` through the module
+  JAX's operator calls) and in the attributes of the module being called (mesa's own
   ``gated`` is its dispatcher); in other threads, outside a scope, and inside
   mesa's own computations (``suspended``, residuals.own) a dispatcher calls the original;
 - each activation is kept once (residuals.sharing).
@@ -34,6 +35,9 @@ from mesa_jax._src.stores import LinenStore, Store
 from mesa_jax.policy import Policy
 
 _OWN = ("mesa_jax", "pallas_kernels", "jax._src", "jaxlib")  # modules whose names are never rebound
+# ... but for the one JAX's ``@`` operator calls its function through (array_methods: ``x @ y``
+# is ``tensor_contractions.matmul(x, y)``, looked up at each call)
+_OPERATORS = ("jax._src.numpy.tensor_contractions",)
 
 
 @dataclasses.dataclass
@@ -206,7 +210,8 @@ def _functions_rebound(table: dict):
 
 
 def _rebind(module, table: dict) -> None:
-    if module is None or getattr(module, "__name__", "").startswith(_OWN):
+    name = getattr(module, "__name__", "")
+    if module is None or (name.startswith(_OWN) and name not in _OPERATORS):
         return
     try:
         names = list(vars(module).items())

@@ -548,7 +548,7 @@ def _softmax(scope, original, x, axis=-1, where=None, **kwargs):
     this is one of its sites); the core it leaves exact keeps its probabilities in float."""
     exact = lambda: original(x, axis=axis, where=where, **kwargs)
     if (where is not None or kwargs or axis not in (-1, x.ndim - 1)
-            or (scope.policy.attention != "per_op" and _called_by_flax())):
+            or (scope.policy.attention != "per_op" and _caller() in _FLAX_ATTENTION)):
         return exact()
     return function_site(scope, "softmax", "softmax", lambda name: softmax(x, name, exact), exact)
 
@@ -576,7 +576,7 @@ def _einsum(scope, original, spec, *operands, **kwargs):
     exact = lambda: original(spec, *operands, **kwargs)
     supported = set(kwargs) <= {"precision", "preferred_element_type"} and len(operands) == 2
     layouts = _einsum_heads(spec, *operands) if supported and _batched(*operands) else None
-    if layouts is None or _called_by_flax() or _holds_variable(operands):
+    if layouts is None or _called_by_a_library() or _holds_variable(operands):
         return exact()
     fn = ops.Einsum(spec, kwargs.get("precision"), kwargs.get("preferred_element_type"))
     work = lambda name: matmul(*operands, fn, layouts, (f"{name}_a", f"{name}_b"))
@@ -584,10 +584,10 @@ def _einsum(scope, original, spec, *operands, **kwargs):
 
 
 def _matmul(scope, original, a, b, **kwargs):
-    """jnp.matmul of two activations with the same batch axes (``q @ k^T`` by hand): the
-    "matmul" kind, as ``mnn.MatMul`` (4-D operands grouped per head)."""
+    """``a @ b`` or jnp.matmul of two activations with the same batch axes (``q @ k^T`` by
+    hand): the "matmul" kind, as ``mnn.MatMul`` (4-D operands grouped per head)."""
     exact = lambda: original(a, b, **kwargs)
-    if (kwargs or not _batched(a, b) or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2] or _called_by_flax()
+    if (kwargs or not _batched(a, b) or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2] or _called_by_a_library()
             or _holds_variable((a, b))):
         return exact()
     layouts = (ops.attention_layout(a.ndim), ops.attention_layout(b.ndim))
@@ -623,12 +623,23 @@ def _label_axis(spec: str, label: str, ndim: int) -> int:
     return before.index(label) if label in before else ndim - len(after) + after.index(label)
 
 
-def _called_by_flax() -> bool:
-    """Whether the code calling the function (past the dispatcher) is flax's own."""
+def _caller() -> str:
+    """The module whose code called the function (past the dispatcher and JAX's ``@`` operator,
+    which is its user's call)."""
     frame = sys._getframe(1)
-    while frame is not None and frame.f_globals.get("__name__") in (__name__, scopes.__name__):
+    while frame is not None and frame.f_globals.get("__name__") in _DISPATCHING:
         frame = frame.f_back
-    return frame is not None and frame.f_globals.get("__name__", "").startswith("flax.")
+    return "" if frame is None else frame.f_globals.get("__name__", "")
+
+
+def _called_by_a_library() -> bool:
+    """flax's calls inside its layers are their handlers' business, and a JAX function built on
+    another is not its user's call of that one."""
+    return _caller().startswith(("flax.", "jax.", "jaxlib"))
+
+
+_DISPATCHING = (__name__, scopes.__name__, "jax._src.numpy.array_methods")
+_FLAX_ATTENTION = ("flax.linen.attention", "flax.nnx.nn.attention")  # where flax calls softmax
 
 
 def _holds_variable(operands) -> bool:
