@@ -214,7 +214,7 @@ def main(argv=None):
     parser.add_argument("--nnx", action="store_true",
                         help="also the NNX ViT-S/16 (benchmarks.nnx_vit), float32, baseline and mesa8, with "
                              "DeiT-S's exact GELU, with the documentation's tanh GELU, with ReLU, and with attention "
-                             "written by hand (gemma's einsums; and mesa8 without the matmul kind)")
+                             "and a GeGLU MLP written by hand as gemma's (and mesa8 with those products exact)")
     parser.add_argument("--resnet", action="store_true",
                         help="also the Linen ResNet-18 (benchmarks.linen_resnet), float32: baseline, mesa8, and mesa8 "
                              "with BatchNorm and ReLU run as flax does")
@@ -233,12 +233,14 @@ def main(argv=None):
     start = time.time()
     results = list(rows(args.models, args.dtypes, args.batches, args.methods, args.scan, args.image_sizes, targets))
     if args.nnx:
-        for name, activation, attention, methods in (
-                ("nnx vit-s16", "gelu", "flax", ("baseline", "mesa8")),
-                ("nnx vit-s16, tanh gelu", "gelu_tanh", "flax", ("baseline", "mesa8")),
-                ("nnx vit-s16, relu", "relu", "flax", ("baseline", "mesa8")),
-                ("nnx vit-s16, einsum attention", "gelu", "einsum", ("baseline", "mesa8_no_matmul", "mesa8"))):
-            measure = functools.partial(step_memory.measure_nnx, activation=activation, attention=attention,
+        by_hand = ("baseline", "mesa8_exact_products", "mesa8")
+        for name, activation, attention, mlp, methods in (
+                ("nnx vit-s16", "gelu", "flax", "flax", ("baseline", "mesa8")),
+                ("nnx vit-s16, tanh gelu", "gelu_tanh", "flax", "flax", ("baseline", "mesa8")),
+                ("nnx vit-s16, relu", "relu", "flax", "flax", ("baseline", "mesa8")),
+                ("nnx vit-s16, einsum attention", "gelu", "einsum", "flax", by_hand),
+                ("nnx vit-s16, einsum attention, GeGLU", "gelu", "einsum", "gated", by_hand)):
+            measure = functools.partial(step_memory.measure_nnx, activation=activation, attention=attention, mlp=mlp,
                                         targets=targets)
             results += [(name, "float32", batch, method, measure(method, batch), None)
                         for batch in args.batches for method in methods]

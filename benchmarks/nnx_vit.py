@@ -1,9 +1,10 @@
 """A ViT written the way flax's NNX documentation writes one (stock ``nnx`` modules only):
 what ``mesa_jax.compress`` must reach unedited, and the NNX rows of the memory
 benchmark. ViT-S/16 is ``VisionTransformer(num_layers=12, num_heads=6, mlp_dim=1536,
-hidden_size=384)``. ``activation`` and ``attention`` are the additions to the documentation's
+hidden_size=384)``. ``activation``, ``attention`` and ``mlp`` are the additions to the documentation's
 model: its ``nnx.gelu`` is the tanh approximation, DeiT's is exact; ``attention="einsum"``
-is attention written by hand, as flax's gemma example writes it (``EinsumAttention``).
+and ``mlp="gated"`` are attention and a GeGLU MLP written by hand, as flax's gemma example
+writes them (``EinsumAttention``, ``GatedMlp``).
 """
 
 from __future__ import annotations
@@ -49,9 +50,24 @@ class EinsumAttention(nnx.Module):
         return self.attn_vec_einsum(encoded)
 
 
+class GatedMlp(nnx.Module):
+    """A GeGLU MLP written by hand as flax's gemma example writes its FeedForward:
+    ``gelu(gate_proj(x)) * up_proj(x)``, then down_proj."""
+
+    def __init__(self, features: int, hidden: int, activation=nnx.gelu, *, rngs: nnx.Rngs):
+        self.gate_proj = nnx.Linear(features, hidden, use_bias=False, rngs=rngs)
+        self.up_proj = nnx.Linear(features, hidden, use_bias=False, rngs=rngs)
+        self.down_proj = nnx.Linear(hidden, features, use_bias=False, rngs=rngs)
+        self.activation = activation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate_value = self.activation(self.gate_proj(x))
+        return self.down_proj(gate_value * self.up_proj(x))
+
+
 class TransformerEncoder(nnx.Module):
     def __init__(self, hidden_size: int, mlp_dim: int, num_heads: int, dropout_rate: float = 0.0, *,
-                 activation=nnx.gelu, attention: str = "flax", rngs: nnx.Rngs) -> None:
+                 activation=nnx.gelu, attention: str = "flax", mlp: str = "flax", rngs: nnx.Rngs) -> None:
         self.norm1 = nnx.LayerNorm(hidden_size, rngs=rngs)
         if attention == "einsum":
             self.attn = EinsumAttention(hidden_size, num_heads, rngs=rngs)
@@ -59,13 +75,16 @@ class TransformerEncoder(nnx.Module):
             self.attn = nnx.MultiHeadAttention(num_heads=num_heads, in_features=hidden_size, dropout_rate=dropout_rate,
                                                broadcast_dropout=False, decode=False, deterministic=False, rngs=rngs)
         self.norm2 = nnx.LayerNorm(hidden_size, rngs=rngs)
-        self.mlp = nnx.Sequential(
-            nnx.Linear(hidden_size, mlp_dim, rngs=rngs),
-            activation,
-            nnx.Dropout(dropout_rate, rngs=rngs),
-            nnx.Linear(mlp_dim, hidden_size, rngs=rngs),
-            nnx.Dropout(dropout_rate, rngs=rngs),
-        )
+        if mlp == "gated":
+            self.mlp = GatedMlp(hidden_size, mlp_dim, activation, rngs=rngs)
+        else:
+            self.mlp = nnx.Sequential(
+                nnx.Linear(hidden_size, mlp_dim, rngs=rngs),
+                activation,
+                nnx.Dropout(dropout_rate, rngs=rngs),
+                nnx.Linear(mlp_dim, hidden_size, rngs=rngs),
+                nnx.Dropout(dropout_rate, rngs=rngs),
+            )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.norm1(x))
@@ -76,7 +95,7 @@ class TransformerEncoder(nnx.Module):
 class VisionTransformer(nnx.Module):
     def __init__(self, num_classes: int = 1000, in_channels: int = 3, img_size: int = 224, patch_size: int = 16,
                  num_layers: int = 12, num_heads: int = 12, mlp_dim: int = 3072, hidden_size: int = 768,
-                 dropout_rate: float = 0.1, *, activation=nnx.gelu, attention: str = "flax",
+                 dropout_rate: float = 0.1, *, activation=nnx.gelu, attention: str = "flax", mlp: str = "flax",
                  rngs: nnx.Rngs = nnx.Rngs(0)):
         n_patches = (img_size // patch_size) ** 2
         self.patch_embeddings = nnx.Conv(in_channels, hidden_size, kernel_size=(patch_size, patch_size),
@@ -87,7 +106,7 @@ class VisionTransformer(nnx.Module):
         self.cls_token = nnx.Param(jnp.zeros((1, 1, hidden_size)))
         self.encoder = nnx.Sequential(*[
             TransformerEncoder(hidden_size, mlp_dim, num_heads, dropout_rate, activation=activation, attention=attention,
-                               rngs=rngs)
+                               mlp=mlp, rngs=rngs)
             for _ in range(num_layers)
         ])
         self.final_norm = nnx.LayerNorm(hidden_size, rngs=rngs)
@@ -115,10 +134,11 @@ ACTIVATIONS = {  # the MLP's activation by name
 
 
 def vit_s16(num_classes: int = 1000, img_size: int = 224, *, activation: str = "gelu", attention: str = "flax",
-            rngs: nnx.Rngs) -> VisionTransformer:
+            mlp: str = "flax", rngs: nnx.Rngs) -> VisionTransformer:
     """ViT-S/16 without dropout, as the memory benchmark compares it: DeiT-S's function (exact
     GELU) unless ``activation`` names another of ACTIVATIONS; nnx.MultiHeadAttention unless
-    ``attention="einsum"`` (EinsumAttention)."""
+    ``attention="einsum"`` (EinsumAttention); the documentation's MLP unless ``mlp="gated"``
+    (GatedMlp, gate and up of 1536 features each)."""
     return VisionTransformer(num_classes, img_size=img_size, num_layers=12, num_heads=6, mlp_dim=1536,
                              hidden_size=384, dropout_rate=0.0, rngs=rngs, activation=ACTIVATIONS[activation],
-                             attention=attention)
+                             attention=attention, mlp=mlp)

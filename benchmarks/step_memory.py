@@ -122,20 +122,23 @@ def residual_bytes(model: nn.Module, batch: int) -> int:
 
 
 def measure_nnx(method: str, batch: int, image_size: int = 224, activation: str = "gelu", attention: str = "flax",
-                targets=(None,)) -> StepMemory:
+                mlp: str = "flax", targets=(None,)) -> StepMemory:
     """The same step for the NNX ViT-S/16 of benchmarks.nnx_vit (float32): ``baseline`` as
     written, ``mesa8`` compressed in place by mesa_jax.compress (int8, per head),
-    ``mesa8_no_matmul`` the same with the "matmul" kind run exactly (what compress reached of
-    attention written by hand before that kind reached jnp.einsum); DeiT-S's exact GELU and
-    flax's attention unless ``activation`` or ``attention`` names another (nnx_vit.vit_s16)."""
+    ``mesa8_exact_products`` the same with the "matmul" and "gated" kinds run exactly (what
+    compress reached of attention and GLUs written by hand before it reached their einsums
+    and products); DeiT-S's exact GELU, flax's attention and the documentation's MLP unless
+    ``activation``, ``attention`` or ``mlp`` names another (nnx_vit.vit_s16)."""
     from flax import nnx
     from benchmarks import nnx_vit
     import mesa_jax
 
-    kinds = {"mesa8": policy.KINDS, "mesa8_no_matmul": tuple(k for k in policy.KINDS if k != "matmul")}
+    kinds = {"mesa8": policy.KINDS,
+             "mesa8_exact_products": tuple(k for k in policy.KINDS if k not in ("matmul", "gated"))}
     if method not in ("baseline", *kinds):
-        raise ValueError(f"the NNX rows measure baseline, mesa8 and mesa8_no_matmul, not {method!r}")
-    model = nnx_vit.vit_s16(img_size=image_size, activation=activation, attention=attention, rngs=nnx.Rngs(0))
+        raise ValueError(f"the NNX rows measure baseline, mesa8 and mesa8_exact_products, not {method!r}")
+    model = nnx_vit.vit_s16(img_size=image_size, activation=activation, attention=attention, mlp=mlp,
+                            rngs=nnx.Rngs(0))
     if method != "baseline":  # channel groups = heads, as deit-s
         mesa_jax.compress(model, Policy(QuantConfig(num_groups=6, bits=8), kinds=kinds[method]))
         # the statistics of the functions it calls (GELU's) are made at its first call: call it once

@@ -203,3 +203,17 @@ class EinsumDense(nn.Module):
         w = self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], x.shape[-1]))
         experts = self.param("experts", nn.initializers.lecun_normal(), (x.shape[0], x.shape[-1], 4))
         return jnp.einsum("ecd,edf->ecf", jnp.einsum("btd,df->btf", x, w), experts)
+
+
+class GluMlp(nn.Module):
+    """Gated MLPs written by hand as Llama's (``silu(gate) * up``) and Gemma's (``up *
+    gelu(gate)``, the product either way round) ports write them, and a ReGLU of the input."""
+
+    hidden: int = 32
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.silu(nn.Dense(self.hidden, name="gate")(x)) * nn.Dense(self.hidden, name="up")(x)
+        h = nn.Dense(x.shape[-1], name="down")(h)
+        h = nn.Dense(self.hidden, name="up2")(h) * nn.gelu(nn.Dense(self.hidden, name="gate2")(h), approximate=False)
+        return nn.Dense(x.shape[-1], name="down2")(h) * nn.relu(x)

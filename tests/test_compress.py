@@ -12,7 +12,7 @@ from jax.flatten_util import ravel_pytree
 
 import stock_models
 from layer_cases import TWIN_IDS, TWINS, one_per_handler
-from mesa_jax import Policy, QuantConfig, compress, memory, quant
+from mesa_jax import Policy, QuantConfig, compress, memory, policy, quant
 from mesa_jax import uncompressed
 
 IMAGES = (2, 16, 16, 3)
@@ -384,3 +384,30 @@ def test_einsums_with_the_module_s_weights_and_flax_s_own_einsums_run_exactly():
         np.testing.assert_array_equal(compress(model, quant_).apply(variables, x), model.apply(original, x))
         kept = [str(r.dtype) for r in kept_by(compress(model, quant_), x) if r.shape == kept_shape]
         assert len(kept) >= 2 and set(kept) == {"float32"}, kept
+
+
+def test_gated_mlps_written_by_hand_keep_gate_and_up_packed_once():
+    """``silu(g) * u``, ``u * gelu(g)`` and ``u * relu(x)`` inside a module are "gated" sites: g
+    and u packed (g's codes shared with the activation's, which is then unused), the down
+    projection keeping nothing, nothing float, the same forward, the gradient error first
+    order in the step."""
+    model, x = stock_models.GluMlp(), inputs(TOKENS)
+    original = init(model, x)
+    variables = init(compress(model), x)
+    assert {f"gated_{i}_{t}" for i in (0, 1, 2) for t in ("gate", "up")} <= set(variables["mesa"])
+    assert not {"down", "down2"} & set(variables["mesa"])  # their input is a gated product's output
+    np.testing.assert_array_equal(jax.jit(compress(model).apply)(variables, x), jax.jit(model.apply)(original, x))
+    kept = kept_by(compress(model), x)
+    assert sorted(r.shape for r in kept if r.dtype == quant.WORD) == [(2, 7, 16)] * 3 + [(2, 7, 32)] * 4
+    # x (the first projections', relu's), g, u, the second projections' input, g2, u2, down2's output
+    assert not [r for r in kept if jnp.issubdtype(r.dtype, jnp.floating) and np.prod(r.shape) >= x.size]
+    _, exact = loss_and_grads(model, original, x)
+    errors = {}
+    for bits in (8, 4):
+        compressed = compress(model, QuantConfig(bits=bits))
+        _, got = loss_and_grads(compressed, {**original, "mesa": init(compressed, x)["mesa"]}, x)
+        errors[bits] = float(jnp.linalg.norm(ravel_pytree(got)[0] - ravel_pytree(exact)[0]))
+    assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
+    without = compress(model, Policy(QuantConfig(), kinds=tuple(k for k in policy.KINDS if k != "gated")))
+    assert len([r for r in kept_by(without, x) if jnp.issubdtype(r.dtype, jnp.floating)
+                and np.prod(r.shape) >= x.size]) == 5  # act(g) and u of both GLUs, relu(x): JAX's products

@@ -460,3 +460,26 @@ def test_flax_s_own_einsums_stay_flax_s():
     np.testing.assert_array_equal(run(model, x), run(make(), x))
     names = {k[-1] for k, _ in nnx.to_flat_state(nnx.state(model, mnnx.MesaStat))}
     assert names == {"inputs"}, names  # the projections' only
+
+
+def test_a_gated_mlp_written_by_hand_keeps_gate_and_up_packed():
+    """gemma's FeedForward, ``gelu(gate_proj(x)) * up_proj(x)``: a "gated" site (statistics at
+    its first call), the down projection keeping nothing, the same forward; a ufunc's own
+    methods (``jnp.multiply.reduce``) answer inside a compressed call."""
+    make = lambda: nnx_vit.GatedMlp(8, 16, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+    model = mesa_jax.compress(make())
+    np.testing.assert_array_equal(run(model, x), run(make(), x))
+    names = {"/".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(model, mnnx.MesaStat))}
+    assert {"gated_0_gate", "gated_0_up", "gelu_0"} <= names
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    kept = memory.saved_residuals(lambda p: jnp.sum(nnx.merge(graphdef, p, rest, copy=True)(x)), params)
+    assert sorted(r.shape for r in kept if r.dtype == jnp.uint8) == [(2, 5, 8), (2, 5, 16), (2, 5, 16)], kept
+    assert not [r for r in kept if jnp.issubdtype(r.dtype, jnp.floating) and np.prod(r.shape) >= x.size
+                and "argument" not in r.source]
+
+    class Reduces(nnx.Module):
+        def __call__(self, x):
+            return jnp.multiply.reduce(nnx.gelu(x), axis=-1)
+
+    np.testing.assert_array_equal(mesa_jax.compress(Reduces())(x), jnp.multiply.reduce(nnx.gelu(x), axis=-1))

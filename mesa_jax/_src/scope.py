@@ -9,10 +9,10 @@ every handler. While it is open, in this thread:
   mesa's ops; NNX modules, whose classes compress swapped,
   enter ``frame`` themselves;
 - registered functions (``jax.nn.gelu``, ``jax.nn.silu``, ``jax.nn.relu``, ``jax.nn.softmax``,
-  ``jax.nn.dot_product_attention``, ``jnp.einsum``, ``jnp.matmul``, ``nn.scan``) are reached
+  ``jax.nn.dot_product_attention``, ``jnp.einsum``, ``jnp.matmul``, ``jnp.multiply``, ``nn.scan``) are reached
   through dispatchers that stand in for them in every imported module that holds them (so
-  ``nn.gelu``, ``jax.nn.gelu`` and ``from jax.nn import gelu`` alike; ``@`` through the module
-  JAX's operator calls) and in the attributes of the module being called (mesa's own
+  ``nn.gelu``, ``jax.nn.gelu`` and ``from jax.nn import gelu`` alike; ``@`` and ``*`` through
+  the modules JAX's operators call) and in the attributes of the module being called (mesa's own
   ``gated`` is its dispatcher); in other threads, outside a scope, and inside
   mesa's own computations (``suspended``, residuals.own) a dispatcher calls the original;
 - each activation is kept once (residuals.sharing).
@@ -35,9 +35,9 @@ from mesa_jax._src.stores import LinenStore, Store
 from mesa_jax.policy import Policy
 
 _OWN = ("mesa_jax", "pallas_kernels", "jax._src", "jaxlib")  # modules whose names are never rebound
-# ... but for the one JAX's ``@`` operator calls its function through (array_methods: ``x @ y``
-# is ``tensor_contractions.matmul(x, y)``, looked up at each call)
-_OPERATORS = ("jax._src.numpy.tensor_contractions",)
+# ... but for those JAX's operators call their functions through (array_methods: ``x @ y`` is
+# ``tensor_contractions.matmul(x, y)``, ``x * y`` ``ufuncs.multiply(x, y)``, looked up at each call)
+_OPERATORS = ("jax._src.numpy.tensor_contractions", "jax._src.numpy.ufuncs")
 
 
 @dataclasses.dataclass
@@ -51,11 +51,21 @@ class Scope:
     strict: bool = False
     owner: Any = None  # the mesa layer that opened it
     sites: set = dataclasses.field(default_factory=set)  # the outermost scope's: every site path seen
+    activations: dict = dataclasses.field(default_factory=dict)  # the outermost's: id(y) -> (y, x, act)
 
     def config(self, kind: str, path: str):
         """The QuantConfig (or None: exact) of the ``kind`` site at ``path``."""
         self.sites.add(path)
         return self.policy.resolve(kind, path)
+
+    def record_activation(self, y, x, act) -> None:
+        """``y`` is ``act(x)``, an activation's output (a GLU's gate, if a product takes it)."""
+        self.activations[id(y)] = (y, x, act)  # y held: its id stays its own
+
+    def activation_of(self, y):
+        """``(x, act)`` where ``y`` is a recorded ``act(x)``, else None."""
+        found = self.activations.get(id(y))
+        return None if found is None or found[0] is not y else found[1:]
 
     def unsupported(self, store: Store, module, what: str, call: Callable):
         """A layer setting flax supports and mesa does not compress: an error in a strict scope,
@@ -115,7 +125,7 @@ def opened(scope: Scope, check: bool = False):
     first pass over a model): a Policy rule that matched no site raises at the end."""
     outermost = not _state.scopes
     if not outermost:
-        scope.sites = _state.scopes[0].sites
+        scope.sites, scope.activations = _state.scopes[0].sites, _state.scopes[0].activations
     _state.scopes.append(scope)
     try:
         with contextlib.ExitStack() as stack:
@@ -181,6 +191,9 @@ def _dispatcher(original, handler):
             return handler(scope, original, *args, **kwargs)
 
     dispatch.__mesa_original__ = original
+    for name in dir(original):  # a ufunc's reduce, outer, at: the dispatcher answers with the original's
+        if not name.startswith("_") and not hasattr(dispatch, name):
+            setattr(dispatch, name, getattr(original, name))
     return dispatch
 
 

@@ -503,26 +503,51 @@ def function_site(scope: Scope, function: str, kind: str, work: Callable, exact:
 
 def _gelu(scope, original, x, approximate: bool = True):
     exact = lambda: original(x, approximate=approximate)
-    return function_site(scope, "gelu", "gelu", lambda name: gelu(x, approximate, name, exact), exact)
+    y = function_site(scope, "gelu", "gelu", lambda name: gelu(x, approximate, name, exact), exact)
+    return _activation(scope, y, x, functools.partial(original, approximate=approximate))
 
 
 def _silu(scope, original, x):
     exact = lambda: original(x)
-    return function_site(scope, "silu", "silu", lambda name: silu(x, name, exact), exact)
+    return _activation(scope, function_site(scope, "silu", "silu", lambda name: silu(x, name, exact), exact), x,
+                       original)
 
 
 def _relu(scope, original, x):
     exact = lambda: original(x)
     if not jnp.ndim(x):
         return exact()
-    return function_site(scope, "relu", "relu", lambda name: relu(x, exact), exact)
+    return _activation(scope, function_site(scope, "relu", "relu", lambda name: relu(x, exact), exact), x, original)
+
+
+def _activation(scope: Scope, y, x, act):
+    """``y = act(x)``, recorded: a product that takes it (``act(g) * u`` written by hand, a GLU's
+    gated product) is then a "gated" site (``_multiply``)."""
+    scope.record_activation(y, x, act)
+    return y
+
+
+def _multiply(scope, original, a, b):
+    """``act(g) * u`` (or ``u * act(g)``) written by hand, with ``act`` an activation reached in
+    a module (gelu, silu, relu: GeGLU, SwiGLU, ReGLU) and u of its shape: the "gated" kind, as
+    ``gated(g, u, act)`` is (g and u packed once, g shared with the activation's own copy, which
+    is then unused; the projection taking the product keeps nothing). Any other product is JAX's."""
+    exact = lambda: original(a, b)
+    for y, u in ((a, b), (b, a)):
+        found = scope.activation_of(y)
+        if (found is not None and isinstance(u, jax.Array) and jnp.shape(u) == jnp.shape(y)
+                and jnp.issubdtype(u.dtype, jnp.floating) and not _called_by_a_library()):
+            g, act = found
+            return function_site(scope, "gated", "gated", lambda name: gated(g, u, act, (f"{name}_gate", f"{name}_up")),
+                                 exact)
+    return exact()
 
 
 def gated_product(g, u, act=jax.nn.silu):
     """``act(g) * u``, the gated product of a GLU MLP (SwiGLU: silu; ``act`` elementwise).
     Called inside a compressed module it keeps g and u packed, once, and the projection that
-    takes the product keeps nothing; elsewhere it is exactly ``act(g) * u``. A hand-written
-    ``silu(g) * u`` is a product compress cannot see: it keeps silu(g) and u in float."""
+    takes the product keeps nothing; elsewhere it is exactly ``act(g) * u`` (which a compressed
+    module reaches too, when it computes act(g) itself: ``_multiply``)."""
     return ops.gated_reference(g, u, act)
 
 
@@ -740,7 +765,8 @@ FUNCTIONS = scopes.dispatchers({
     jax.nn.softmax: _softmax,
     jax.nn.dot_product_attention: _jax_attention,
     jnp.einsum: _einsum,  # attention written by hand
-    jnp.matmul: _matmul,
+    jnp.matmul: _matmul,  # and the @ operator
+    jnp.multiply: _multiply,  # and the * operator: a GLU's act(g) * u written by hand
     nn.scan: lambda scope, original, *args, **kwargs: linen_scan(original, *args, **kwargs),
 })
 
