@@ -29,10 +29,15 @@ from typing import Any, Callable
 
 import flax.linen as nn
 from flax import nnx
+from jax.extend import source_info_util
 
 from mesa_jax._src import residuals
 from mesa_jax._src.stores import LinenStore, Store
 from mesa_jax.policy import Policy
+
+# JAX attributes an operation to the innermost frame outside its exclusions: a dispatcher is not
+# the model's code, so what it runs keeps the model's line (in residual reports, HLO metadata)
+source_info_util.register_exclusion(__file__)
 
 _OWN = ("mesa_jax", "pallas_kernels", "jax._src", "jaxlib")  # modules whose names are never rebound
 # ... but for those JAX's operators call their functions through (array_methods: ``x @ y`` is

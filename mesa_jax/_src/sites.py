@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
+from jax.extend import source_info_util
 
 from mesa_jax import attention as attention_op, ops, quant
 from mesa_jax._src import residuals, scope as scopes
@@ -31,6 +32,9 @@ from mesa_jax._src.scope import Scope
 from mesa_jax._src.stores import Store, join, linen_scan
 from mesa_jax.policy import as_policy
 from mesa_jax.quant import Layout, QuantConfig
+
+
+source_info_util.register_exclusion(__file__)  # the exact computations it runs keep the model's line
 
 
 class Kept(NamedTuple):
