@@ -4,7 +4,8 @@ A site is one tensor-keeping call in a model: a layer (path ``"block_0/mlp/fc1"`
 ``"dense"``; an embedding's ``attend``, a tied head, is a "dense" too) or a function called
 inside a module (``"block_0/mlp/gelu_0"``, kind ``"gelu"``). The kinds: "dense", "conv",
 "layer_norm", "rms_norm", "batch_norm" (with the batch's statistics), "gelu", "silu", "relu"
-(one bit per element, exact), "gated" (``mesa_jax.nn.gated``, a GLU's ``act(g) * u``),
+(one bit per element, exact), "gated" (a GLU's ``act(g) * u``: ``mesa_jax.nn.gated``, or
+written by hand with a GELU, SiLU or ReLU the module called),
 "softmax", "matmul" (a product of two activations: ``mnn.MatMul``, attention op by op,
 ``jnp.einsum``/``jnp.matmul`` written in a module: ``"block_0/attn/einsum_0"``) and
 "attention".

@@ -9,10 +9,11 @@ every handler. While it is open, in this thread:
   mesa's ops; NNX modules, whose classes compress swapped,
   enter ``frame`` themselves;
 - registered functions (``jax.nn.gelu``, ``jax.nn.silu``, ``jax.nn.relu``, ``jax.nn.softmax``,
-  ``jax.nn.dot_product_attention``, ``jnp.einsum``, ``jnp.matmul``, ``jnp.multiply``, ``nn.scan``) are reached
-  through dispatchers that stand in for them in every imported module that holds them (so
-  ``nn.gelu``, ``jax.nn.gelu`` and ``from jax.nn import gelu`` alike; ``@`` and ``*`` through
-  the modules JAX's operators call) and in the attributes of the module being called (mesa's own
+  ``jax.nn.dot_product_attention``, ``jnp.einsum``, ``jnp.matmul``, ``jnp.multiply``,
+  ``nn.scan``) are reached through dispatchers that stand in for them in every imported module
+  that holds them (so ``nn.gelu``, ``jax.nn.gelu`` and ``from jax.nn import gelu`` alike; ``@``
+  and ``*`` through the modules JAX's operators call) and in the attributes of the module being
+  called (mesa's own
   ``gated`` is its dispatcher); in other threads, outside a scope, and inside
   mesa's own computations (``suspended``, residuals.own) a dispatcher calls the original;
 - each activation is kept once (residuals.sharing).
