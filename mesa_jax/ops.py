@@ -496,11 +496,12 @@ def attention_layout(ndim: int) -> Layout:
     return ndim - 3 if ndim >= 4 else "channels"
 
 
-def softmax(x, stats, seed, config):
+def softmax(x, stats, seed, config, layout: Layout | None = None):
     """Softmax over the last axis. Keeps only its output (the backward needs nothing else),
-    and shares it: the matmul that takes the probabilities keeps nothing."""
+    and shares it: the matmul that takes the probabilities keeps nothing. ``layout``: its
+    grouping (default: per head, axis -3, if 4-D)."""
     y = lax.stop_gradient(softmax_reference(x))  # computed once: packed, and the core's output
-    kept, stats = keep(y, stats, seed, config, attention_layout(y.ndim))
+    kept, stats = keep(y, stats, seed, config, attention_layout(y.ndim) if layout is None else layout)
     y = _softmax(x, y, kept)
     share(y, kept)
     return y, (stats,)

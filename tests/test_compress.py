@@ -354,9 +354,13 @@ def test_attention_written_by_hand_keeps_its_products_operands_packed_per_head(n
     model, x = getattr(stock_models, name)(), inputs(TOKENS[:2] + (24,))
     original = init(model, x)
     variables = init(compress(model), x)
-    shapes = {n: s.lo.shape for n, s in variables["mesa"].items() if n.startswith(products)}
-    assert shapes == {f"{products}_0_a": (3,), f"{products}_0_b": (3,), f"{products}_1_b": (3,)}  # not 1_a: shared
+    shapes = {n: s.lo.shape for n, s in variables["mesa"].items() if n.startswith((products, "softmax"))}
+    assert shapes == {f"{products}_0_a": (3,), f"{products}_0_b": (3,), f"{products}_1_b": (3,),  # not 1_a: shared
+                      "softmax_0": (3,)}  # per head wherever the scores keep them: any sequence length fits
     np.testing.assert_array_equal(jax.jit(compress(model).apply)(variables, x), jax.jit(model.apply)(original, x))
+    shorter = x[:, :4]
+    np.testing.assert_array_equal(compress(model).apply(variables, shorter, mutable=["mesa"])[0],
+                                  model.apply(original, shorter))
     floats = lambda kept: [r for r in kept if jnp.issubdtype(r.dtype, jnp.floating) and np.prod(r.shape) >= x.size
                            and "_where" not in r.source]  # jnp.where's zero tangent: a constant, not memory
     assert len(floats(kept_by(model, x))) >= 4 and floats(kept_by(compress(model), x)) == []

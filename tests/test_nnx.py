@@ -451,6 +451,19 @@ def test_attention_written_by_hand_keeps_its_einsums_operands_packed_per_head():
     assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
 
 
+@pytest.mark.parametrize("kv_heads, softmax_groups", [(4, 4), (2, 1)])
+def test_hand_written_attention_s_statistics_fit_any_sequence_length(kv_heads, softmax_groups):
+    """gemma's scores are [B, T, N, S]: its softmax is grouped by the heads the einsum put there
+    (with grouped queries the scores are reshaped after it: one group), so a model trained at
+    one length runs at another (one token, as a decoder samples)."""
+    make = lambda: nnx_vit.EinsumAttention(16, 4, kv_heads, causal=True, rngs=nnx.Rngs(0))
+    model, plain = mesa_jax.compress(make()), make()
+    for t in (7, 1):
+        x = jax.random.normal(jax.random.key(t), (2, t, 16))
+        np.testing.assert_array_equal(run(model, x), run(plain, x))
+    assert model.softmax_0.get_value().lo.shape == (softmax_groups,)
+
+
 def test_flax_s_own_einsums_stay_flax_s():
     """MultiHeadAttention's core left exact by the policy runs flax's einsums (with dropout,
     flax's core is its einsums) as they are."""

@@ -87,6 +87,7 @@ class Scope:
 class _Frame:
     store: Store
     calls: dict = dataclasses.field(default_factory=dict)  # function name -> calls so far
+    heads: dict = dataclasses.field(default_factory=dict)  # a product's output shape -> its heads axis
 
     def next_name(self, function: str) -> str:
         """``"gelu_0"``, ``"gelu_1"``, ...: the n-th call of ``function`` in this module call."""

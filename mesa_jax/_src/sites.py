@@ -38,11 +38,13 @@ source_info_util.register_exclusion(__file__)  # the exact computations it runs 
 
 
 class Kept(NamedTuple):
-    """A tensor a site keeps: its statistics' name, the tensor, its grouping."""
+    """A tensor a site keeps: its statistics' name, the tensor, its grouping (``one_group``: one
+    range however many channels, for channels that are a sequence whose length varies)."""
 
     name: str
     x: Any
     layout: Layout
+    one_group: bool = False
 
 
 class Work(NamedTuple):
@@ -66,7 +68,8 @@ def fitted(config: QuantConfig, shape, layout: Layout, strict: bool) -> QuantCon
 def run(scope: Scope, store: Store, config: QuantConfig, work: Work):
     """``work``'s op with the store's statistics, storing the updated ones; its exact computation
     where the store has none. A tensor another op's residual stands for needs none."""
-    configs = [fitted(config, k.x.shape, k.layout, scope.strict) for k in work.kept]
+    configs = [dataclasses.replace(config, num_groups=1) if k.one_group else
+               fitted(config, k.x.shape, k.layout, scope.strict) for k in work.kept]
     stats = []
     for k, c in zip(work.kept, configs):
         if residuals.shared(k.x) is not None:
@@ -143,10 +146,13 @@ def gated(g, u, act, names=("gate", "up")) -> Work:
     return Work(kept, lambda s, seeds, c: ops.gated(g, u, *s, *seeds, c, act), lambda: ops.gated_reference(g, u, act))
 
 
-def softmax(x, name: str = "outputs", exact=None) -> Work:
-    """Softmax over the last axis, keeping its output (per head if 4-D)."""
-    kept = Kept(name, ops.kept_output(x), ops.attention_layout(x.ndim))
-    return Work((kept,), lambda s, seeds, c: ops.softmax(x, s[0], seeds[0], c),
+def softmax(x, name: str = "outputs", exact=None, layout: Layout | None = None) -> Work:
+    """Softmax over the last axis, keeping its output per head (axis -3 if 4-D, unless
+    ``layout`` says where the heads are); by channels, as one group: its channels are the keys,
+    whose number varies with the sequence."""
+    layout = ops.attention_layout(x.ndim) if layout is None else layout
+    kept = Kept(name, ops.kept_output(x), layout, one_group=layout == "channels")
+    return Work((kept,), lambda s, seeds, c: ops.softmax(x, s[0], seeds[0], c, layout),
                 exact or (lambda: ops.softmax_reference(x)))
 
 
@@ -579,7 +585,10 @@ def _softmax(scope, original, x, axis=-1, where=None, **kwargs):
     if (where is not None or kwargs or axis not in (-1, x.ndim - 1)
             or (scope.policy.attention != "per_op" and _caller() in _FLAX_ATTENTION)):
         return exact()
-    return function_site(scope, "softmax", "softmax", lambda name: softmax(x, name, exact), exact)
+    layout = scopes.innermost_frame().heads.get(jnp.shape(x))  # the heads of the product it normalizes
+    if layout is None and x.ndim >= 4 and _caller() not in _FLAX_ATTENTION:
+        layout = "channels"  # heads mesa did not see (scores reshaped after their product): one group
+    return function_site(scope, "softmax", "softmax", lambda name: softmax(x, name, exact, layout), exact)
 
 
 def _jax_attention(scope, original, query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
@@ -604,12 +613,16 @@ def _einsum(scope, original, spec, *operands, **kwargs):
     exactly, as do flax's own (its layers' handlers decide for them)."""
     exact = lambda: original(spec, *operands, **kwargs)
     supported = set(kwargs) <= {"precision", "preferred_element_type"} and len(operands) == 2
-    layouts = _einsum_heads(spec, *operands) if supported and _batched(*operands) else None
-    if layouts is None or _called_by_a_library() or _holds_variable(operands):
+    parsed = _einsum_heads(spec) if supported and _batched(*operands) else None
+    if parsed is None or _called_by_a_library() or _holds_variable(operands):
         return exact()
+    (a_spec, b_spec), output, label = parsed
+    layouts = ("channels", "channels") if label is None else (
+        _label_axis(a_spec, label, operands[0].ndim), _label_axis(b_spec, label, operands[1].ndim))
     fn = ops.Einsum(spec, kwargs.get("precision"), kwargs.get("preferred_element_type"))
     work = lambda name: matmul(*operands, fn, layouts, (f"{name}_a", f"{name}_b"))
-    return function_site(scope, "einsum", "matmul", work, exact)
+    y = function_site(scope, "einsum", "matmul", work, exact)
+    return _product(y, None if label is None else _label_axis(output, label, jnp.ndim(y)))
 
 
 def _matmul(scope, original, a, b, **kwargs):
@@ -621,7 +634,17 @@ def _matmul(scope, original, a, b, **kwargs):
         return exact()
     layouts = (ops.attention_layout(a.ndim), ops.attention_layout(b.ndim))
     work = lambda name: matmul(a, b, ops.matmul_reference, layouts, (f"{name}_a", f"{name}_b"))
-    return function_site(scope, "matmul", "matmul", work, exact)
+    y = function_site(scope, "matmul", "matmul", work, exact)
+    return _product(y, ops.attention_layout(y.ndim) if y.ndim >= 4 else None)
+
+
+def _product(y, heads: int | None):
+    """A product's output, whose heads axis (None: none) the module call records: a softmax over
+    it (attention's scores) is grouped per head wherever the model put the heads, so that its
+    statistics do not depend on the sequence length (gemma's [B, T, N, S] scores)."""
+    if heads is not None:
+        scopes.innermost_frame().heads[jnp.shape(y)] = heads
+    return y
 
 
 def _batched(a, b) -> bool:
@@ -629,11 +652,11 @@ def _batched(a, b) -> bool:
     return all(isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 3 for x in (a, b))
 
 
-def _einsum_heads(spec, a, b):
-    """The grouping of a two-operand einsum's operands, or None where it is not a product of
-    two activations: both must begin with the same label (the batch; or both with "...")
-    that the output keeps. Each is grouped along the last label the two share with the
-    output after it (the heads), or per channel group where they share none."""
+def _einsum_heads(spec):
+    """``((lhs, rhs), output, heads label)`` of a two-operand einsum of two activations, or None
+    where it is not one: both operands must begin with the same label (the batch; or both with
+    "...") that the output keeps. The heads are the last label the two share with the output
+    after it (None: they share none, and are grouped per channel group)."""
     if not isinstance(spec, str) or spec.count("->") != 1:
         return None
     inputs, output = spec.replace(" ", "").split("->")
@@ -642,9 +665,7 @@ def _einsum_heads(spec, a, b):
     if len(specs) != 2 or not lead(specs[0]) or lead(specs[0]) != lead(specs[1]) or lead(specs[0]) not in output:
         return None
     heads = [c for c in specs[0][len(lead(specs[0])):] if c.isalpha() and c in specs[1] and c in output]
-    if not heads:
-        return "channels", "channels"
-    return tuple(_label_axis(s, heads[-1], x.ndim) for s, x in zip(specs, (a, b)))
+    return tuple(specs), output, heads[-1] if heads else None
 
 
 def _label_axis(spec: str, label: str, ndim: int) -> int:
