@@ -136,9 +136,11 @@ def gradient_fidelity(name: str, quant, kind: str, batch: int, params=None, **ov
     return compare(*fidelity_grads(name, quant, kind, batch, params, **overrides))
 
 
-def nnx_fidelity(kind: str, batch: int) -> Fidelity:
-    """The NNX ViT of benchmarks.nnx_vit in vit-c100's shape, compressed in place by
-    mesa_jax.compress (int8, a group per head), against the same model uncompressed."""
+def nnx_fidelity(kind: str, batch: int, attention: str = "flax", mlp: str = "flax",
+                 ranges: str = "running") -> Fidelity:
+    """The NNX ViT of benchmarks.nnx_vit in vit-c100's shape (``attention="einsum"``,
+    ``mlp="gated"``: written by hand as gemma's), compressed in place by mesa_jax.compress
+    (int8, a group per head, ``ranges``), against the same model uncompressed."""
     from flax import nnx
     from benchmarks import nnx_vit
     import mesa_jax
@@ -147,8 +149,8 @@ def nnx_fidelity(kind: str, batch: int) -> Fidelity:
     make = lambda: nnx_vit.VisionTransformer(100, img_size=shape["image_size"], patch_size=shape["patch_size"],
                                              num_layers=shape["depth"], num_heads=shape["num_heads"],
                                              mlp_dim=shape["mlp_dim"], hidden_size=shape["width"], dropout_rate=0.0,
-                                             rngs=nnx.Rngs(0))
-    baseline, model = make(), mesa_jax.compress(make(), QuantConfig(num_groups=shape["num_heads"]))
+                                             attention=attention, mlp=mlp, rngs=nnx.Rngs(0))
+    baseline, model = make(), mesa_jax.compress(make(), QuantConfig(num_groups=shape["num_heads"], ranges=ranges))
     grad = nnx.jit(nnx.grad(lambda m, images, labels: loop.cross_entropy(m(images), labels)))
     sized = argparse.Namespace(image_size=shape["image_size"])
     for i in range(WARM_BATCHES):
@@ -336,6 +338,9 @@ def main(argv=None):
     if args.nnx:
         for kind in args.inputs:
             print(f"| NNX ViT (vit-c100's shape), compressed in place | {kind} | {row(nnx_fidelity(kind, args.batch))}")
+            for ranges in ("running", "row"):
+                print(f"| the same, attention and GeGLU written by hand (gemma's), {ranges} ranges | {kind} | "
+                      f"{row(nnx_fidelity(kind, args.batch, attention='einsum', mlp='gated', ranges=ranges))}")
     if args.train_steps:
         report_training(args)
     if args.variance:
