@@ -6,8 +6,8 @@
 Written as Llama is: token embedding, pre-norm blocks with RMSNorm (``nn.RMSNorm``), attention
 with rotary position embeddings applied to q and k (half-split pairs, as Llama's Hugging Face
 and Gemma's code rotate them), a SwiGLU MLP whose product is ``mesa_jax.nn.gated(gate, up)``
-(exactly ``nn.silu(gate) * up`` outside compress; written by hand, it would keep silu(gate) and
-up in float, a product compress cannot see), no biases, a final RMSNorm and an untied head
+(exactly ``nn.silu(gate) * up`` outside compress, which compress reaches written by hand too:
+the name says it without relying on that), no biases, a final RMSNorm and an untied head
 (``tie_embeddings=True``: the embedding's ``attend``, as Llama 3.2's small models). Attention is ``jax.nn.dot_product_attention(q, k, v, is_causal=True)`` on the
 rotated q and k, so ``compress`` keeps those packed per head once, and nothing T x T.
 """
