@@ -82,7 +82,12 @@ def test_gradient_error_scales_with_the_step(name):  # scanned_vit: three compil
     """First order in the step: 15/255 of the 4-bit error at 8 bits (a factor 2 for the noise draws)."""
     model, shape, kwargs = MODELS[name]
     x = inputs(shape)
-    original = init(model, x)
+    errors = gradient_errors(model, init(model, x), x, **kwargs)
+    assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
+
+
+def gradient_errors(model, original, x, **kwargs):
+    """{bits: relative error of the compressed model's parameter gradient} for int8 and int4."""
     _, exact = loss_and_grads(model, original, x, **kwargs)
     errors = {}
     for bits in (8, 4):
@@ -91,7 +96,7 @@ def test_gradient_error_scales_with_the_step(name):  # scanned_vit: three compil
         _, got = loss_and_grads(compressed, variables, x, **kwargs)
         a, b = ravel_pytree(got)[0], ravel_pytree(exact)[0]
         errors[bits] = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-    assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
+    return errors
 
 
 def test_one_outlier_batch_does_not_capture_the_running_ranges():
@@ -364,12 +369,7 @@ def test_attention_written_by_hand_keeps_its_products_operands_packed_per_head(n
     floats = lambda kept: [r for r in kept if jnp.issubdtype(r.dtype, jnp.floating) and np.prod(r.shape) >= x.size
                            and "_where" not in r.source]  # jnp.where's zero tangent: a constant, not memory
     assert len(floats(kept_by(model, x))) >= 4 and floats(kept_by(compress(model), x)) == []
-    _, exact = loss_and_grads(model, original, x)
-    errors = {}
-    for bits in (8, 4):
-        compressed = compress(model, QuantConfig(bits=bits))
-        _, got = loss_and_grads(compressed, {**original, "mesa": init(compressed, x)["mesa"]}, x)
-        errors[bits] = float(jnp.linalg.norm(ravel_pytree(got)[0] - ravel_pytree(exact)[0]))
+    errors = gradient_errors(model, original, x)
     assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
 
 
@@ -405,12 +405,7 @@ def test_gated_mlps_written_by_hand_keep_gate_and_up_packed_once():
     assert sorted(r.shape for r in kept if r.dtype == quant.WORD) == [(2, 7, 16)] * 3 + [(2, 7, 32)] * 4
     # x (the first projections', relu's), g, u, the second projections' input, g2, u2, down2's output
     assert not [r for r in kept if jnp.issubdtype(r.dtype, jnp.floating) and np.prod(r.shape) >= x.size]
-    _, exact = loss_and_grads(model, original, x)
-    errors = {}
-    for bits in (8, 4):
-        compressed = compress(model, QuantConfig(bits=bits))
-        _, got = loss_and_grads(compressed, {**original, "mesa": init(compressed, x)["mesa"]}, x)
-        errors[bits] = float(jnp.linalg.norm(ravel_pytree(got)[0] - ravel_pytree(exact)[0]))
+    errors = gradient_errors(model, original, x)
     assert 0 < errors[8] <= 2 * (15 / 255) * errors[4], errors
     without = compress(model, Policy(QuantConfig(), kinds=tuple(k for k in policy.KINDS if k != "gated")))
     assert len([r for r in kept_by(without, x) if jnp.issubdtype(r.dtype, jnp.floating)

@@ -548,8 +548,7 @@ def _multiply(scope, original, a, b):
         if (found is not None and isinstance(u, jax.Array) and jnp.shape(u) == jnp.shape(y)
                 and jnp.issubdtype(u.dtype, jnp.floating) and not _called_by_a_library()):
             g, act = found
-            return function_site(scope, "gated", "gated", lambda name: gated(g, u, act, (f"{name}_gate", f"{name}_up")),
-                                 exact)
+            return _gated_site(scope, g, act, u, exact)
     return exact()
 
 
@@ -565,8 +564,12 @@ def _gated(scope, original, g, u, act=jax.nn.silu):
     exact = lambda: original(g, u, act)
     if jnp.shape(g) != jnp.shape(u) or not jnp.ndim(g):
         return exact()
-    work = lambda name: gated(g, u, act, (f"{name}_gate", f"{name}_up"))
-    return function_site(scope, "gated", "gated", work, exact)
+    return _gated_site(scope, g, act, u, exact)
+
+
+def _gated_site(scope, g, act, u, exact):
+    """The "gated" site of ``act(g) * u``: ``gated_product`` called, or the product by hand."""
+    return function_site(scope, "gated", "gated", lambda name: gated(g, u, act, (f"{name}_gate", f"{name}_up")), exact)
 
 
 def _undispatched(fn):
@@ -582,11 +585,12 @@ def _softmax(scope, original, x, axis=-1, where=None, **kwargs):
     attention's handler decides (fused, or with Policy(attention="per_op") op by op: then
     this is one of its sites); the core it leaves exact keeps its probabilities in float."""
     exact = lambda: original(x, axis=axis, where=where, **kwargs)
+    in_flax_attention = _caller() in _FLAX_ATTENTION
     if (where is not None or kwargs or axis not in (-1, x.ndim - 1)
-            or (scope.policy.attention != "per_op" and _caller() in _FLAX_ATTENTION)):
+            or (scope.policy.attention != "per_op" and in_flax_attention)):
         return exact()
     layout = scopes.innermost_frame().heads.get(jnp.shape(x))  # the heads of the product it normalizes
-    if layout is None and x.ndim >= 4 and _caller() not in _FLAX_ATTENTION:
+    if layout is None and x.ndim >= 4 and not in_flax_attention:
         layout = "channels"  # heads mesa did not see (scores reshaped after their product): one group
     return function_site(scope, "softmax", "softmax", lambda name: softmax(x, name, exact, layout), exact)
 

@@ -104,7 +104,7 @@ class LinenStore:
         return self.module.param(name, init, shape, dtype)
 
     def holds(self, x):
-        return getattr(self.module, "scope", None) is not None and _holds(self.module.variables, x)
+        return _holds(self.module.variables, x)
 
 
 @contextlib.contextmanager
